@@ -1,0 +1,31 @@
+#pragma once
+
+// Run-time choice among the copies of a CPU kernel file compiled for several instruction sets
+// (CMakeLists.txt compiles every *_cpu_kernel.cpp once per capability).
+
+namespace torch_ext {
+
+enum class CpuCapability { Default = 0, Avx2 = 1, Avx512 = 2 };
+
+// The best capability this CPU supports, capped by the environment variable
+// TORCH_EXT_CPU_CAPABILITY (or else ATEN_CPU_CAPABILITY, as ATen does): "default", "avx2" or
+// "avx512". Read once.
+CpuCapability cpu_capability();
+
+const char* cpu_capability_name(CpuCapability capability);
+
+// Picks one of three kernel tables (any type) by cpu_capability().
+template <class Table>
+const Table& select_cpu_kernels(const Table& default_kernels, const Table& avx2_kernels,
+                                const Table& avx512_kernels) {
+  switch (cpu_capability()) {
+    case CpuCapability::Avx512:
+      return avx512_kernels;
+    case CpuCapability::Avx2:
+      return avx2_kernels;
+    default:
+      return default_kernels;
+  }
+}
+
+}  // namespace torch_ext

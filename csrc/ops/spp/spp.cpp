@@ -1,0 +1,161 @@
+// Spatial pyramid pooling: op schemas, the C++ API, argument checks and Meta kernels.
+// Backends: spp_cpu.cpp, spp_cuda.cu; autograd: spp_autograd.cpp.
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <sstream>
+
+#include "ops/spp/spp_common.h"
+#include "torch_ext/spp.h"
+
+namespace torch_ext {
+namespace spp_impl {
+
+PoolMode parse_mode(std::string_view mode) {
+  if (mode == "max") return PoolMode::Max;
+  if (mode == "avg") return PoolMode::Avg;
+  TORCH_CHECK(false, "spp(): mode must be \"max\" or \"avg\", got \"", mode, "\"");
+}
+
+namespace {
+
+void check_pooling_input(const char* op, const at::Tensor& input) {
+  TORCH_CHECK(input.dim() == 4, op, "(): input must be a 4-D tensor [N, C, H, W], got a ",
+              input.dim(), "-D tensor of shape ", input.sym_sizes());
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              op, "(): input must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_SYM_CHECK(input.sym_size(2).sym_ge(1), op,
+                  "(): input's height must be at least 1, got shape ", input.sym_sizes());
+  TORCH_SYM_CHECK(input.sym_size(3).sym_ge(1), op,
+                  "(): input's width must be at least 1, got shape ", input.sym_sizes());
+}
+
+}  // namespace
+
+void check_spp_args(const at::Tensor& input, at::IntArrayRef levels, std::string_view mode) {
+  check_pooling_input("spp", input);
+  TORCH_CHECK(!levels.empty(), "spp(): levels must hold at least one level, got []");
+  for (const auto level : levels) {
+    TORCH_CHECK(level >= 1, "spp(): every entry of levels must be >= 1, got levels=", levels);
+  }
+  parse_mode(mode);
+}
+
+void check_sppf_args(const at::Tensor& input, int64_t kernel_size, int64_t repeats) {
+  check_pooling_input("sppf", input);
+  TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1,
+              "sppf(): kernel_size must be an odd number >= 1 (the pooling keeps the map's "
+              "size with padding kernel_size // 2), got ",
+              kernel_size);
+  TORCH_CHECK(repeats >= 1, "sppf(): repeats must be >= 1, got ", repeats);
+}
+
+int64_t total_bins(at::IntArrayRef levels) {
+  int64_t bins = 0;
+  for (const auto level : levels) bins += level * level;
+  return bins;
+}
+
+c10::MemoryFormat kernel_memory_format(const at::Tensor& input) {
+  return input.suggest_memory_format() == c10::MemoryFormat::ChannelsLast
+             ? c10::MemoryFormat::ChannelsLast
+             : c10::MemoryFormat::Contiguous;
+}
+
+namespace {
+
+// ---------------------------------------------------------------- Meta kernels
+
+std::tuple<at::Tensor, at::Tensor> spp_forward_meta(const at::Tensor& input,
+                                                    at::IntArrayRef levels,
+                                                    std::string_view mode, bool need_indices) {
+  check_spp_args(input, levels, mode);
+  const auto n = input.sym_size(0);
+  const auto features = input.sym_size(1) * total_bins(levels);
+  auto output = at::empty_symint({n, features}, input.options());
+  const bool with_indices = need_indices && parse_mode(mode) == PoolMode::Max;
+  auto indices = with_indices ? at::empty_symint({n, features}, input.options().dtype(at::kLong))
+                              : at::empty({0}, input.options().dtype(at::kLong));
+  return {output, indices};
+}
+
+at::Tensor spp_backward_meta(const at::Tensor& grad_output, const at::Tensor& indices,
+                             c10::SymIntArrayRef input_size, at::IntArrayRef levels,
+                             std::string_view mode, c10::MemoryFormat memory_format) {
+  return at::empty_symint(input_size, grad_output.options().memory_format(memory_format));
+}
+
+at::Tensor sppf_meta(const at::Tensor& input, int64_t kernel_size, int64_t repeats) {
+  check_sppf_args(input, kernel_size, repeats);
+  const auto& s = input.sym_sizes();
+  return at::empty_symint({s[0], s[1] * (repeats + 1), s[2], s[3]},
+                          input.options().memory_format(kernel_memory_format(input)));
+}
+
+at::Tensor sppf_backward_meta(const at::Tensor& grad_output, const at::Tensor& output,
+                              int64_t kernel_size, int64_t repeats) {
+  const auto& s = output.sym_sizes();
+  return at::empty_symint({s[0], s[1] / (repeats + 1), s[2], s[3]},
+                          output.options().memory_format(kernel_memory_format(output)));
+}
+
+// spp without autograd: the forward that skips the argmax bookkeeping.
+at::Tensor spp_composite(const at::Tensor& input, at::IntArrayRef levels, std::string_view mode) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_ext::_spp_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, at::IntArrayRef, std::string_view, bool)>();
+  return std::get<0>(op.call(input, levels, mode, /*need_indices=*/false));
+}
+
+}  // namespace
+}  // namespace spp_impl
+
+// ---------------------------------------------------------------- C++ API
+
+at::Tensor spp(const at::Tensor& input, at::IntArrayRef levels, std::string_view mode) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_ext::spp", "")
+                       .typed<at::Tensor(const at::Tensor&, at::IntArrayRef, std::string_view)>();
+  return op.call(input, levels, mode);
+}
+
+at::Tensor sppf(const at::Tensor& input, int64_t kernel_size, int64_t repeats) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_ext::sppf", "")
+                       .typed<at::Tensor(const at::Tensor&, int64_t, int64_t)>();
+  return op.call(input, kernel_size, repeats);
+}
+
+}  // namespace torch_ext
+
+// ---------------------------------------------------------------- schemas
+
+TORCH_LIBRARY_FRAGMENT(torch_ext, m) {
+  m.def("spp(Tensor input, int[] levels=[1, 2, 4], str mode=\"max\") -> Tensor");
+  // Forward kernel; indices (flat h * W + w of each bin's maximum) are filled only when
+  // need_indices and mode == "max", and are empty otherwise.
+  m.def(
+      "_spp_forward(Tensor input, int[] levels, str mode, bool need_indices) -> "
+      "(Tensor output, Tensor indices)");
+  m.def(
+      "_spp_backward(Tensor grad_output, Tensor indices, SymInt[] input_size, int[] levels, "
+      "str mode, MemoryFormat memory_format) -> Tensor");
+  m.def("sppf(Tensor input, int kernel_size=5, int repeats=3) -> Tensor");
+  m.def("_sppf_backward(Tensor grad_output, Tensor output, int kernel_size, int repeats) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(torch_ext, Meta, m) {
+  m.impl("_spp_forward", torch_ext::spp_impl::spp_forward_meta);
+  m.impl("_spp_backward", torch_ext::spp_impl::spp_backward_meta);
+  m.impl("sppf", torch_ext::spp_impl::sppf_meta);
+  m.impl("_sppf_backward", torch_ext::spp_impl::sppf_backward_meta);
+}
+
+TORCH_LIBRARY_IMPL(torch_ext, CompositeExplicitAutograd, m) {
+  m.impl("spp", torch_ext::spp_impl::spp_composite);
+}

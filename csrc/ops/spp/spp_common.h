@@ -1,0 +1,31 @@
+#pragma once
+
+// Argument checks and shapes shared by the SPP/SPPF kernels of every backend.
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/MemoryFormat.h>
+#include <c10/util/ArrayRef.h>
+
+#include <string_view>
+
+namespace torch_ext::spp_impl {
+
+enum class PoolMode { Max, Avg };
+
+// Parses "max" / "avg"; any other string is an error naming the argument.
+PoolMode parse_mode(std::string_view mode);
+
+// Checks spp's arguments; errors name the argument, the expectation and what arrived.
+void check_spp_args(const at::Tensor& input, at::IntArrayRef levels, std::string_view mode);
+
+// Checks sppf's arguments.
+void check_sppf_args(const at::Tensor& input, int64_t kernel_size, int64_t repeats);
+
+// Bins of all levels: sum(l * l).
+int64_t total_bins(at::IntArrayRef levels);
+
+// ChannelsLast when the input is laid out NHWC, Contiguous otherwise. The kernels read the
+// input in this format (after .contiguous(format)) and write sppf's output in it.
+c10::MemoryFormat kernel_memory_format(const at::Tensor& input);
+
+}  // namespace torch_ext::spp_impl

@@ -1,0 +1,534 @@
+// CPU loops of spp and sppf. Compiled once per CPU capability (DEFAULT, AVX2, AVX512; see
+// CMakeLists.txt); CPU_CAPABILITY names the inline namespace, so the copies never collide.
+//
+// Max pooling follows PyTorch's update rule everywhere: a value takes a bin's place when it is
+// strictly larger than the current maximum or is NaN. So ties go to the first element in
+// row-major order, NaN propagates, and with NaNs the last NaN is the argmax: the same values
+// and the same gradient routing as adaptive_max_pool2d and max_pool2d.
+//
+// Work is split by planes (n, c) or, for spp on NHWC input, by (n, bin); every output element
+// is written by one thread and summed in a fixed order, so results are deterministic.
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "ops/spp/spp_cpu_kernel.h"
+
+namespace torch_ext::spp_impl {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+template <class T>
+using acc_t = at::opmath_type<T>;
+
+// float and double go through ATen's vector types; half types are converted per element.
+template <class T>
+constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, double>;
+
+template <class A>
+inline bool is_nan(A v) {
+  return v != v;
+}
+
+template <class A>
+inline bool takes_over(A value, A best) {
+  return value > best || is_nan(value);
+}
+
+template <class A>
+inline A max_nan(A a, A b) {
+  return (a > b || is_nan(a)) ? a : b;
+}
+
+template <class A>
+constexpr A neg_inf() {
+  return -std::numeric_limits<A>::infinity();
+}
+
+template <class F>
+void dispatch_dtype(c10::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      return f(float{});
+    case c10::ScalarType::Double:
+      return f(double{});
+    case c10::ScalarType::Half:
+      return f(c10::Half{});
+    case c10::ScalarType::BFloat16:
+      return f(c10::BFloat16{});
+    default:
+      TORCH_CHECK(false, "torch_ext spp CPU kernels: unsupported dtype ", dtype);
+  }
+}
+
+// Adaptive pooling bins (PyTorch's rule): bin i of `bins` over `size` spans
+// [floor(i * size / bins), ceil((i + 1) * size / bins)).
+inline int64_t bin_start(int64_t i, int64_t size, int64_t bins) { return (i * size) / bins; }
+inline int64_t bin_end(int64_t i, int64_t size, int64_t bins) {
+  return ((i + 1) * size + bins - 1) / bins;
+}
+
+// Pixel (h * W + w) of plane (n, c) sits at plane_offset + pixel * pixel_stride, in NCHW
+// (stride 1) and in NHWC (stride C) alike.
+inline int64_t plane_offset(const MapShape& s, int64_t channels, int64_t n, int64_t c) {
+  return s.channels_last ? n * channels * s.h * s.w + c : (n * channels + c) * s.h * s.w;
+}
+inline int64_t pixel_stride(const MapShape& s, int64_t channels) {
+  return s.channels_last ? channels : 1;
+}
+
+template <class Src, class Dst>
+void load_plane(const Src* src, int64_t stride, int64_t count, Dst* dst) {
+  if constexpr (std::is_same_v<Src, Dst>) {
+    if (stride == 1) {
+      std::memcpy(dst, src, count * sizeof(Dst));
+      return;
+    }
+  }
+  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<Dst>(src[i * stride]);
+}
+
+template <class Src, class Dst>
+void store_plane(const Src* src, int64_t count, Dst* dst, int64_t stride) {
+  if constexpr (std::is_same_v<Src, Dst>) {
+    if (stride == 1) {
+      std::memcpy(dst, src, count * sizeof(Dst));
+      return;
+    }
+  }
+  for (int64_t i = 0; i < count; ++i) dst[i * stride] = static_cast<Dst>(src[i]);
+}
+
+// ------------------------------------------------------------------ contiguous reductions
+
+template <class T>
+acc_t<T> row_max(const T* p, int64_t n) {
+  acc_t<T> m = neg_inf<acc_t<T>>();
+  int64_t i = 0;
+  if constexpr (kVectorized<T>) {
+    using Vec = at::vec::Vectorized<T>;
+    if (n >= Vec::size()) {
+      Vec vm = Vec::loadu(p);
+      for (i = Vec::size(); i + Vec::size() <= n; i += Vec::size()) {
+        vm = at::vec::maximum(vm, Vec::loadu(p + i));
+      }
+      alignas(64) T lanes[Vec::size()];
+      vm.store(lanes);
+      for (int64_t k = 0; k < Vec::size(); ++k) m = max_nan(m, lanes[k]);
+    }
+  }
+  for (; i < n; ++i) m = max_nan(m, static_cast<acc_t<T>>(p[i]));
+  return m;
+}
+
+template <class T>
+acc_t<T> row_sum(const T* p, int64_t n) {
+  acc_t<T> s = 0;
+  int64_t i = 0;
+  if constexpr (kVectorized<T>) {
+    using Vec = at::vec::Vectorized<T>;
+    if (n >= Vec::size()) {
+      Vec vs = Vec::loadu(p);
+      for (i = Vec::size(); i + Vec::size() <= n; i += Vec::size()) vs = vs + Vec::loadu(p + i);
+      alignas(64) T lanes[Vec::size()];
+      vs.store(lanes);
+      for (int64_t k = 0; k < Vec::size(); ++k) s += lanes[k];
+    }
+  }
+  for (; i < n; ++i) s += static_cast<acc_t<T>>(p[i]);
+  return s;
+}
+
+// First k with p[k] == value, or -1.
+template <class T>
+int64_t find_first_equal(const T* p, int64_t n, acc_t<T> value) {
+  int64_t i = 0;
+  if constexpr (kVectorized<T>) {
+    using Vec = at::vec::Vectorized<T>;
+    const Vec target(value);
+    const int all_lanes = static_cast<int>((1ull << Vec::size()) - 1);
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const int unequal = (Vec::loadu(p + i) == target).zero_mask();
+      if (unequal != all_lanes) break;  // a lane matched: the scalar loop finds which
+    }
+  }
+  for (; i < n; ++i) {
+    if (static_cast<acc_t<T>>(p[i]) == value) return i;
+  }
+  return -1;
+}
+
+// dst[i] = max(dst[i], src[i]) with NaN propagation, dst in the accumulation type.
+template <class T>
+void accumulate_max(acc_t<T>* dst, const T* src, int64_t n) {
+  int64_t i = 0;
+  if constexpr (kVectorized<T>) {
+    using Vec = at::vec::Vectorized<T>;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      at::vec::maximum(Vec::loadu(dst + i), Vec::loadu(src + i)).store(dst + i);
+    }
+  }
+  for (; i < n; ++i) dst[i] = max_nan(dst[i], static_cast<acc_t<T>>(src[i]));
+}
+
+template <class T>
+void accumulate_sum(acc_t<T>* dst, const T* src, int64_t n) {
+  int64_t i = 0;
+  if constexpr (kVectorized<T>) {
+    using Vec = at::vec::Vectorized<T>;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      (Vec::loadu(dst + i) + Vec::loadu(src + i)).store(dst + i);
+    }
+  }
+  for (; i < n; ++i) dst[i] += static_cast<acc_t<T>>(src[i]);
+}
+
+// ------------------------------------------------------------------ spp
+
+// One bin of one level, in the order of the output features.
+struct Bin {
+  int64_t h0, h1, w0, w1;
+  int64_t feature;         // output column of channel 0: level_offset * C + i * l + j
+  int64_t channel_stride;  // l * l: distance between the columns of consecutive channels
+};
+
+std::vector<Bin> make_bins(const MapShape& s, const int64_t* levels, int64_t num_levels) {
+  std::vector<Bin> bins;
+  int64_t level_offset = 0;
+  for (int64_t li = 0; li < num_levels; ++li) {
+    const int64_t l = levels[li];
+    for (int64_t i = 0; i < l; ++i) {
+      for (int64_t j = 0; j < l; ++j) {
+        bins.push_back({bin_start(i, s.h, l), bin_end(i, s.h, l), bin_start(j, s.w, l),
+                        bin_end(j, s.w, l), level_offset * s.c + i * l + j, l * l});
+      }
+    }
+    level_offset += l * l;
+  }
+  return bins;
+}
+
+// Planes of an NCHW input: every bin's rows are contiguous segments.
+template <class T>
+void spp_forward_planes(const SppForwardArgs& a, const std::vector<Bin>& bins) {
+  const MapShape& s = a.shape;
+  const T* input = static_cast<const T*>(a.input);
+  T* output = static_cast<T*>(a.output);
+  const int64_t features = s.c * static_cast<int64_t>(bins.size());
+  const int64_t grain = std::max<int64_t>(1, 32768 / (s.h * s.w));
+  at::parallel_for(0, s.n * s.c, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / s.c, c = plane % s.c;
+      const T* x = input + plane * s.h * s.w;
+      for (const Bin& b : bins) {
+        const int64_t out = n * features + b.feature + c * b.channel_stride;
+        const int64_t width = b.w1 - b.w0;
+        if (a.mode == PoolMode::Avg) {
+          acc_t<T> sum = 0;
+          for (int64_t h = b.h0; h < b.h1; ++h) sum += row_sum(x + h * s.w + b.w0, width);
+          output[out] = static_cast<T>(sum / (b.h1 - b.h0) / width);
+          continue;
+        }
+        acc_t<T> m = neg_inf<acc_t<T>>();
+        for (int64_t h = b.h0; h < b.h1; ++h) m = max_nan(m, row_max(x + h * s.w + b.w0, width));
+        output[out] = static_cast<T>(m);
+        if (a.indices == nullptr) continue;
+        int64_t index = -1;
+        if (!is_nan(m)) {
+          for (int64_t h = b.h0; h < b.h1 && index < 0; ++h) {
+            const int64_t k = find_first_equal(x + h * s.w + b.w0, width, m);
+            if (k >= 0) index = h * s.w + b.w0 + k;
+          }
+        } else {  // the last NaN, as PyTorch's update rule picks
+          for (int64_t h = b.h1 - 1; h >= b.h0 && index < 0; --h) {
+            for (int64_t w = b.w1 - 1; w >= b.w0; --w) {
+              if (is_nan(x[h * s.w + w])) {
+                index = h * s.w + w;
+                break;
+              }
+            }
+          }
+        }
+        a.indices[out] = index;
+      }
+    }
+  });
+}
+
+// NHWC input: a bin's pixels are vectors of C channels, reduced elementwise.
+template <class T>
+void spp_forward_nhwc(const SppForwardArgs& a, const std::vector<Bin>& bins) {
+  const MapShape& s = a.shape;
+  const T* input = static_cast<const T*>(a.input);
+  T* output = static_cast<T*>(a.output);
+  const int64_t num_bins = static_cast<int64_t>(bins.size());
+  const int64_t features = s.c * num_bins;
+  at::parallel_for(0, s.n * num_bins, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t<T>> acc(s.c);
+    std::vector<int64_t> arg(a.indices != nullptr ? s.c : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / num_bins;
+      const Bin& b = bins[task % num_bins];
+      const bool is_max = a.mode == PoolMode::Max;
+      std::fill(acc.begin(), acc.end(), is_max ? neg_inf<acc_t<T>>() : acc_t<T>(0));
+      std::fill(arg.begin(), arg.end(), b.h0 * s.w + b.w0);
+      for (int64_t h = b.h0; h < b.h1; ++h) {
+        for (int64_t w = b.w0; w < b.w1; ++w) {
+          const T* px = input + ((n * s.h + h) * s.w + w) * s.c;
+          if (!is_max) {
+            accumulate_sum(acc.data(), px, s.c);
+          } else if (a.indices == nullptr) {
+            accumulate_max(acc.data(), px, s.c);
+          } else {
+            for (int64_t c = 0; c < s.c; ++c) {
+              const acc_t<T> v = px[c];
+              if (takes_over(v, acc[c])) {
+                acc[c] = v;
+                arg[c] = h * s.w + w;
+              }
+            }
+          }
+        }
+      }
+      for (int64_t c = 0; c < s.c; ++c) {
+        const int64_t out = n * features + b.feature + c * b.channel_stride;
+        output[out] = static_cast<T>(is_max ? acc[c] : acc[c] / (b.h1 - b.h0) / (b.w1 - b.w0));
+        if (!arg.empty()) a.indices[out] = arg[c];
+      }
+    }
+  });
+}
+
+template <class T>
+void spp_backward_typed(const SppBackwardArgs& a) {
+  const MapShape& s = a.shape;
+  const auto bins = make_bins(s, a.levels, a.num_levels);
+  const T* grad_output = static_cast<const T*>(a.grad_output);
+  T* grad_input = static_cast<T*>(a.grad_input);
+  const int64_t features = s.c * static_cast<int64_t>(bins.size());
+  const int64_t hw = s.h * s.w;
+  const int64_t stride = pixel_stride(s, s.c);
+  const int64_t grain = std::max<int64_t>(1, 32768 / hw);
+  at::parallel_for(0, s.n * s.c, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t<T>> g(hw);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / s.c, c = plane % s.c;
+      std::fill(g.begin(), g.end(), acc_t<T>(0));
+      for (const Bin& b : bins) {
+        const int64_t out = n * features + b.feature + c * b.channel_stride;
+        const acc_t<T> go = static_cast<acc_t<T>>(grad_output[out]);
+        if (a.mode == PoolMode::Max) {
+          g[a.indices[out]] += go;
+          continue;
+        }
+        const acc_t<T> share = go / (b.h1 - b.h0) / (b.w1 - b.w0);
+        for (int64_t h = b.h0; h < b.h1; ++h) {
+          acc_t<T>* row = g.data() + h * s.w;
+          for (int64_t w = b.w0; w < b.w1; ++w) row[w] += share;
+        }
+      }
+      store_plane(g.data(), hw, grad_input + plane_offset(s, s.c, n, c), stride);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ sppf
+
+// Max filter of odd width k = 2p + 1 along each row of a contiguous [H, W] plane, windows
+// clipped at the borders (equivalently padded with -inf, as max_pool2d pads).
+template <class T>
+void max_filter_rows(const T* src, T* dst, int64_t H, int64_t W, int64_t p, T* padded) {
+  const int64_t k = 2 * p + 1;
+  std::fill(padded, padded + p, neg_inf<T>());
+  std::fill(padded + p + W, padded + 2 * p + W, neg_inf<T>());
+  for (int64_t h = 0; h < H; ++h) {
+    std::memcpy(padded + p, src + h * W, W * sizeof(T));
+    T* out = dst + h * W;
+    int64_t w = 0;
+    if constexpr (kVectorized<T>) {
+      using Vec = at::vec::Vectorized<T>;
+      for (; w + Vec::size() <= W; w += Vec::size()) {
+        Vec m = Vec::loadu(padded + w);
+        for (int64_t j = 1; j < k; ++j) m = at::vec::maximum(m, Vec::loadu(padded + w + j));
+        m.store(out + w);
+      }
+    }
+    for (; w < W; ++w) {
+      acc_t<T> m = padded[w];
+      for (int64_t j = 1; j < k; ++j) m = max_nan(m, static_cast<acc_t<T>>(padded[w + j]));
+      out[w] = static_cast<T>(m);
+    }
+  }
+}
+
+// The same filter down the columns: each output row is the elementwise max of up to k rows.
+template <class T>
+void max_filter_cols(const T* src, T* dst, int64_t H, int64_t W, int64_t p) {
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t h0 = std::max<int64_t>(0, h - p), h1 = std::min<int64_t>(H, h + p + 1);
+    T* out = dst + h * W;
+    int64_t w = 0;
+    if constexpr (kVectorized<T>) {
+      using Vec = at::vec::Vectorized<T>;
+      for (; w + Vec::size() <= W; w += Vec::size()) {
+        Vec m = Vec::loadu(src + h0 * W + w);
+        for (int64_t r = h0 + 1; r < h1; ++r) m = at::vec::maximum(m, Vec::loadu(src + r * W + w));
+        m.store(out + w);
+      }
+    }
+    for (; w < W; ++w) {
+      acc_t<T> m = src[h0 * W + w];
+      for (int64_t r = h0 + 1; r < h1; ++r) m = max_nan(m, static_cast<acc_t<T>>(src[r * W + w]));
+      out[w] = static_cast<T>(m);
+    }
+  }
+}
+
+template <class T>
+void sppf_forward_typed(const SppfForwardArgs& a) {
+  const MapShape& s = a.shape;
+  const T* input = static_cast<const T*>(a.input);
+  T* output = static_cast<T*>(a.output);
+  const int64_t hw = s.h * s.w, p = a.kernel_size / 2;
+  const int64_t out_channels = s.c * (a.repeats + 1);
+  const int64_t in_stride = pixel_stride(s, s.c), out_stride = pixel_stride(s, out_channels);
+  const int64_t grain = std::max<int64_t>(1, 16384 / hw);
+  at::parallel_for(0, s.n * s.c, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> cur(hw), tmp(hw), padded(s.w + 2 * p);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / s.c, c = plane % s.c;
+      load_plane(input + plane_offset(s, s.c, n, c), in_stride, hw, cur.data());
+      store_plane(cur.data(), hw, output + plane_offset(s, out_channels, n, c), out_stride);
+      for (int64_t r = 1; r <= a.repeats; ++r) {
+        max_filter_rows(cur.data(), tmp.data(), s.h, s.w, p, padded.data());
+        max_filter_cols(tmp.data(), cur.data(), s.h, s.w, p);
+        store_plane(cur.data(), hw, output + plane_offset(s, out_channels, n, r * s.c + c),
+                    out_stride);
+      }
+    }
+  });
+}
+
+
+// Argmax of every k x k window (clipped at the borders) of a contiguous [H, W] plane under
+// PyTorch's rule, separably: per row window the first column holding the row's maximum, then
+// per column window the first row holding the overall maximum. This is the row-major-first
+// maximum (last NaN with NaNs) that max_pool2d's scan finds.
+template <class T>
+void window_argmax(const T* src, int64_t H, int64_t W, int64_t p, acc_t<T>* row_best,
+                   int64_t* row_arg, int64_t* arg) {
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t w = 0; w < W; ++w) {
+      const int64_t w0 = std::max<int64_t>(0, w - p), w1 = std::min<int64_t>(W, w + p + 1);
+      acc_t<T> best = neg_inf<acc_t<T>>();
+      int64_t best_w = w0;
+      for (int64_t x = w0; x < w1; ++x) {
+        const acc_t<T> v = src[h * W + x];
+        if (takes_over(v, best)) {
+          best = v;
+          best_w = x;
+        }
+      }
+      row_best[h * W + w] = best;
+      row_arg[h * W + w] = best_w;
+    }
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t h0 = std::max<int64_t>(0, h - p), h1 = std::min<int64_t>(H, h + p + 1);
+    for (int64_t w = 0; w < W; ++w) {
+      acc_t<T> best = neg_inf<acc_t<T>>();
+      int64_t best_h = h0;
+      for (int64_t r = h0; r < h1; ++r) {
+        const acc_t<T> v = row_best[r * W + w];
+        if (takes_over(v, best)) {
+          best = v;
+          best_h = r;
+        }
+      }
+      arg[h * W + w] = best_h * W + row_arg[best_h * W + w];
+    }
+  }
+}
+
+// Backward through the cascade, last stage first: the gradient of stage r is routed to the
+// argmax of each window of stage r - 1 (summed in row-major output order, as max_pool2d's CPU
+// backward does), then stage r - 1's own slice of grad_output is added.
+template <class T>
+void sppf_backward_typed(const SppfBackwardArgs& a) {
+  const MapShape& s = a.shape;
+  const T* grad_output = static_cast<const T*>(a.grad_output);
+  const T* output = static_cast<const T*>(a.output);
+  T* grad_input = static_cast<T*>(a.grad_input);
+  const int64_t hw = s.h * s.w, p = a.kernel_size / 2;
+  const int64_t out_channels = s.c * (a.repeats + 1);
+  const int64_t in_stride = pixel_stride(s, s.c), out_stride = pixel_stride(s, out_channels);
+  const int64_t grain = std::max<int64_t>(1, 4096 / hw);
+  at::parallel_for(0, s.n * s.c, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> stage(hw);
+    std::vector<acc_t<T>> row_best(hw), g(hw), g_prev(hw), slice(hw);
+    std::vector<int64_t> row_arg(hw), arg(hw);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / s.c, c = plane % s.c;
+      auto out_plane = [&](int64_t r) { return plane_offset(s, out_channels, n, r * s.c + c); };
+      load_plane(grad_output + out_plane(a.repeats), out_stride, hw, g.data());
+      for (int64_t r = a.repeats; r >= 1; --r) {
+        load_plane(output + out_plane(r - 1), out_stride, hw, stage.data());
+        window_argmax(stage.data(), s.h, s.w, p, row_best.data(), row_arg.data(), arg.data());
+        std::fill(g_prev.begin(), g_prev.end(), acc_t<T>(0));
+        for (int64_t q = 0; q < hw; ++q) g_prev[arg[q]] += g[q];
+        load_plane(grad_output + out_plane(r - 1), out_stride, hw, slice.data());
+        for (int64_t q = 0; q < hw; ++q) g_prev[q] += slice[q];
+        std::swap(g, g_prev);
+      }
+      store_plane(g.data(), hw, grad_input + plane_offset(s, s.c, n, c), in_stride);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ entry points
+
+void spp_forward(const SppForwardArgs& a) {
+  const auto bins = make_bins(a.shape, a.levels, a.num_levels);
+  dispatch_dtype(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (a.shape.channels_last) {
+      spp_forward_nhwc<T>(a, bins);
+    } else {
+      spp_forward_planes<T>(a, bins);
+    }
+  });
+}
+
+void spp_backward(const SppBackwardArgs& a) {
+  dispatch_dtype(a.dtype, [&](auto tag) { spp_backward_typed<decltype(tag)>(a); });
+}
+
+void sppf_forward(const SppfForwardArgs& a) {
+  dispatch_dtype(a.dtype, [&](auto tag) { sppf_forward_typed<decltype(tag)>(a); });
+}
+
+void sppf_backward(const SppfBackwardArgs& a) {
+  dispatch_dtype(a.dtype, [&](auto tag) { sppf_backward_typed<decltype(tag)>(a); });
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+
+#define TORCH_EXT_CONCAT_(a, b) a##b
+#define TORCH_EXT_CONCAT(a, b) TORCH_EXT_CONCAT_(a, b)
+
+const SppCpuKernels TORCH_EXT_CONCAT(spp_cpu_kernels_, CPU_CAPABILITY) = {
+    &CPU_CAPABILITY::spp_forward, &CPU_CAPABILITY::spp_backward,
+    &CPU_CAPABILITY::sppf_forward, &CPU_CAPABILITY::sppf_backward};
+
+}  // namespace torch_ext::spp_impl

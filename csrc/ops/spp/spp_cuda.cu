@@ -1,0 +1,626 @@
+// CUDA kernels of spp and sppf.
+//
+// Max pooling follows PyTorch's rule (see spp_cpu_kernel.cpp): a value replaces the current
+// maximum when it is strictly larger or NaN, so the argmax is the row-major-first maximum, or
+// the last NaN. Parallel reductions combine (value, index) pairs with an associative rule that
+// yields that same element whatever the order. Backward kernels gather (one thread per input
+// element, fixed summation order): no atomics, deterministic.
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <utility>
+
+#include "ops/spp/spp_common.h"
+
+namespace torch_ext::spp_impl {
+namespace {
+
+constexpr int kMaxCudaLevels = 32;
+
+struct Levels {
+  int64_t value[kMaxCudaLevels];
+  int64_t count;
+  int64_t bins;  // sum of l * l
+};
+
+// Strides of a 4-D tensor, in elements.
+struct Strides4 {
+  int64_t n, c, h, w;
+};
+
+Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+template <class A>
+__device__ __forceinline__ bool is_nan(A v) {
+  return v != v;
+}
+
+template <class A>
+__device__ __forceinline__ bool takes_over(A value, A best) {
+  return value > best || is_nan(value);
+}
+
+template <class A>
+__device__ __forceinline__ A max_nan(A a, A b) {
+  return (a > b || is_nan(a)) ? a : b;
+}
+
+template <class A>
+__device__ __forceinline__ A neg_inf() {
+  return -std::numeric_limits<A>::infinity();
+}
+
+// Which of two (value, index) candidates PyTorch's sequential scan would end on.
+template <class A>
+__device__ __forceinline__ bool prefer_b(A va, int64_t ia, A vb, int64_t ib) {
+  const bool na = is_nan(va), nb = is_nan(vb);
+  if (na || nb) return nb && (!na || ib > ia);  // the last NaN
+  if (va != vb) return vb > va;
+  return ib < ia;  // ties: the first
+}
+
+__device__ __forceinline__ int64_t bin_start(int64_t i, int64_t size, int64_t bins) {
+  return (i * size) / bins;
+}
+__device__ __forceinline__ int64_t bin_end(int64_t i, int64_t size, int64_t bins) {
+  return ((i + 1) * size + bins - 1) / bins;
+}
+
+struct BinCoords {
+  int64_t level_offset;  // sum of l * l over the earlier levels
+  int64_t l, i, j;
+};
+
+__device__ BinCoords locate_bin(const Levels& levels, int64_t b) {
+  int64_t offset = 0;
+  for (int64_t li = 0; li < levels.count; ++li) {
+    const int64_t l = levels.value[li];
+    if (b < l * l) return {offset, l, b / l, b % l};
+    b -= l * l;
+    offset += l * l;
+  }
+  return {offset, 1, 0, 0};  // unreachable for b < levels.bins
+}
+
+// ------------------------------------------------------------------ spp forward
+
+constexpr int kWarp = 32;
+constexpr int kPlaneThreads = 256;
+
+// NCHW: one block per plane (n, c); each warp reduces whole bins, lanes striding over the bin's
+// pixels, so the plane is read from DRAM about once and stays in cache for the other levels.
+template <class T>
+__global__ void spp_forward_nchw_kernel(const T* __restrict__ input, T* __restrict__ output,
+                                        int64_t* __restrict__ indices, int64_t C, int64_t H,
+                                        int64_t W, Levels levels, bool is_max) {
+  using acc = at::opmath_type<T>;
+  const int64_t plane = blockIdx.x;
+  const int64_t n = plane / C, c = plane % C;
+  const T* x = input + plane * H * W;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int warps = blockDim.x / kWarp;
+  const int64_t features = C * levels.bins;
+  for (int64_t b = warp; b < levels.bins; b += warps) {
+    const BinCoords bin = locate_bin(levels, b);
+    const int64_t h0 = bin_start(bin.i, H, bin.l), h1 = bin_end(bin.i, H, bin.l);
+    const int64_t w0 = bin_start(bin.j, W, bin.l), w1 = bin_end(bin.j, W, bin.l);
+    const int64_t bw = w1 - w0, count = (h1 - h0) * bw;
+    acc value = is_max ? neg_inf<acc>() : acc(0);
+    int64_t index = h0 * W + w0;
+    for (int64_t t = lane; t < count; t += kWarp) {
+      const int64_t pos = (h0 + t / bw) * W + w0 + t % bw;
+      const acc v = static_cast<acc>(x[pos]);
+      if (!is_max) {
+        value += v;
+      } else if (takes_over(v, value)) {
+        value = v;
+        index = pos;
+      }
+    }
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+      const acc other = __shfl_down_sync(0xffffffffu, value, offset);
+      const int64_t other_index = __shfl_down_sync(0xffffffffu, index, offset);
+      if (!is_max) {
+        value += other;
+      } else if (prefer_b(value, index, other, other_index)) {
+        value = other;
+        index = other_index;
+      }
+    }
+    if (lane == 0) {
+      const int64_t out =
+          n * features + bin.level_offset * C + c * bin.l * bin.l + bin.i * bin.l + bin.j;
+      output[out] = static_cast<T>(is_max ? value : value / (h1 - h0) / bw);
+      if (indices != nullptr) indices[out] = index;
+    }
+  }
+}
+
+// NHWC: one thread per channel of one bin; neighbouring threads read neighbouring channels.
+template <class T>
+__global__ void spp_forward_nhwc_kernel(const T* __restrict__ input, T* __restrict__ output,
+                                        int64_t* __restrict__ indices, int64_t C, int64_t H,
+                                        int64_t W, Levels levels, bool is_max) {
+  using acc = at::opmath_type<T>;
+  const int64_t n = blockIdx.x / levels.bins, b = blockIdx.x % levels.bins;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const BinCoords bin = locate_bin(levels, b);
+  const int64_t h0 = bin_start(bin.i, H, bin.l), h1 = bin_end(bin.i, H, bin.l);
+  const int64_t w0 = bin_start(bin.j, W, bin.l), w1 = bin_end(bin.j, W, bin.l);
+  acc value = is_max ? neg_inf<acc>() : acc(0);
+  int64_t index = h0 * W + w0;
+  for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const acc v = static_cast<acc>(input[((n * H + h) * W + w) * C + c]);
+      if (!is_max) {
+        value += v;
+      } else if (takes_over(v, value)) {
+        value = v;
+        index = h * W + w;
+      }
+    }
+  }
+  const int64_t out = n * C * levels.bins + bin.level_offset * C + c * bin.l * bin.l +
+                      bin.i * bin.l + bin.j;
+  output[out] = static_cast<T>(is_max ? value : value / (h1 - h0) / (w1 - w0));
+  if (indices != nullptr) indices[out] = index;
+}
+
+// ------------------------------------------------------------------ spp backward
+
+// One thread per input element: sums, level by level, the gradients of the bins that contain
+// it (mode max: only the bins whose argmax it is).
+template <class T>
+__global__ void spp_backward_kernel(const T* __restrict__ grad_output,
+                                    const int64_t* __restrict__ indices,
+                                    T* __restrict__ grad_input, int64_t N, int64_t C, int64_t H,
+                                    int64_t W, Strides4 gi, bool channels_last, Levels levels,
+                                    bool is_max) {
+  using acc = at::opmath_type<T>;
+  const int64_t total = N * C * H * W;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t n, c, h, w, rest = e;
+    if (channels_last) {
+      c = rest % C, rest /= C, w = rest % W, rest /= W, h = rest % H, n = rest / H;
+    } else {
+      w = rest % W, rest /= W, h = rest % H, rest /= H, c = rest % C, n = rest / C;
+    }
+    const int64_t pos = h * W + w;
+    acc sum = 0;
+    int64_t level_offset = 0;
+    for (int64_t li = 0; li < levels.count; ++li) {
+      const int64_t l = levels.value[li];
+      const int64_t base = n * C * levels.bins + level_offset * C + c * l * l;
+      const int64_t i_lo = (h * l) / H, i_hi = ((h + 1) * l + H - 1) / H;  // [i_lo, i_hi)
+      const int64_t j_lo = (w * l) / W, j_hi = ((w + 1) * l + W - 1) / W;
+      for (int64_t i = i_lo; i < i_hi; ++i) {
+        for (int64_t j = j_lo; j < j_hi; ++j) {
+          const int64_t out = base + i * l + j;
+          if (is_max) {
+            if (indices[out] == pos) sum += static_cast<acc>(grad_output[out]);
+          } else {
+            const int64_t kh = bin_end(i, H, l) - bin_start(i, H, l);
+            const int64_t kw = bin_end(j, W, l) - bin_start(j, W, l);
+            sum += static_cast<acc>(grad_output[out]) / kh / kw;
+          }
+        }
+      }
+      level_offset += l * l;
+    }
+    grad_input[n * gi.n + c * gi.c + h * gi.h + w * gi.w] = static_cast<T>(sum);
+  }
+}
+
+// ------------------------------------------------------------------ sppf forward
+
+// One block per (plane, tile): the tile plus a halo of repeats * (k / 2) is loaded into shared
+// memory once (outside the image: -inf, max_pool2d's padding); each stage is a separable max
+// filter over a region that shrinks by k / 2 per stage, and every stage's tile is written out.
+template <class T>
+__global__ void sppf_forward_kernel(const T* __restrict__ input, T* __restrict__ output,
+                                    int64_t C, int64_t H, int64_t W, Strides4 in_s,
+                                    Strides4 out_s, int p, int repeats, int tile,
+                                    int64_t tiles_w, int64_t tiles_per_plane) {
+  using acc = at::opmath_type<T>;
+  extern __shared__ unsigned char smem_raw[];
+  const int side = tile + 2 * repeats * p;
+  acc* cur = reinterpret_cast<acc*>(smem_raw);
+  acc* tmp = cur + side * side;
+
+  const int64_t plane = blockIdx.x / tiles_per_plane;
+  const int64_t t = blockIdx.x % tiles_per_plane;
+  const int64_t n = plane / C, c = plane % C;
+  const int64_t oh = (t / tiles_w) * tile - repeats * p;  // image row of region row 0
+  const int64_t ow = (t % tiles_w) * tile - repeats * p;
+  auto inside = [&](int ry, int rx) {
+    const int64_t h = oh + ry, w = ow + rx;
+    return h >= 0 && h < H && w >= 0 && w < W;
+  };
+
+  for (int e = threadIdx.x; e < side * side; e += blockDim.x) {
+    const int ry = e / side, rx = e % side;
+    cur[e] = inside(ry, rx) ? static_cast<acc>(input[n * in_s.n + c * in_s.c + (oh + ry) * in_s.h +
+                                                     (ow + rx) * in_s.w])
+                            : neg_inf<acc>();
+  }
+  __syncthreads();
+
+  const int core = repeats * p;  // region offset of the tile
+  auto write_tile = [&](int r) {
+    for (int e = threadIdx.x; e < tile * tile; e += blockDim.x) {
+      const int ry = core + e / tile, rx = core + e % tile;
+      if (!inside(ry, rx)) continue;
+      output[n * out_s.n + (r * C + c) * out_s.c + (oh + ry) * out_s.h + (ow + rx) * out_s.w] =
+          static_cast<T>(cur[ry * side + rx]);
+    }
+  };
+  write_tile(0);
+
+  for (int r = 1; r <= repeats; ++r) {
+    // Stage r is needed on region rows/cols [r p, side - r p); its row pass on rows
+    // [(r - 1) p, side - (r - 1) p), where stage r - 1 is valid.
+    const int lo = r * p, hi = side - r * p, rows_lo = (r - 1) * p, rows_hi = side - (r - 1) * p;
+    const int width = hi - lo;
+    for (int e = threadIdx.x; e < (rows_hi - rows_lo) * width; e += blockDim.x) {
+      const int ry = rows_lo + e / width, rx = lo + e % width;
+      acc m = cur[ry * side + rx - p];
+      for (int d = -p + 1; d <= p; ++d) m = max_nan(m, cur[ry * side + rx + d]);
+      tmp[ry * side + rx] = m;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < width * width; e += blockDim.x) {
+      const int ry = lo + e / width, rx = lo + e % width;
+      acc m = tmp[(ry - p) * side + rx];
+      for (int d = -p + 1; d <= p; ++d) m = max_nan(m, tmp[(ry + d) * side + rx]);
+      cur[ry * side + rx] = inside(ry, rx) ? m : neg_inf<acc>();
+    }
+    __syncthreads();
+    write_tile(r);
+  }
+}
+
+// Fallback when a tile with its halo does not fit in shared memory: stage r from stage r - 1
+// (already in the output), one thread per element.
+template <class T>
+__global__ void sppf_stage_kernel(T* __restrict__ output, int64_t N, int64_t C, int64_t H,
+                                  int64_t W, Strides4 out_s, int p, int r) {
+  using acc = at::opmath_type<T>;
+  const int64_t total = N * C * H * W;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t w = e % W, h = (e / W) % H, c = (e / (W * H)) % C, n = e / (W * H * C);
+    const T* prev = output + n * out_s.n + ((r - 1) * C + c) * out_s.c;
+    acc m = neg_inf<acc>();
+    for (int64_t y = std::max<int64_t>(0, h - p); y < std::min<int64_t>(H, h + p + 1); ++y) {
+      for (int64_t x = std::max<int64_t>(0, w - p); x < std::min<int64_t>(W, w + p + 1); ++x) {
+        m = max_nan(m, static_cast<acc>(prev[y * out_s.h + x * out_s.w]));
+      }
+    }
+    output[n * out_s.n + (r * C + c) * out_s.c + h * out_s.h + w * out_s.w] = static_cast<T>(m);
+  }
+}
+
+template <class T>
+__global__ void sppf_copy_input_kernel(const T* __restrict__ input, T* __restrict__ output,
+                                       int64_t N, int64_t C, int64_t H, int64_t W, Strides4 in_s,
+                                       Strides4 out_s) {
+  const int64_t total = N * C * H * W;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t w = e % W, h = (e / W) % H, c = (e / (W * H)) % C, n = e / (W * H * C);
+    output[n * out_s.n + c * out_s.c + h * out_s.h + w * out_s.w] =
+        input[n * in_s.n + c * in_s.c + h * in_s.h + w * in_s.w];
+  }
+}
+
+// ------------------------------------------------------------------ sppf backward
+
+// arg[q] = plane index of the max_pool2d argmax of q's window in stage r - 1 (row-major scan).
+template <class T>
+__global__ void sppf_argmax_kernel(const T* __restrict__ output, int64_t* __restrict__ arg,
+                                   int64_t N, int64_t C, int64_t H, int64_t W, Strides4 out_s,
+                                   int p, int r) {
+  using acc = at::opmath_type<T>;
+  const int64_t total = N * C * H * W;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t w = e % W, h = (e / W) % H, c = (e / (W * H)) % C, n = e / (W * H * C);
+    const T* prev = output + n * out_s.n + ((r - 1) * C + c) * out_s.c;
+    const int64_t y0 = std::max<int64_t>(0, h - p), x0 = std::max<int64_t>(0, w - p);
+    acc best = neg_inf<acc>();
+    int64_t best_index = y0 * W + x0;
+    for (int64_t y = y0; y < std::min<int64_t>(H, h + p + 1); ++y) {
+      for (int64_t x = x0; x < std::min<int64_t>(W, w + p + 1); ++x) {
+        const acc v = static_cast<acc>(prev[y * out_s.h + x * out_s.w]);
+        if (takes_over(v, best)) {
+          best = v;
+          best_index = y * W + x;
+        }
+      }
+    }
+    arg[e] = best_index;
+  }
+}
+
+// g_prev[t] = sum over the windows q that contain t and have t as argmax of g[q] (row-major q
+// order), plus stage r - 1's own slice of grad_output. g and g_prev are NCHW-contiguous
+// scratch in the accumulation type.
+template <class T>
+__global__ void sppf_gather_kernel(const at::opmath_type<T>* __restrict__ g,
+                                   const int64_t* __restrict__ arg,
+                                   const T* __restrict__ grad_output,
+                                   at::opmath_type<T>* __restrict__ g_prev, int64_t N, int64_t C,
+                                   int64_t H, int64_t W, Strides4 go_s, int p, int r) {
+  using acc = at::opmath_type<T>;
+  const int64_t total = N * C * H * W;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t w = e % W, h = (e / W) % H, c = (e / (W * H)) % C, n = e / (W * H * C);
+    const int64_t plane = e - (h * W + w), pos = h * W + w;
+    acc sum = 0;
+    for (int64_t y = std::max<int64_t>(0, h - p); y < std::min<int64_t>(H, h + p + 1); ++y) {
+      for (int64_t x = std::max<int64_t>(0, w - p); x < std::min<int64_t>(W, w + p + 1); ++x) {
+        if (arg[plane + y * W + x] == pos) sum += g[plane + y * W + x];
+      }
+    }
+    g_prev[e] = sum + static_cast<acc>(
+                          grad_output[n * go_s.n + ((r - 1) * C + c) * go_s.c + h * go_s.h +
+                                      w * go_s.w]);
+  }
+}
+
+template <class T>
+__global__ void sppf_load_last_grad_kernel(const T* __restrict__ grad_output,
+                                           at::opmath_type<T>* __restrict__ g, int64_t N,
+                                           int64_t C, int64_t H, int64_t W, Strides4 go_s,
+                                           int repeats) {
+  const int64_t total = N * C * H * W;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t w = e % W, h = (e / W) % H, c = (e / (W * H)) % C, n = e / (W * H * C);
+    g[e] = static_cast<at::opmath_type<T>>(
+        grad_output[n * go_s.n + (repeats * C + c) * go_s.c + h * go_s.h + w * go_s.w]);
+  }
+}
+
+template <class T>
+__global__ void sppf_store_grad_kernel(const at::opmath_type<T>* __restrict__ g,
+                                       T* __restrict__ grad_input, int64_t N, int64_t C,
+                                       int64_t H, int64_t W, Strides4 gi_s) {
+  const int64_t total = N * C * H * W;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t w = e % W, h = (e / W) % H, c = (e / (W * H)) % C, n = e / (W * H * C);
+    grad_input[n * gi_s.n + c * gi_s.c + h * gi_s.h + w * gi_s.w] = static_cast<T>(g[e]);
+  }
+}
+
+// ------------------------------------------------------------------ host side
+
+template <class F>
+void dispatch_dtype(c10::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      return f(float{});
+    case c10::ScalarType::Double:
+      return f(double{});
+    case c10::ScalarType::Half:
+      return f(c10::Half{});
+    case c10::ScalarType::BFloat16:
+      return f(c10::BFloat16{});
+    default:
+      TORCH_CHECK(false, "torch_ext spp CUDA kernels: unsupported dtype ", dtype);
+  }
+}
+
+constexpr int kElementwiseThreads = 256;
+
+// Grid for a grid-stride loop over `total` elements.
+unsigned int elementwise_blocks(int64_t total) {
+  const int64_t blocks = (total + kElementwiseThreads - 1) / kElementwiseThreads;
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 1 << 20)));
+}
+
+Levels make_levels(at::IntArrayRef levels) {
+  TORCH_CHECK(static_cast<int64_t>(levels.size()) <= kMaxCudaLevels, "spp(): at most ",
+              kMaxCudaLevels, " levels are supported on CUDA, got ", levels.size());
+  Levels l{};
+  l.count = static_cast<int64_t>(levels.size());
+  for (int64_t i = 0; i < l.count; ++i) l.value[i] = levels[i];
+  l.bins = total_bins(levels);
+  return l;
+}
+
+std::tuple<at::Tensor, at::Tensor> spp_forward_cuda(const at::Tensor& input_,
+                                                    at::IntArrayRef levels, std::string_view mode,
+                                                    bool need_indices) {
+  check_spp_args(input_, levels, mode);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const auto format = kernel_memory_format(input_);
+  const auto input = input_.contiguous(format);
+  const bool is_max = parse_mode(mode) == PoolMode::Max;
+  const Levels lv = make_levels(levels);
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  auto output = at::empty({N, C * lv.bins}, input.options());
+  const bool with_indices = need_indices && is_max;
+  auto indices = at::empty({with_indices ? N : 0, with_indices ? C * lv.bins : 0},
+                           input.options().dtype(at::kLong));
+  if (output.numel() == 0) return {output, indices};
+  TORCH_CHECK(N * C < (int64_t{1} << 31) && N * lv.bins < (int64_t{1} << 31),
+              "spp(): input too large for the CUDA kernel's grid, got ", input.sizes());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  int64_t* idx = with_indices ? indices.mutable_data_ptr<int64_t>() : nullptr;
+  dispatch_dtype(input.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* in = input.const_data_ptr<T>();
+    T* out = output.mutable_data_ptr<T>();
+    if (format == c10::MemoryFormat::ChannelsLast) {
+      const int threads = 128;
+      const dim3 grid(static_cast<unsigned int>(N * lv.bins),
+                      static_cast<unsigned int>((C + threads - 1) / threads));
+      spp_forward_nhwc_kernel<T><<<grid, threads, 0, stream>>>(in, out, idx, C, H, W, lv, is_max);
+    } else {
+      spp_forward_nchw_kernel<T><<<static_cast<unsigned int>(N * C), kPlaneThreads, 0, stream>>>(
+          in, out, idx, C, H, W, lv, is_max);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {output, indices};
+}
+
+at::Tensor spp_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& indices_,
+                             at::IntArrayRef input_size, at::IntArrayRef levels,
+                             std::string_view mode, c10::MemoryFormat memory_format) {
+  const c10::cuda::CUDAGuard guard(grad_output_.device());
+  const bool is_max = parse_mode(mode) == PoolMode::Max;
+  TORCH_CHECK(input_size.size() == 4, "spp backward: input_size must have 4 entries, got ",
+              input_size);
+  const Levels lv = make_levels(levels);
+  TORCH_CHECK(grad_output_.dim() == 2 && grad_output_.size(0) == input_size[0] &&
+                  grad_output_.size(1) == input_size[1] * lv.bins,
+              "spp backward: grad_output must have shape [", input_size[0], ", ",
+              input_size[1] * lv.bins, "], got ", grad_output_.sizes());
+  if (is_max) {
+    TORCH_CHECK(indices_.sizes() == grad_output_.sizes() && indices_.scalar_type() == at::kLong,
+                "spp backward: indices must be int64 of grad_output's shape");
+  }
+  const auto grad_output = grad_output_.contiguous();
+  const auto indices = indices_.contiguous();
+  auto grad_input = at::empty(input_size, grad_output.options().memory_format(memory_format));
+  const int64_t total = grad_input.numel();
+  if (total == 0) return grad_input;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtype(grad_output.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    spp_backward_kernel<T><<<elementwise_blocks(total), kElementwiseThreads, 0, stream>>>(
+        grad_output.const_data_ptr<T>(), is_max ? indices.const_data_ptr<int64_t>() : nullptr,
+        grad_input.mutable_data_ptr<T>(), input_size[0], input_size[1], input_size[2],
+        input_size[3], strides_of(grad_input), memory_format == c10::MemoryFormat::ChannelsLast,
+        lv, is_max);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_input;
+}
+
+// Largest tile (32, 16 or 8) whose region with halo fits in 48 KiB of shared memory; 0 if none.
+int pick_sppf_tile(int p, int repeats, size_t acc_size) {
+  for (int tile : {32, 16, 8}) {
+    const size_t side = tile + 2 * static_cast<size_t>(repeats) * p;
+    if (2 * side * side * acc_size <= 48 * 1024) return tile;
+  }
+  return 0;
+}
+
+at::Tensor sppf_cuda(const at::Tensor& input_, int64_t kernel_size, int64_t repeats) {
+  check_sppf_args(input_, kernel_size, repeats);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const auto format = kernel_memory_format(input_);
+  const auto input = input_.contiguous(format);
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  auto output = at::empty({N, C * (repeats + 1), H, W}, input.options().memory_format(format));
+  if (output.numel() == 0) return output;
+  const int p = static_cast<int>(kernel_size / 2);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtype(input.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using acc = at::opmath_type<T>;
+    const T* in = input.const_data_ptr<T>();
+    T* out = output.mutable_data_ptr<T>();
+    const int tile = pick_sppf_tile(p, static_cast<int>(repeats), sizeof(acc));
+    const int64_t tiles_h = (H + std::max(tile, 1) - 1) / std::max(tile, 1);
+    const int64_t tiles_w = (W + std::max(tile, 1) - 1) / std::max(tile, 1);
+    if (tile > 0 && N * C * tiles_h * tiles_w < (int64_t{1} << 31)) {
+      const int side = tile + 2 * static_cast<int>(repeats) * p;
+      const size_t smem = 2 * static_cast<size_t>(side) * side * sizeof(acc);
+      sppf_forward_kernel<T><<<static_cast<unsigned int>(N * C * tiles_h * tiles_w), 256, smem,
+                               stream>>>(in, out, C, H, W, strides_of(input), strides_of(output),
+                                         p, static_cast<int>(repeats), tile, tiles_w,
+                                         tiles_h * tiles_w);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    const int64_t total = input.numel();
+    sppf_copy_input_kernel<T><<<elementwise_blocks(total), kElementwiseThreads, 0, stream>>>(
+        in, out, N, C, H, W, strides_of(input), strides_of(output));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (int r = 1; r <= repeats; ++r) {
+      sppf_stage_kernel<T><<<elementwise_blocks(total), kElementwiseThreads, 0, stream>>>(
+          out, N, C, H, W, strides_of(output), p, r);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return output;
+}
+
+at::Tensor sppf_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& output_,
+                              int64_t kernel_size, int64_t repeats) {
+  TORCH_CHECK(output_.dim() == 4 && output_.size(1) % (repeats + 1) == 0,
+              "sppf backward: output must be sppf's [N, C * (repeats + 1), H, W] output, got ",
+              output_.sizes());
+  TORCH_CHECK(grad_output_.sizes() == output_.sizes(),
+              "sppf backward: grad_output must have the output's shape ", output_.sizes(),
+              ", got ", grad_output_.sizes());
+  const c10::cuda::CUDAGuard guard(output_.device());
+  const auto format = kernel_memory_format(output_);
+  const auto output = output_.contiguous(format);
+  const auto grad_output = grad_output_.contiguous(format);
+  const int64_t N = output.size(0), C = output.size(1) / (repeats + 1), H = output.size(2),
+                W = output.size(3);
+  auto grad_input = at::empty({N, C, H, W}, output.options().memory_format(format));
+  const int64_t total = grad_input.numel();
+  if (total == 0) return grad_input;
+  const int p = static_cast<int>(kernel_size / 2);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto acc_dtype = output.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto g = at::empty({N, C, H, W}, output.options().dtype(acc_dtype));
+  auto g_prev = at::empty_like(g);
+  auto arg = at::empty({N, C, H, W}, output.options().dtype(at::kLong));
+  const unsigned int blocks = elementwise_blocks(total);
+  dispatch_dtype(output.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using acc = at::opmath_type<T>;
+    const Strides4 out_s = strides_of(output), go_s = strides_of(grad_output);
+    sppf_load_last_grad_kernel<T><<<blocks, kElementwiseThreads, 0, stream>>>(
+        grad_output.const_data_ptr<T>(), g.mutable_data_ptr<acc>(), N, C, H, W, go_s,
+        static_cast<int>(repeats));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (int r = static_cast<int>(repeats); r >= 1; --r) {
+      sppf_argmax_kernel<T><<<blocks, kElementwiseThreads, 0, stream>>>(
+          output.const_data_ptr<T>(), arg.mutable_data_ptr<int64_t>(), N, C, H, W, out_s, p, r);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      sppf_gather_kernel<T><<<blocks, kElementwiseThreads, 0, stream>>>(
+          g.const_data_ptr<acc>(), arg.const_data_ptr<int64_t>(), grad_output.const_data_ptr<T>(),
+          g_prev.mutable_data_ptr<acc>(), N, C, H, W, go_s, p, r);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      std::swap(g, g_prev);
+    }
+    sppf_store_grad_kernel<T><<<blocks, kElementwiseThreads, 0, stream>>>(
+        g.const_data_ptr<acc>(), grad_input.mutable_data_ptr<T>(), N, C, H, W,
+        strides_of(grad_input));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_input;
+}
+
+}  // namespace
+}  // namespace torch_ext::spp_impl
+
+TORCH_LIBRARY_IMPL(torch_ext, CUDA, m) {
+  m.impl("_spp_forward", torch_ext::spp_impl::spp_forward_cuda);
+  m.impl("_spp_backward", torch_ext::spp_impl::spp_backward_cuda);
+  m.impl("sppf", torch_ext::spp_impl::sppf_cuda);
+  m.impl("_sppf_backward", torch_ext::spp_impl::sppf_backward_cuda);
+}

@@ -1,0 +1,12 @@
+#pragma once
+
+// Everything torch_ext offers C++ programs. Including this header (in any one translation unit)
+// also keeps the linker from dropping libtorch_ext.so, whose op registrations a program needs
+// even when it calls the ops only through the dispatcher.
+
+#include "torch_ext/build_info.h"
+#include "torch_ext/spp.h"
+
+namespace torch_ext::detail {
+[[maybe_unused]] inline const int link_anchor_value = link_anchor();
+}  // namespace torch_ext::detail

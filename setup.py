@@ -1,0 +1,81 @@
+"""Builds the torch_ext Python package by driving the one CMake build (CMakeLists.txt).
+
+    pip install --no-build-isolation .        # or -e . for an editable install
+
+The torch to build against is the one installed in the environment (hence no build isolation).
+Environment knobs, passed on to CMake: TORCH_EXT_CUDA (AUTO/ON/OFF),
+TORCH_EXT_CUDA_ARCHITECTURES (e.g. "80;90"), CMAKE_ARGS (extra -D flags), MAX_JOBS.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).parent.resolve()
+LIBRARY_EXT = "torch_ext.lib.libtorch_ext"
+
+
+def read_version() -> str:
+    for line in (ROOT / "CMakeLists.txt").read_text().splitlines():
+        if line.startswith("project(torch_ext VERSION"):
+            return line.split("VERSION")[1].split()[0]
+    raise RuntimeError("project version not found in CMakeLists.txt")
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def get_ext_filename(self, fullname: str) -> str:
+        # A plain shared library (no Python ABI tag): C++ programs link the very same file.
+        if fullname == LIBRARY_EXT:
+            return os.path.join("torch_ext", "lib", "libtorch_ext.so")
+        return super().get_ext_filename(fullname)
+
+    def build_extension(self, ext: Extension) -> None:
+        import torch
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        configure = [
+            "cmake", "-S", str(ROOT), "-B", str(build_dir),
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DTORCH_EXT_BUILD_TESTS=OFF",
+        ]
+        if shutil.which("ninja"):
+            configure += ["-G", "Ninja"]
+        for knob in ("TORCH_EXT_CUDA", "TORCH_EXT_CUDA_ARCHITECTURES"):
+            if os.environ.get(knob):
+                configure.append(f"-D{knob}={os.environ[knob]}")
+        configure += shlex.split(os.environ.get("CMAKE_ARGS", ""))
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        # An editable install copies the library into the source tree's torch_ext/lib.
+        (ROOT / "torch_ext" / "lib").mkdir(exist_ok=True)
+        subprocess.check_call(configure)
+        subprocess.check_call(
+            ["cmake", "--build", str(build_dir), "--target", "torch_ext", "-j", jobs]
+        )
+
+
+setup(
+    name="torch_ext",
+    version=read_version(),
+    description="PyTorch custom operators in C++/CUDA: SPP, dilated conv, varlen, metrics",
+    packages=find_packages(include=["torch_ext", "torch_ext.*"]),
+    ext_modules=[CMakeExtension(LIBRARY_EXT)],
+    cmdclass={"build_ext": CMakeBuild},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11"],
+    zip_safe=False,
+)

@@ -1,0 +1,40 @@
+"""torch_ext: PyTorch custom operators in C++/CUDA, usable from Python and LibTorch alike.
+
+Ops are registered with the dispatcher as ``torch.ops.torch_ext.*``; this package loads the
+library and offers typed wrappers (``torch_ext.spp``, ``torch_ext.sppf``) and modules
+(``torch_ext.nn``).
+"""
+
+from __future__ import annotations
+
+from torch_ext import _library
+
+_BUILD_INFO = _library.load()
+
+from torch_ext import nn  # noqa: E402
+from torch_ext.spp import spp, sppf  # noqa: E402
+
+__version__: str = _BUILD_INFO["version"]
+
+
+def build_info() -> dict:
+    """What the loaded library was built with: version, torch, cuda, backends, path."""
+    return dict(_BUILD_INFO)
+
+
+def compiled_backends() -> list[str]:
+    """Device backends with compiled kernels, e.g. ``["CPU"]`` or ``["CPU", "CUDA"]``."""
+    return list(_BUILD_INFO["backends"])
+
+
+def has_kernel(op: str, backend: str) -> bool:
+    """Whether ``torch.ops.torch_ext.<op>`` has a kernel for a dispatch key ("CPU", "CUDA", ...).
+
+    Asks the dispatcher itself, so it reflects what is registered, not what was intended.
+    """
+    import torch
+
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"torch_ext::{op}", backend)
+
+
+__all__ = ["spp", "sppf", "nn", "build_info", "compiled_backends", "has_kernel", "__version__"]
