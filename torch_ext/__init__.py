@@ -27,6 +27,17 @@ def compiled_backends() -> list[str]:
     return list(_BUILD_INFO["backends"])
 
 
+def cpu_capability() -> str:
+    """The instruction set of the CPU kernels in use: "default", "avx2" or "avx512".
+
+    The best the CPU supports, capped by the environment variable TORCH_EXT_CPU_CAPABILITY (or
+    ATEN_CPU_CAPABILITY) read at the first call of a CPU kernel.
+    """
+    import torch
+
+    return torch.ops.torch_ext._cpu_capability()
+
+
 def has_kernel(op: str, backend: str) -> bool:
     """Whether ``torch.ops.torch_ext.<op>`` has a kernel for a dispatch key ("CPU", "CUDA", ...).
 
@@ -37,4 +48,13 @@ def has_kernel(op: str, backend: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"torch_ext::{op}", backend)
 
 
-__all__ = ["spp", "sppf", "nn", "build_info", "compiled_backends", "has_kernel", "__version__"]
+__all__ = [
+    "spp",
+    "sppf",
+    "nn",
+    "build_info",
+    "compiled_backends",
+    "cpu_capability",
+    "has_kernel",
+    "__version__",
+]

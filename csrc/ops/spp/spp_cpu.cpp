@@ -31,8 +31,10 @@ std::tuple<at::Tensor, at::Tensor> spp_forward_cpu(const at::Tensor& input_,
   const int64_t features = input.size(1) * total_bins(levels);
   auto output = at::empty({input.size(0), features}, input.options());
   const bool with_indices = need_indices && pool_mode == PoolMode::Max;
-  auto indices = at::empty({with_indices ? input.size(0) : 0, with_indices ? features : 0},
-                           input.options().dtype(at::kLong));
+  // Without indices: an empty [0], as the Meta kernel says.
+  const auto long_options = input.options().dtype(at::kLong);
+  auto indices = with_indices ? at::empty({input.size(0), features}, long_options)
+                              : at::empty({0}, long_options);
   if (output.numel() > 0) {
     kernels().spp_forward({input.scalar_type(), input.const_data_ptr(), output.mutable_data_ptr(),
                            with_indices ? indices.mutable_data_ptr<int64_t>() : nullptr,

@@ -111,42 +111,49 @@ void store_plane(const Src* src, int64_t count, Dst* dst, int64_t stride) {
 
 // ------------------------------------------------------------------ contiguous reductions
 
+// Max (NaN-propagating) or sum of a bin's rectangle [h0, h1) x [w0, w1) of a contiguous plane
+// with rows of `stride` elements. Vector lanes accumulate over all rows and are reduced once;
+// a row's last partial vector is padded with the reduction's identity.
 template <class T>
-acc_t<T> row_max(const T* p, int64_t n) {
-  acc_t<T> m = neg_inf<acc_t<T>>();
-  int64_t i = 0;
+acc_t<T> bin_reduce(const T* x, int64_t stride, int64_t h0, int64_t h1, int64_t w0, int64_t w1,
+                    bool is_max) {
+  const int64_t width = w1 - w0;
   if constexpr (kVectorized<T>) {
     using Vec = at::vec::Vectorized<T>;
-    if (n >= Vec::size()) {
-      Vec vm = Vec::loadu(p);
-      for (i = Vec::size(); i + Vec::size() <= n; i += Vec::size()) {
-        vm = at::vec::maximum(vm, Vec::loadu(p + i));
+    const Vec identity(is_max ? neg_inf<T>() : T(0));
+    Vec acc = identity;
+    for (int64_t h = h0; h < h1; ++h) {
+      const T* row = x + h * stride + w0;
+      int64_t i = 0;
+      if (is_max) {
+        for (; i + Vec::size() <= width; i += Vec::size()) {
+          acc = at::vec::maximum(acc, Vec::loadu(row + i));
+        }
+        if (i < width) {
+          acc = at::vec::maximum(acc, Vec::set(identity, Vec::loadu(row + i, width - i), width - i));
+        }
+      } else {
+        for (; i + Vec::size() <= width; i += Vec::size()) acc = acc + Vec::loadu(row + i);
+        if (i < width) acc = acc + Vec::loadu(row + i, width - i);
       }
-      alignas(64) T lanes[Vec::size()];
-      vm.store(lanes);
-      for (int64_t k = 0; k < Vec::size(); ++k) m = max_nan(m, lanes[k]);
     }
-  }
-  for (; i < n; ++i) m = max_nan(m, static_cast<acc_t<T>>(p[i]));
-  return m;
-}
-
-template <class T>
-acc_t<T> row_sum(const T* p, int64_t n) {
-  acc_t<T> s = 0;
-  int64_t i = 0;
-  if constexpr (kVectorized<T>) {
-    using Vec = at::vec::Vectorized<T>;
-    if (n >= Vec::size()) {
-      Vec vs = Vec::loadu(p);
-      for (i = Vec::size(); i + Vec::size() <= n; i += Vec::size()) vs = vs + Vec::loadu(p + i);
-      alignas(64) T lanes[Vec::size()];
-      vs.store(lanes);
-      for (int64_t k = 0; k < Vec::size(); ++k) s += lanes[k];
+    alignas(64) T lanes[Vec::size()];
+    acc.store(lanes);
+    T result = lanes[0];
+    for (int64_t k = 1; k < Vec::size(); ++k) {
+      result = is_max ? max_nan(result, lanes[k]) : result + lanes[k];
     }
+    return result;
+  } else {
+    acc_t<T> result = is_max ? neg_inf<acc_t<T>>() : acc_t<T>(0);
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t w = w0; w < w1; ++w) {
+        const acc_t<T> v = static_cast<acc_t<T>>(x[h * stride + w]);
+        result = is_max ? max_nan(result, v) : result + v;
+      }
+    }
+    return result;
   }
-  for (; i < n; ++i) s += static_cast<acc_t<T>>(p[i]);
-  return s;
 }
 
 // First k with p[k] == value, or -1.
@@ -200,66 +207,105 @@ struct Bin {
   int64_t h0, h1, w0, w1;
   int64_t feature;         // output column of channel 0: level_offset * C + i * l + j
   int64_t channel_stride;  // l * l: distance between the columns of consecutive channels
+  int64_t r0, r1, c0, c1;  // the bin as a block of cells of the CellGrid
 };
 
-std::vector<Bin> make_bins(const MapShape& s, const int64_t* levels, int64_t num_levels) {
+// All levels' bin boundaries cut each axis into segments, and the plane into a grid of cells;
+// every bin is a block of whole cells. Reducing each cell once and each bin from its cells
+// reads every element once instead of once per level.
+struct CellGrid {
+  std::vector<int64_t> row_cuts, col_cuts;  // segment k spans [cuts[k], cuts[k + 1])
   std::vector<Bin> bins;
+};
+
+std::vector<int64_t> axis_cuts(int64_t size, const int64_t* levels, int64_t num_levels) {
+  std::vector<int64_t> cuts;
+  for (int64_t li = 0; li < num_levels; ++li) {
+    for (int64_t i = 0; i < levels[li]; ++i) {
+      cuts.push_back(bin_start(i, size, levels[li]));
+      cuts.push_back(bin_end(i, size, levels[li]));
+    }
+  }
+  std::sort(cuts.begin(), cuts.end());
+  cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+  return cuts;
+}
+
+int64_t segment_of(const std::vector<int64_t>& cuts, int64_t cut) {
+  return std::lower_bound(cuts.begin(), cuts.end(), cut) - cuts.begin();
+}
+
+CellGrid make_grid(const MapShape& s, const int64_t* levels, int64_t num_levels) {
+  CellGrid g{axis_cuts(s.h, levels, num_levels), axis_cuts(s.w, levels, num_levels), {}};
   int64_t level_offset = 0;
   for (int64_t li = 0; li < num_levels; ++li) {
     const int64_t l = levels[li];
     for (int64_t i = 0; i < l; ++i) {
       for (int64_t j = 0; j < l; ++j) {
-        bins.push_back({bin_start(i, s.h, l), bin_end(i, s.h, l), bin_start(j, s.w, l),
-                        bin_end(j, s.w, l), level_offset * s.c + i * l + j, l * l});
+        Bin b{bin_start(i, s.h, l), bin_end(i, s.h, l), bin_start(j, s.w, l), bin_end(j, s.w, l),
+              level_offset * s.c + i * l + j, l * l, 0, 0, 0, 0};
+        b.r0 = segment_of(g.row_cuts, b.h0);
+        b.r1 = segment_of(g.row_cuts, b.h1);
+        b.c0 = segment_of(g.col_cuts, b.w0);
+        b.c1 = segment_of(g.col_cuts, b.w1);
+        g.bins.push_back(b);
       }
     }
     level_offset += l * l;
   }
-  return bins;
+  return g;
 }
 
-// Planes of an NCHW input: every bin's rows are contiguous segments.
+// The argmax of a bin whose maximum m is known: the first element equal to m in row-major
+// order, or with NaNs the last NaN (PyTorch's rule).
 template <class T>
-void spp_forward_planes(const SppForwardArgs& a, const std::vector<Bin>& bins) {
+int64_t bin_argmax(const T* x, int64_t stride, const Bin& b, acc_t<T> m) {
+  if (!is_nan(m)) {
+    for (int64_t h = b.h0; h < b.h1; ++h) {
+      const int64_t k = find_first_equal(x + h * stride + b.w0, b.w1 - b.w0, m);
+      if (k >= 0) return h * stride + b.w0 + k;
+    }
+  } else {
+    for (int64_t h = b.h1 - 1; h >= b.h0; --h) {
+      for (int64_t w = b.w1 - 1; w >= b.w0; --w) {
+        if (is_nan(x[h * stride + w])) return h * stride + w;
+      }
+    }
+  }
+  return b.h0 * stride + b.w0;  // unreachable: m is an element of the bin
+}
+
+// Planes of an NCHW input: cells first (rows of a cell are contiguous segments), then bins.
+template <class T>
+void spp_forward_planes(const SppForwardArgs& a, const CellGrid& grid) {
   const MapShape& s = a.shape;
   const T* input = static_cast<const T*>(a.input);
   T* output = static_cast<T*>(a.output);
-  const int64_t features = s.c * static_cast<int64_t>(bins.size());
+  const bool is_max = a.mode == PoolMode::Max;
+  const int64_t features = s.c * static_cast<int64_t>(grid.bins.size());
+  const int64_t rows = grid.row_cuts.size() - 1, cols = grid.col_cuts.size() - 1;
   const int64_t grain = std::max<int64_t>(1, 32768 / (s.h * s.w));
   at::parallel_for(0, s.n * s.c, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t<T>> cells(rows * cols);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / s.c, c = plane % s.c;
       const T* x = input + plane * s.h * s.w;
-      for (const Bin& b : bins) {
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t q = 0; q < cols; ++q) {
+          cells[r * cols + q] = bin_reduce(x, s.w, grid.row_cuts[r], grid.row_cuts[r + 1],
+                                           grid.col_cuts[q], grid.col_cuts[q + 1], is_max);
+        }
+      }
+      for (const Bin& b : grid.bins) {
+        acc_t<T> v = is_max ? neg_inf<acc_t<T>>() : acc_t<T>(0);
+        for (int64_t r = b.r0; r < b.r1; ++r) {
+          for (int64_t q = b.c0; q < b.c1; ++q) {
+            v = is_max ? max_nan(v, cells[r * cols + q]) : v + cells[r * cols + q];
+          }
+        }
         const int64_t out = n * features + b.feature + c * b.channel_stride;
-        const int64_t width = b.w1 - b.w0;
-        if (a.mode == PoolMode::Avg) {
-          acc_t<T> sum = 0;
-          for (int64_t h = b.h0; h < b.h1; ++h) sum += row_sum(x + h * s.w + b.w0, width);
-          output[out] = static_cast<T>(sum / (b.h1 - b.h0) / width);
-          continue;
-        }
-        acc_t<T> m = neg_inf<acc_t<T>>();
-        for (int64_t h = b.h0; h < b.h1; ++h) m = max_nan(m, row_max(x + h * s.w + b.w0, width));
-        output[out] = static_cast<T>(m);
-        if (a.indices == nullptr) continue;
-        int64_t index = -1;
-        if (!is_nan(m)) {
-          for (int64_t h = b.h0; h < b.h1 && index < 0; ++h) {
-            const int64_t k = find_first_equal(x + h * s.w + b.w0, width, m);
-            if (k >= 0) index = h * s.w + b.w0 + k;
-          }
-        } else {  // the last NaN, as PyTorch's update rule picks
-          for (int64_t h = b.h1 - 1; h >= b.h0 && index < 0; --h) {
-            for (int64_t w = b.w1 - 1; w >= b.w0; --w) {
-              if (is_nan(x[h * s.w + w])) {
-                index = h * s.w + w;
-                break;
-              }
-            }
-          }
-        }
-        a.indices[out] = index;
+        output[out] = static_cast<T>(is_max ? v : v / (b.h1 - b.h0) / (b.w1 - b.w0));
+        if (is_max && a.indices != nullptr) a.indices[out] = bin_argmax(x, s.w, b, v);
       }
     }
   });
@@ -312,7 +358,7 @@ void spp_forward_nhwc(const SppForwardArgs& a, const std::vector<Bin>& bins) {
 template <class T>
 void spp_backward_typed(const SppBackwardArgs& a) {
   const MapShape& s = a.shape;
-  const auto bins = make_bins(s, a.levels, a.num_levels);
+  const auto bins = make_grid(s, a.levels, a.num_levels).bins;
   const T* grad_output = static_cast<const T*>(a.grad_output);
   T* grad_input = static_cast<T*>(a.grad_input);
   const int64_t features = s.c * static_cast<int64_t>(bins.size());
@@ -423,10 +469,10 @@ void sppf_forward_typed(const SppfForwardArgs& a) {
 // Argmax of every k x k window (clipped at the borders) of a contiguous [H, W] plane under
 // PyTorch's rule, separably: per row window the first column holding the row's maximum, then
 // per column window the first row holding the overall maximum. This is the row-major-first
-// maximum (last NaN with NaNs) that max_pool2d's scan finds.
+// maximum (last NaN with NaNs) that max_pool2d's scan finds. Scalar version for half types.
 template <class T>
-void window_argmax(const T* src, int64_t H, int64_t W, int64_t p, acc_t<T>* row_best,
-                   int64_t* row_arg, int64_t* arg) {
+void window_argmax_scalar(const T* src, int64_t H, int64_t W, int64_t p, acc_t<T>* row_best,
+                          acc_t<T>* row_arg, int64_t* arg) {
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t w = 0; w < W; ++w) {
       const int64_t w0 = std::max<int64_t>(0, w - p), w1 = std::min<int64_t>(W, w + p + 1);
@@ -440,7 +486,7 @@ void window_argmax(const T* src, int64_t H, int64_t W, int64_t p, acc_t<T>* row_
         }
       }
       row_best[h * W + w] = best;
-      row_arg[h * W + w] = best_w;
+      row_arg[h * W + w] = static_cast<acc_t<T>>(best_w);
     }
   }
   for (int64_t h = 0; h < H; ++h) {
@@ -455,7 +501,61 @@ void window_argmax(const T* src, int64_t H, int64_t W, int64_t p, acc_t<T>* row_
           best_h = r;
         }
       }
-      arg[h * W + w] = best_h * W + row_arg[best_h * W + w];
+      arg[h * W + w] = best_h * W + static_cast<int64_t>(row_arg[best_h * W + w]);
+    }
+  }
+}
+
+// The same for float and double, a vector of neighbouring windows at a time. Indices ride in
+// vectors of T (exact: plane sizes stay far below 2^24). `padded` holds a row with p slots of
+// -inf on each side, which never take over, so clipped windows come out right.
+template <class T>
+void window_argmax(const T* src, int64_t H, int64_t W, int64_t p, acc_t<T>* row_best,
+                   acc_t<T>* row_arg, int64_t* arg, T* padded) {
+  if constexpr (!kVectorized<T>) {
+    window_argmax_scalar(src, H, W, p, row_best, row_arg, arg);
+  } else {
+    using Vec = at::vec::Vectorized<T>;
+    const int64_t k = 2 * p + 1;
+    const Vec zero(T(0));
+    auto takes_over_mask = [](const Vec& v, const Vec& best) { return (v > best) | v.isnan(); };
+    std::fill(padded, padded + p, neg_inf<T>());
+    std::fill(padded + p + W, padded + 2 * p + W, neg_inf<T>());
+    for (int64_t h = 0; h < H; ++h) {
+      std::memcpy(padded + p, src + h * W, W * sizeof(T));
+      for (int64_t w = 0; w < W; w += Vec::size()) {
+        const int64_t lanes = std::min<int64_t>(Vec::size(), W - w);
+        Vec best(neg_inf<T>());
+        Vec best_w = at::vec::maximum(Vec::arange(T(w - p), T(1)), zero);  // window starts
+        for (int64_t j = 0; j < k; ++j) {
+          const Vec v = Vec::loadu(padded + w + j, std::min<int64_t>(Vec::size(), W + 2 * p - w - j));
+          const Vec take = takes_over_mask(v, best);
+          best = Vec::blendv(best, v, take);
+          best_w = Vec::blendv(best_w, Vec::arange(T(w + j - p), T(1)), take);
+        }
+        best.store(row_best + h * W + w, lanes);
+        best_w.store(row_arg + h * W + w, lanes);
+      }
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t h0 = std::max<int64_t>(0, h - p), h1 = std::min<int64_t>(H, h + p + 1);
+      for (int64_t w = 0; w < W; w += Vec::size()) {
+        const int64_t lanes = std::min<int64_t>(Vec::size(), W - w);
+        Vec best(neg_inf<T>());
+        Vec best_h = Vec(static_cast<T>(h0));
+        for (int64_t r = h0; r < h1; ++r) {
+          const Vec v = Vec::loadu(row_best + r * W + w, lanes);
+          const Vec take = takes_over_mask(v, best);
+          best = Vec::blendv(best, v, take);
+          best_h = Vec::blendv(best_h, Vec(static_cast<T>(r)), take);
+        }
+        alignas(64) T rows[Vec::size()];
+        best_h.store(rows);
+        for (int64_t l = 0; l < lanes; ++l) {
+          const int64_t r = static_cast<int64_t>(rows[l]);
+          arg[h * W + w + l] = r * W + static_cast<int64_t>(row_arg[r * W + w + l]);
+        }
+      }
     }
   }
 }
@@ -474,16 +574,17 @@ void sppf_backward_typed(const SppfBackwardArgs& a) {
   const int64_t in_stride = pixel_stride(s, s.c), out_stride = pixel_stride(s, out_channels);
   const int64_t grain = std::max<int64_t>(1, 4096 / hw);
   at::parallel_for(0, s.n * s.c, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> stage(hw);
-    std::vector<acc_t<T>> row_best(hw), g(hw), g_prev(hw), slice(hw);
-    std::vector<int64_t> row_arg(hw), arg(hw);
+    std::vector<T> stage(hw), padded(s.w + 2 * p);
+    std::vector<acc_t<T>> row_best(hw), row_arg(hw), g(hw), g_prev(hw), slice(hw);
+    std::vector<int64_t> arg(hw);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / s.c, c = plane % s.c;
       auto out_plane = [&](int64_t r) { return plane_offset(s, out_channels, n, r * s.c + c); };
       load_plane(grad_output + out_plane(a.repeats), out_stride, hw, g.data());
       for (int64_t r = a.repeats; r >= 1; --r) {
         load_plane(output + out_plane(r - 1), out_stride, hw, stage.data());
-        window_argmax(stage.data(), s.h, s.w, p, row_best.data(), row_arg.data(), arg.data());
+        window_argmax(stage.data(), s.h, s.w, p, row_best.data(), row_arg.data(), arg.data(),
+                      padded.data());
         std::fill(g_prev.begin(), g_prev.end(), acc_t<T>(0));
         for (int64_t q = 0; q < hw; ++q) g_prev[arg[q]] += g[q];
         load_plane(grad_output + out_plane(r - 1), out_stride, hw, slice.data());
@@ -498,13 +599,13 @@ void sppf_backward_typed(const SppfBackwardArgs& a) {
 // ------------------------------------------------------------------ entry points
 
 void spp_forward(const SppForwardArgs& a) {
-  const auto bins = make_bins(a.shape, a.levels, a.num_levels);
+  const CellGrid grid = make_grid(a.shape, a.levels, a.num_levels);
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (a.shape.channels_last) {
-      spp_forward_nhwc<T>(a, bins);
+      spp_forward_nhwc<T>(a, grid.bins);
     } else {
-      spp_forward_planes<T>(a, bins);
+      spp_forward_planes<T>(a, grid);
     }
   });
 }

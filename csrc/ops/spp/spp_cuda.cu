@@ -456,8 +456,9 @@ std::tuple<at::Tensor, at::Tensor> spp_forward_cuda(const at::Tensor& input_,
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   auto output = at::empty({N, C * lv.bins}, input.options());
   const bool with_indices = need_indices && is_max;
-  auto indices = at::empty({with_indices ? N : 0, with_indices ? C * lv.bins : 0},
-                           input.options().dtype(at::kLong));
+  // Without indices: an empty [0], as the Meta kernel says.
+  auto indices = with_indices ? at::empty({N, C * lv.bins}, input.options().dtype(at::kLong))
+                              : at::empty({0}, input.options().dtype(at::kLong));
   if (output.numel() == 0) return {output, indices};
   TORCH_CHECK(N * C < (int64_t{1} << 31) && N * lv.bins < (int64_t{1} << 31),
               "spp(): input too large for the CUDA kernel's grid, got ", input.sizes());

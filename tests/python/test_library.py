@@ -1,0 +1,122 @@
+"""The package around the ops: version, build information, backends, loading and its errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import torch_ext
+from torch_ext import _library
+
+OPS = ["spp", "_spp_forward", "_spp_backward", "sppf", "_sppf_backward"]
+KERNEL_OPS = ["_spp_forward", "_spp_backward", "sppf", "_sppf_backward"]
+
+
+def base_version(version: str) -> str:
+    return version.split("+")[0]
+
+
+def test_version_is_a_release_string():
+    assert isinstance(torch_ext.__version__, str)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", torch_ext.__version__), torch_ext.__version__
+    assert torch_ext.build_info()["version"] == torch_ext.__version__
+
+
+def test_compiled_backends():
+    backends = torch_ext.compiled_backends()
+    assert "CPU" in backends
+    assert set(backends) <= {"CPU", "CUDA"}
+    # A copy: callers cannot change the library's record.
+    backends.append("XLA")
+    assert "XLA" not in torch_ext.compiled_backends()
+
+
+def test_build_info_matches_the_running_torch():
+    info = torch_ext.build_info()
+    assert base_version(info["torch"]) == base_version(torch.__version__)
+    assert Path(info["path"]).is_file()
+    if "CUDA" in info["backends"]:
+        assert info["cuda"]
+    else:
+        assert not info["cuda"]
+
+
+@pytest.mark.parametrize("op", KERNEL_OPS)
+def test_every_op_has_cpu_and_meta_kernels(op):
+    assert torch_ext.has_kernel(op, "CPU")
+    assert torch_ext.has_kernel(op, "Meta")
+
+
+@pytest.mark.parametrize("op", ["spp", "sppf"])
+def test_public_ops_have_autograd_kernels(op):
+    assert torch_ext.has_kernel(op, "Autograd")
+
+
+@pytest.mark.parametrize("op", KERNEL_OPS)
+def test_cuda_kernels_are_registered_exactly_when_compiled(op):
+    assert torch_ext.has_kernel(op, "CUDA") == ("CUDA" in torch_ext.compiled_backends())
+
+
+def test_ops_are_registered_under_the_package_name():
+    for op in OPS:
+        assert hasattr(torch.ops.torch_ext, op), op
+    schema = str(torch.ops.torch_ext.spp.default._schema)
+    assert "levels=[1, 2, 4]" in schema and 'mode="max"' in schema
+    assert "kernel_size=5" in str(torch.ops.torch_ext.sppf.default._schema)
+
+
+def test_check_compatible_rejects_another_torch():
+    path = Path(torch_ext.build_info()["path"])
+    with pytest.raises(ImportError) as excinfo:
+        _library.check_compatible({"torch": "1.0.0", "cuda": None}, path)
+    message = str(excinfo.value)
+    assert re.search("rebuild", message, re.IGNORECASE), message
+    assert "1.0.0" in message and torch.__version__ in message
+
+
+def test_check_compatible_accepts_the_running_torch():
+    path = Path(torch_ext.build_info()["path"])
+    _library.check_compatible({"torch": torch.__version__, "cuda": torch.version.cuda}, path)
+    # Only the release counts: a local build tag (+cpu, +cu126) does not change the ABI check.
+    _library.check_compatible(
+        {"torch": base_version(torch.__version__) + "+local", "cuda": torch.version.cuda}, path
+    )
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch")
+def test_check_compatible_rejects_cuda_library_on_cpu_torch():
+    path = Path(torch_ext.build_info()["path"])
+    with pytest.raises(ImportError, match="(?i)rebuild"):
+        _library.check_compatible({"torch": torch.__version__, "cuda": "12.4"}, path)
+
+
+def test_read_build_info_of_the_loaded_library():
+    path = Path(torch_ext.build_info()["path"])
+    info = _library.read_build_info(path)
+    assert info["version"] == torch_ext.__version__
+    assert info["torch"] == torch_ext.build_info()["torch"]
+
+
+def test_read_build_info_of_a_foreign_file(tmp_path):
+    fake = tmp_path / "libtorch_ext.so"
+    fake.write_bytes(b"\x7fELF not our library")
+    with pytest.raises(ImportError, match="(?i)rebuild"):
+        _library.read_build_info(fake)
+
+
+def test_library_path_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXT_LIBRARY", str(tmp_path / "x.so"))
+    assert _library.library_path() == tmp_path / "x.so"
+    monkeypatch.delenv("TORCH_EXT_LIBRARY")
+    assert _library.library_path() == Path(_library.__file__).resolve().parent / "lib" / (
+        "libtorch_ext.so"
+    )
+
+
+def test_missing_library_is_a_clear_import_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXT_LIBRARY", str(tmp_path / "missing.so"))
+    with pytest.raises(ImportError, match="TORCH_EXT_LIBRARY"):
+        _library.load()
