@@ -32,3 +32,6 @@ for op in ("_spp_forward", "_spp_backward", "sppf", "_sppf_backward"):
 print(f"[cuda] linked and loaded: {info['path']}: torch {info['torch']}, CUDA {info['cuda']}, "
       f"architectures {info['cuda_architectures']}; CUDA kernels registered")
 PY
+# The same library's CPU paths under this torch (CUDA cases skip: no GPU here).
+echo "[cuda] pytest with the CUDA-enabled library under torch $("$PY" -c 'import torch; print(torch.__version__)')"
+TORCH_EXT_LIBRARY="$BUILD/libtorch_ext.so" PYTHONPATH="$REPO" "$PY" -m pytest -q -p no:cacheprovider "$REPO/tests/python"

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# On a GPU machine (torch with CUDA, nvcc, CMake, ninja, pytest; no network, no GoogleTest):
+# build for sm_90, run the tests (CUDA cases included), run the CUDA benchmarks, print a short
+# table last and write JSON into OUT_DIR.      bash scripts/gpu_check.sh OUT_DIR
+set -uo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="${1:-${OUT:-$REPO/gpu-out}}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+BUILD="$REPO/build/gpu"
+start=$SECONDS
+status=0
+
+echo "== build (sm_${TORCH_EXT_CUDA_ARCHITECTURES:-90})"
+cmake -S "$REPO" -B "$BUILD" -G Ninja -DTORCH_EXT_CUDA=ON -DTORCH_EXT_BUILD_TESTS=OFF \
+  -DTORCH_EXT_CUDA_ARCHITECTURES="${TORCH_EXT_CUDA_ARCHITECTURES:-90}" \
+  -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+  > "$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; exit 1; }
+grep "torch_ext" "$OUT/configure.log"
+cmake --build "$BUILD" -j "$(nproc)" > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+echo "   built in $((SECONDS - start)) s"
+export TORCH_EXT_LIBRARY="$BUILD/libtorch_ext.so" PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c "import torch, torch_ext; print('  ', torch_ext.build_info(), torch.cuda.get_device_name())"
+
+echo "== tests"
+"$PY" -m pytest -q -p no:cacheprovider "$REPO/tests/python" --junitxml="$OUT/pytest.xml" \
+  > "$OUT/pytest.log" 2>&1 || status=1
+tail -5 "$OUT/pytest.log"
+echo "   tests done at $((SECONDS - start)) s"
+
+echo "== benchmarks (CUDA)"
+"$PY" "$REPO/benchmarks/run.py" --device cuda --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
+echo "   benchmarks done at $((SECONDS - start)) s"
+
+echo "== summary"
+grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
+[ -f "$OUT/bench.md" ] && cat "$OUT/bench.md" || tail -20 "$OUT/bench.log"
+exit $status
