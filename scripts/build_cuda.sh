@@ -14,10 +14,10 @@ fi
 PY="$VENV/bin/python"
 if ! "$PY" -c "import torch, sys; sys.exit(not (torch.__version__.startswith('$TORCH_CUDA_VERSION') and torch.version.cuda))" 2>/dev/null; then
   echo "[cuda] installing torch==$TORCH_CUDA_VERSION (CUDA build) and cmake"
-  "$VENV/bin/pip" install -q "torch==$TORCH_CUDA_VERSION" numpy pytest expecttest 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/pip" install -q "torch==$TORCH_CUDA_VERSION" numpy pytest expecttest 2>&1 | { grep -v "^WARNING: Location" || true; }
 fi
 # CMake >= 3.28 knows nvcc's C++20 dialect, which torch >= 2.14 needs.
-"$PY" -c "import cmake" 2>/dev/null || "$VENV/bin/pip" install -q "cmake>=3.28" 2>&1 | grep -v "^WARNING: Location" || true
+[ -x "$VENV/bin/cmake" ] || "$VENV/bin/pip" install -q "cmake>=3.28" 2>&1 | { grep -v "^WARNING: Location" || true; }
 BUILD="$REPO/build/cuda"
 "$VENV/bin/cmake" -S "$REPO" -B "$BUILD" -G Ninja -DTORCH_EXT_CUDA=ON -DTORCH_EXT_BUILD_TESTS=OFF \
   -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \

@@ -26,9 +26,9 @@ PY="$VENV/bin/python"
 if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
   echo "[env] installing torch==$TORCH_VERSION and the test/benchmark tools"
   "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" numpy pytest expecttest matplotlib setuptools 2>&1 \
-    | grep -v "^WARNING: Location" || true
+    | { grep -v "^WARNING: Location" || true; }
 fi
 echo "[env] building torch_ext (pip install --no-build-isolation -e .)"
 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e "$REPO" 2>&1 \
-  | grep -v "^WARNING: Location" || true
+  | { grep -v "^WARNING: Location" || true; }
 "$PY" -c "import torch_ext; print('[env] torch_ext', torch_ext.__version__, 'backends', torch_ext.compiled_backends())"

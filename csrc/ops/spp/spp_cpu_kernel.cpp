@@ -114,31 +114,30 @@ void store_plane(const Src* src, int64_t count, Dst* dst, int64_t stride) {
 // Max (NaN-propagating) or sum of a bin's rectangle [h0, h1) x [w0, w1) of a contiguous plane
 // with rows of `stride` elements. Vector lanes accumulate over all rows and are reduced once;
 // a row's last partial vector is padded with the reduction's identity.
-template <class T>
-acc_t<T> bin_reduce(const T* x, int64_t stride, int64_t h0, int64_t h1, int64_t w0, int64_t w1,
-                    bool is_max) {
+template <class T, bool is_max>
+acc_t<T> bin_reduce(const T* x, int64_t stride, int64_t h0, int64_t h1, int64_t w0, int64_t w1) {
   const int64_t width = w1 - w0;
   if constexpr (kVectorized<T>) {
     using Vec = at::vec::Vectorized<T>;
     const Vec identity(is_max ? neg_inf<T>() : T(0));
-    Vec acc = identity;
+    // Four accumulators in turn: the max's latency chain would otherwise bound the loop.
+    Vec acc[4] = {identity, identity, identity, identity};
+    int64_t turn = 0;
+    auto take = [&](const Vec& v) {
+      Vec& a = acc[turn++ & 3];
+      a = is_max ? at::vec::maximum(a, v) : a + v;
+    };
+    const int64_t full = width - width % Vec::size();
     for (int64_t h = h0; h < h1; ++h) {
       const T* row = x + h * stride + w0;
-      int64_t i = 0;
-      if (is_max) {
-        for (; i + Vec::size() <= width; i += Vec::size()) {
-          acc = at::vec::maximum(acc, Vec::loadu(row + i));
-        }
-        if (i < width) {
-          acc = at::vec::maximum(acc, Vec::set(identity, Vec::loadu(row + i, width - i), width - i));
-        }
-      } else {
-        for (; i + Vec::size() <= width; i += Vec::size()) acc = acc + Vec::loadu(row + i);
-        if (i < width) acc = acc + Vec::loadu(row + i, width - i);
-      }
+      for (int64_t i = 0; i < full; i += Vec::size()) take(Vec::loadu(row + i));
+      if (full < width) take(Vec::set(identity, Vec::loadu(row + full, width - full), width - full));
     }
+    const Vec a01 = is_max ? at::vec::maximum(acc[0], acc[1]) : acc[0] + acc[1];
+    const Vec a23 = is_max ? at::vec::maximum(acc[2], acc[3]) : acc[2] + acc[3];
+    const Vec all = is_max ? at::vec::maximum(a01, a23) : a01 + a23;
     alignas(64) T lanes[Vec::size()];
-    acc.store(lanes);
+    all.store(lanes);
     T result = lanes[0];
     for (int64_t k = 1; k < Vec::size(); ++k) {
       result = is_max ? max_nan(result, lanes[k]) : result + lanes[k];
@@ -292,8 +291,10 @@ void spp_forward_planes(const SppForwardArgs& a, const CellGrid& grid) {
       const T* x = input + plane * s.h * s.w;
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t q = 0; q < cols; ++q) {
-          cells[r * cols + q] = bin_reduce(x, s.w, grid.row_cuts[r], grid.row_cuts[r + 1],
-                                           grid.col_cuts[q], grid.col_cuts[q + 1], is_max);
+          const int64_t h0 = grid.row_cuts[r], h1 = grid.row_cuts[r + 1];
+          const int64_t w0 = grid.col_cuts[q], w1 = grid.col_cuts[q + 1];
+          cells[r * cols + q] = is_max ? bin_reduce<T, true>(x, s.w, h0, h1, w0, w1)
+                                       : bin_reduce<T, false>(x, s.w, h0, h1, w0, w1);
         }
       }
       for (const Bin& b : grid.bins) {
@@ -390,29 +391,35 @@ void spp_backward_typed(const SppBackwardArgs& a) {
 
 // ------------------------------------------------------------------ sppf
 
+// Slack after a padded row, so that full vector loads near its end stay in the buffer.
+constexpr int64_t kRowSlack = 64;
+
 // Max filter of odd width k = 2p + 1 along each row of a contiguous [H, W] plane, windows
-// clipped at the borders (equivalently padded with -inf, as max_pool2d pads).
+// clipped at the borders (equivalently padded with -inf, as max_pool2d pads). `padded` holds
+// W + 2p + kRowSlack elements. Vector loads past a row's end read -inf slack and land only in
+// lanes that are not stored, so rows of any width run without a scalar tail.
 template <class T>
 void max_filter_rows(const T* src, T* dst, int64_t H, int64_t W, int64_t p, T* padded) {
   const int64_t k = 2 * p + 1;
   std::fill(padded, padded + p, neg_inf<T>());
-  std::fill(padded + p + W, padded + 2 * p + W, neg_inf<T>());
+  std::fill(padded + p + W, padded + 2 * p + W + kRowSlack, neg_inf<T>());
   for (int64_t h = 0; h < H; ++h) {
     std::memcpy(padded + p, src + h * W, W * sizeof(T));
     T* out = dst + h * W;
-    int64_t w = 0;
     if constexpr (kVectorized<T>) {
       using Vec = at::vec::Vectorized<T>;
-      for (; w + Vec::size() <= W; w += Vec::size()) {
+      static_assert(Vec::size() <= kRowSlack);
+      for (int64_t w = 0; w < W; w += Vec::size()) {
         Vec m = Vec::loadu(padded + w);
         for (int64_t j = 1; j < k; ++j) m = at::vec::maximum(m, Vec::loadu(padded + w + j));
-        m.store(out + w);
+        m.store(out + w, std::min<int64_t>(Vec::size(), W - w));
       }
-    }
-    for (; w < W; ++w) {
-      acc_t<T> m = padded[w];
-      for (int64_t j = 1; j < k; ++j) m = max_nan(m, static_cast<acc_t<T>>(padded[w + j]));
-      out[w] = static_cast<T>(m);
+    } else {
+      for (int64_t w = 0; w < W; ++w) {
+        acc_t<T> m = padded[w];
+        for (int64_t j = 1; j < k; ++j) m = max_nan(m, static_cast<acc_t<T>>(padded[w + j]));
+        out[w] = static_cast<T>(m);
+      }
     }
   }
 }
@@ -423,48 +430,129 @@ void max_filter_cols(const T* src, T* dst, int64_t H, int64_t W, int64_t p) {
   for (int64_t h = 0; h < H; ++h) {
     const int64_t h0 = std::max<int64_t>(0, h - p), h1 = std::min<int64_t>(H, h + p + 1);
     T* out = dst + h * W;
-    int64_t w = 0;
     if constexpr (kVectorized<T>) {
       using Vec = at::vec::Vectorized<T>;
-      for (; w + Vec::size() <= W; w += Vec::size()) {
-        Vec m = Vec::loadu(src + h0 * W + w);
-        for (int64_t r = h0 + 1; r < h1; ++r) m = at::vec::maximum(m, Vec::loadu(src + r * W + w));
-        m.store(out + w);
+      for (int64_t w = 0; w < W; w += Vec::size()) {
+        const int64_t lanes = std::min<int64_t>(Vec::size(), W - w);
+        Vec m = Vec::loadu(src + h0 * W + w, lanes);
+        for (int64_t r = h0 + 1; r < h1; ++r) {
+          m = at::vec::maximum(m, Vec::loadu(src + r * W + w, lanes));
+        }
+        m.store(out + w, lanes);
       }
-    }
-    for (; w < W; ++w) {
-      acc_t<T> m = src[h0 * W + w];
-      for (int64_t r = h0 + 1; r < h1; ++r) m = max_nan(m, static_cast<acc_t<T>>(src[r * W + w]));
-      out[w] = static_cast<T>(m);
+    } else {
+      for (int64_t w = 0; w < W; ++w) {
+        acc_t<T> m = src[h0 * W + w];
+        for (int64_t r = h0 + 1; r < h1; ++r) {
+          m = max_nan(m, static_cast<acc_t<T>>(src[r * W + w]));
+        }
+        out[w] = static_cast<T>(m);
+      }
     }
   }
 }
 
+// NCHW: plane by plane, in cache.
 template <class T>
-void sppf_forward_typed(const SppfForwardArgs& a) {
+void sppf_forward_planes(const SppfForwardArgs& a) {
   const MapShape& s = a.shape;
   const T* input = static_cast<const T*>(a.input);
   T* output = static_cast<T*>(a.output);
   const int64_t hw = s.h * s.w, p = a.kernel_size / 2;
   const int64_t out_channels = s.c * (a.repeats + 1);
-  const int64_t in_stride = pixel_stride(s, s.c), out_stride = pixel_stride(s, out_channels);
   const int64_t grain = std::max<int64_t>(1, 16384 / hw);
   at::parallel_for(0, s.n * s.c, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> cur(hw), tmp(hw), padded(s.w + 2 * p);
+    std::vector<T> tmp(hw), padded(s.w + 2 * p + kRowSlack);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / s.c, c = plane % s.c;
-      load_plane(input + plane_offset(s, s.c, n, c), in_stride, hw, cur.data());
-      store_plane(cur.data(), hw, output + plane_offset(s, out_channels, n, c), out_stride);
-      for (int64_t r = 1; r <= a.repeats; ++r) {
-        max_filter_rows(cur.data(), tmp.data(), s.h, s.w, p, padded.data());
-        max_filter_cols(tmp.data(), cur.data(), s.h, s.w, p);
-        store_plane(cur.data(), hw, output + plane_offset(s, out_channels, n, r * s.c + c),
-                    out_stride);
+      // Stage r lives in output channel r * C + c; each stage is filtered from the previous.
+      const T* prev = input + plane * hw;
+      for (int64_t r = 0; r <= a.repeats; ++r) {
+        T* stage = output + (n * out_channels + r * s.c + c) * hw;
+        if (r == 0) {
+          std::memcpy(stage, prev, hw * sizeof(T));
+        } else {
+          max_filter_rows(prev, tmp.data(), s.h, s.w, p, padded.data());
+          max_filter_cols(tmp.data(), stage, s.h, s.w, p);
+        }
+        prev = stage;
       }
     }
   });
 }
 
+// dst[i] = max(dst[i], src[i]), NaN-propagating, over n contiguous elements.
+template <class T>
+void max_into(T* dst, const T* src, int64_t n) {
+  int64_t i = 0;
+  if constexpr (kVectorized<T>) {
+    using Vec = at::vec::Vectorized<T>;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      at::vec::maximum(Vec::loadu(dst + i), Vec::loadu(src + i)).store(dst + i);
+    }
+  }
+  for (; i < n; ++i) {
+    dst[i] = static_cast<T>(max_nan(static_cast<acc_t<T>>(dst[i]), static_cast<acc_t<T>>(src[i])));
+  }
+}
+
+// NHWC: an image's block of channels at a time; every pixel is a vector of channels, and the
+// separable max filter works on those vectors.
+template <class T>
+void sppf_forward_nhwc(const SppfForwardArgs& a) {
+  const MapShape& s = a.shape;
+  const T* input = static_cast<const T*>(a.input);
+  T* output = static_cast<T*>(a.output);
+  const int64_t hw = s.h * s.w, p = a.kernel_size / 2;
+  const int64_t out_channels = s.c * (a.repeats + 1);
+  const int64_t block = std::min<int64_t>(s.c, 64);
+  const int64_t blocks = (s.c + block - 1) / block;
+  at::parallel_for(0, s.n * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> cur(hw * block), tmp(hw * block);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks, c0 = (task % blocks) * block;
+      const int64_t width = std::min(block, s.c - c0);
+      auto store_stage = [&](int64_t r) {
+        for (int64_t q = 0; q < hw; ++q) {
+          std::memcpy(output + (n * hw + q) * out_channels + r * s.c + c0, &cur[q * block],
+                      width * sizeof(T));
+        }
+      };
+      for (int64_t q = 0; q < hw; ++q) {
+        std::memcpy(&cur[q * block], input + (n * hw + q) * s.c + c0, width * sizeof(T));
+      }
+      store_stage(0);
+      for (int64_t r = 1; r <= a.repeats; ++r) {
+        for (int64_t h = 0; h < s.h; ++h) {  // along rows: tmp = max over w' of cur
+          for (int64_t w = 0; w < s.w; ++w) {
+            const int64_t w0 = std::max<int64_t>(0, w - p), w1 = std::min<int64_t>(s.w, w + p + 1);
+            T* dst = &tmp[(h * s.w + w) * block];
+            std::memcpy(dst, &cur[(h * s.w + w0) * block], width * sizeof(T));
+            for (int64_t x = w0 + 1; x < w1; ++x) max_into(dst, &cur[(h * s.w + x) * block], width);
+          }
+        }
+        for (int64_t h = 0; h < s.h; ++h) {  // down columns: cur = max over h' of tmp
+          const int64_t h0 = std::max<int64_t>(0, h - p), h1 = std::min<int64_t>(s.h, h + p + 1);
+          for (int64_t w = 0; w < s.w; ++w) {
+            T* dst = &cur[(h * s.w + w) * block];
+            std::memcpy(dst, &tmp[(h0 * s.w + w) * block], width * sizeof(T));
+            for (int64_t y = h0 + 1; y < h1; ++y) max_into(dst, &tmp[(y * s.w + w) * block], width);
+          }
+        }
+        store_stage(r);
+      }
+    }
+  });
+}
+
+template <class T>
+void sppf_forward_typed(const SppfForwardArgs& a) {
+  if (a.shape.channels_last) {
+    sppf_forward_nhwc<T>(a);
+  } else {
+    sppf_forward_planes<T>(a);
+  }
+}
 
 // Argmax of every k x k window (clipped at the borders) of a contiguous [H, W] plane under
 // PyTorch's rule, separably: per row window the first column holding the row's maximum, then
