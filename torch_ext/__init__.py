@@ -30,8 +30,8 @@ def compiled_backends() -> list[str]:
 def cpu_capability() -> str:
     """The instruction set of the CPU kernels in use: "default", "avx2" or "avx512".
 
-    The best the CPU supports, capped by the environment variable TORCH_EXT_CPU_CAPABILITY (or
-    ATEN_CPU_CAPABILITY) read at the first call of a CPU kernel.
+    "avx2" unless the environment variable TORCH_EXT_CPU_CAPABILITY (or ATEN_CPU_CAPABILITY)
+    asks for another, never more than the CPU supports; read once per process.
     """
     import torch
 

@@ -7,9 +7,9 @@ namespace torch_ext {
 
 enum class CpuCapability { Default = 0, Avx2 = 1, Avx512 = 2 };
 
-// The best capability this CPU supports, capped by the environment variable
+// The capability whose kernels run: the one asked for by the environment variable
 // TORCH_EXT_CPU_CAPABILITY (or else ATEN_CPU_CAPABILITY, as ATen does): "default", "avx2" or
-// "avx512". Read once.
+// "avx512", else "avx2"; capped by what this CPU supports. Read once.
 CpuCapability cpu_capability();
 
 const char* cpu_capability_name(CpuCapability capability);

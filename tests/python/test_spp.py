@@ -713,10 +713,39 @@ def test_every_cpu_capability_copy(capability):
     )
     assert result.returncode == 0, f"capability {capability}:\n{result.stdout}\n{result.stderr}"
     assert result.stdout.strip().endswith("ok")
-    # The cap took effect: the copy in use is the one asked for, or a lesser one when this CPU
-    # lacks it (never a better one).
+    # The choice took effect: the copy in use is the one asked for, or the best this CPU has
+    # when it lacks that one (read independently from the CPU's flags).
+    assert used_capability(result.stdout) == expected_capability(capability), result.stdout
+
+
+def cpu_supported_capability() -> str:
+    flags = set()
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("flags"):
+                flags.update(line.split(":", 1)[1].split())
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx512"
+    if {"avx2", "fma"} <= flags:
+        return "avx2"
+    return "default"
+
+
+def expected_capability(asked: str) -> str:
     order = ["default", "avx2", "avx512"]
-    used = result.stdout.split("capability=")[1].split()[0]
-    best = torch_ext.cpu_capability()  # this process: no cap set (or the caller's)
-    expected = order[min(order.index(capability), order.index(best))]
-    assert used == expected, result.stdout
+    return order[min(order.index(asked), order.index(cpu_supported_capability()))]
+
+
+def used_capability(stdout: str) -> str:
+    return stdout.split("capability=")[1].split()[0]
+
+
+def test_default_cpu_capability_is_avx2_at_most():
+    """Without a request the AVX2 copy runs (AVX-512 is opt-in), or less on older CPUs."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TORCH_EXT_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY")}
+    code = "import torch_ext; print('capability=' + torch_ext.cpu_capability())"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert used_capability(result.stdout) == expected_capability("avx2")
