@@ -11,7 +11,7 @@ from torch_ext import _library
 
 _BUILD_INFO = _library.load()
 
-from torch_ext import nn  # noqa: E402
+from torch_ext import nn  # noqa: E402  (after the library is loaded)
 from torch_ext.spp import spp, sppf  # noqa: E402
 
 __version__: str = _BUILD_INFO["version"]
@@ -49,12 +49,12 @@ def has_kernel(op: str, backend: str) -> bool:
 
 
 __all__ = [
-    "spp",
-    "sppf",
-    "nn",
+    "__version__",
     "build_info",
     "compiled_backends",
     "cpu_capability",
     "has_kernel",
-    "__version__",
+    "nn",
+    "spp",
+    "sppf",
 ]

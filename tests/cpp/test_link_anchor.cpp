@@ -14,9 +14,8 @@ TEST(LinkAnchor, OpsAreRegisteredWithoutReferencingTheirSymbols) {
   const auto op = handle->typed<at::Tensor(const at::Tensor&, at::IntArrayRef, std::string_view)>();
   const auto x = at::randn({2, 3, 5, 4}, at::kDouble);
   const auto out = op.call(x, {1, 2}, "max");
-  const auto expected =
-      at::cat({std::get<0>(at::adaptive_max_pool2d(x, {1, 1})).flatten(1),
-               std::get<0>(at::adaptive_max_pool2d(x, {2, 2})).flatten(1)},
-              1);
+  const auto expected = at::cat({std::get<0>(at::adaptive_max_pool2d(x, {1, 1})).flatten(1),
+                                 std::get<0>(at::adaptive_max_pool2d(x, {2, 2})).flatten(1)},
+                                1);
   EXPECT_TRUE(at::allclose(out, expected));
 }

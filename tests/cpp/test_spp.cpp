@@ -144,8 +144,13 @@ TEST_F(TorchExtTest, SppMaxTiesRouteGradientsLikeAten) {
     auto data = ties({2, 17, 12, 37});
     if (channels_last) data = data.contiguous(at::MemoryFormat::ChannelsLast);
     auto r = run_both(
-        data, [](const torch::Tensor& t) { return torch_ext::spp(t, {1, 2, 4}, "max"); },
-        [](const torch::Tensor& t) { return spp_reference(t, {1, 2, 4}, "max"); });
+        data,
+        [](const torch::Tensor& t) {
+          return torch_ext::spp(t, {1, 2, 4}, "max");
+        },
+        [](const torch::Tensor& t) {
+          return spp_reference(t, {1, 2, 4}, "max");
+        });
     expect_equal(r.out, r.ref_out);
     expect_close(r.grad, r.ref_grad);
   }
@@ -156,8 +161,13 @@ TEST_F(TorchExtTest, SppChannelsLast) {
     SCOPED_TRACE("mode " + mode);
     const auto data = randn({2, 20, 9, 11}).contiguous(at::MemoryFormat::ChannelsLast);
     auto r = run_both(
-        data, [&](const torch::Tensor& t) { return torch_ext::spp(t, {1, 2, 4}, mode); },
-        [&](const torch::Tensor& t) { return spp_reference(t, {1, 2, 4}, mode); });
+        data,
+        [&](const torch::Tensor& t) {
+          return torch_ext::spp(t, {1, 2, 4}, mode);
+        },
+        [&](const torch::Tensor& t) {
+          return spp_reference(t, {1, 2, 4}, mode);
+        });
     expect_close(r.out, r.ref_out);
     expect_close(r.grad, r.ref_grad);
     EXPECT_TRUE(r.grad.is_contiguous(at::MemoryFormat::ChannelsLast));
@@ -231,18 +241,44 @@ TEST_F(TorchExtTest, BadArgumentsThrowNamingTheArgument) {
     std::vector<std::string> names;
   };
   const std::vector<Case> cases = {
-      {"3-D input", [] { torch_ext::spp(torch::zeros({3, 6, 6})); }, {"input"}},
-      {"5-D input", [] { torch_ext::spp(torch::zeros({1, 2, 3, 6, 6})); }, {"input"}},
+      {"3-D input",
+       [] {
+         torch_ext::spp(torch::zeros({3, 6, 6}));
+       },
+       {"input"}},
+      {"5-D input",
+       [] {
+         torch_ext::spp(torch::zeros({1, 2, 3, 6, 6}));
+       },
+       {"input"}},
       {"empty levels", [&] { torch_ext::spp(x, std::vector<int64_t>{}); }, {"levels"}},
-      {"level 0", [&] { torch_ext::spp(x, {1, 0}); }, {"levels"}},
+      {"level 0",
+       [&] {
+         torch_ext::spp(x, {1, 0});
+       },
+       {"levels"}},
       {"negative level", [&] { torch_ext::spp(x, {-2}); }, {"levels"}},
       {"mode", [&] { torch_ext::spp(x, {1}, "sum"); }, {"mode"}},
       {"int64 input",
-       [] { torch_ext::spp(torch::zeros({2, 3, 6, 6}, torch::kLong)); },
+       [] {
+         torch_ext::spp(torch::zeros({2, 3, 6, 6}, torch::kLong));
+       },
        {"input", "float32"}},
-      {"height 0", [] { torch_ext::spp(torch::zeros({2, 3, 0, 6})); }, {"height"}},
-      {"width 0", [] { torch_ext::spp(torch::zeros({2, 3, 6, 0})); }, {"width"}},
-      {"sppf 3-D input", [] { torch_ext::sppf(torch::zeros({3, 6, 6})); }, {"input"}},
+      {"height 0",
+       [] {
+         torch_ext::spp(torch::zeros({2, 3, 0, 6}));
+       },
+       {"height"}},
+      {"width 0",
+       [] {
+         torch_ext::spp(torch::zeros({2, 3, 6, 0}));
+       },
+       {"width"}},
+      {"sppf 3-D input",
+       [] {
+         torch_ext::sppf(torch::zeros({3, 6, 6}));
+       },
+       {"input"}},
       {"sppf even kernel", [&] { torch_ext::sppf(x, 4); }, {"kernel_size"}},
       {"sppf kernel 0", [&] { torch_ext::sppf(x, 0); }, {"kernel_size"}},
       {"sppf repeats 0", [&] { torch_ext::sppf(x, 5, 0); }, {"repeats"}},

@@ -86,12 +86,12 @@ def make_input(shape, layout, gen, values="randn", *, device="cpu", dtype=torch.
         base, view = draw(shape, gen, values), lambda t: t
     elif layout == "channels_last":
         base = draw(shape, gen, values).contiguous(memory_format=torch.channels_last)
-        view = lambda t: t  # noqa: E731
+        view = lambda t: t
     elif layout == "transposed":
         base, view = draw((n, c, w, h), gen, values), lambda t: t.transpose(2, 3)
     elif layout == "sliced":
         base = draw((n, 2 * c, h, w + 3), gen, values)
-        view = lambda t: t[:, ::2, :, 1 : w + 1]  # noqa: E731
+        view = lambda t: t[:, ::2, :, 1 : w + 1]
     else:
         raise ValueError(layout)
     base = base.to(device=device, dtype=dtype)
@@ -125,9 +125,7 @@ def assert_forward(out, ref_out, exact: bool, equal_nan: bool = False):
     """Max pooling is exact in any precision: the output equals the reference cast to the
     output's dtype. Averages are compared with the dtype's tolerance."""
     if exact:
-        torch.testing.assert_close(
-            out, ref_out.to(out.dtype), rtol=0, atol=0, equal_nan=equal_nan
-        )
+        torch.testing.assert_close(out, ref_out.to(out.dtype), rtol=0, atol=0, equal_nan=equal_nan)
     else:
         torch.testing.assert_close(
             out.to(ref_out.dtype), ref_out, equal_nan=equal_nan, **TOL[out.dtype]
@@ -140,8 +138,8 @@ def assert_grad(grad, ref_grad):
 
 def check_spp(base, view, levels, mode, gen, *, equal_nan=False):
     """spp forward (training and inference paths) and backward against the reference."""
-    op = lambda t: torch_ext.spp(t, levels, mode)  # noqa: E731
-    ref = lambda t: spp_reference(t, levels, mode)  # noqa: E731
+    op = lambda t: torch_ext.spp(t, levels, mode)
+    ref = lambda t: spp_reference(t, levels, mode)
     out, ref_out, grad, ref_grad = run_both(op, ref, base, view, gen)
     assert_forward(out, ref_out, exact=mode == "max", equal_nan=equal_nan)
     assert_grad(grad, ref_grad)
@@ -152,8 +150,8 @@ def check_spp(base, view, levels, mode, gen, *, equal_nan=False):
 
 
 def check_sppf(base, view, kernel_size, repeats, gen, *, equal_nan=False):
-    op = lambda t: torch_ext.sppf(t, kernel_size, repeats)  # noqa: E731
-    ref = lambda t: sppf_reference(t, kernel_size, repeats)  # noqa: E731
+    op = lambda t: torch_ext.sppf(t, kernel_size, repeats)
+    ref = lambda t: sppf_reference(t, kernel_size, repeats)
     out, ref_out, grad, ref_grad = run_both(op, ref, base, view, gen)
     assert_forward(out, ref_out, exact=True, equal_nan=equal_nan)
     # The cascade in the input's own dtype must give exactly the same values too.
@@ -408,9 +406,7 @@ def test_spp_backward_op_opcheck(device, mode, layout, gen):
     base, _ = make_input((2, 3, 7, 5), layout, gen, "distinct", device=device)
     _, indices = ops._spp_forward(base, [1, 2, 4], mode, True)
     grad_out = torch.randn(2, 3 * 21, generator=gen, dtype=torch.float64).to(device)
-    memory_format = (
-        torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    )
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     torch.library.opcheck(
         ops._spp_backward.default,
         (grad_out, indices, list(base.shape), [1, 2, 4], mode, memory_format),
@@ -566,8 +562,16 @@ def test_sppf_module(device, gen):
         lambda: SPPF(-3),
         lambda: SPPF(5, 0),
     ],
-    ids=["no-levels", "level-0", "level-negative", "mode", "even-kernel", "kernel-0",
-         "kernel-negative", "repeats-0"],
+    ids=[
+        "no-levels",
+        "level-0",
+        "level-negative",
+        "mode",
+        "even-kernel",
+        "kernel-0",
+        "kernel-negative",
+        "repeats-0",
+    ],
 )
 def test_modules_reject_bad_arguments(make):
     with pytest.raises(ValueError):
@@ -742,10 +746,14 @@ def used_capability(stdout: str) -> str:
 
 def test_default_cpu_capability_is_avx2_at_most():
     """Without a request the AVX2 copy runs (AVX-512 is opt-in), or less on older CPUs."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TORCH_EXT_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TORCH_EXT_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY")
+    }
     code = "import torch_ext; print('capability=' + torch_ext.cpu_capability())"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert used_capability(result.stdout) == expected_capability("avx2")

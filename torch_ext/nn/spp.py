@@ -9,7 +9,7 @@ from torch import nn
 
 from torch_ext.spp import spp, sppf
 
-__all__ = ["SpatialPyramidPooling", "SPPF"]
+__all__ = ["SPPF", "SpatialPyramidPooling"]
 
 
 class SpatialPyramidPooling(nn.Module):

@@ -25,9 +25,9 @@ void check_pooling_input(const char* op, const at::Tensor& input) {
   TORCH_CHECK(input.dim() == 4, op, "(): input must be a 4-D tensor [N, C, H, W], got a ",
               input.dim(), "-D tensor of shape ", input.sym_sizes());
   const auto dtype = input.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              op, "(): input must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      op, "(): input must be float32, float64, float16 or bfloat16, got ", dtype);
   TORCH_SYM_CHECK(input.sym_size(2).sym_ge(1), op,
                   "(): input's height must be at least 1, got shape ", input.sym_sizes());
   TORCH_SYM_CHECK(input.sym_size(3).sym_ge(1), op,
@@ -70,8 +70,7 @@ namespace {
 
 // ---------------------------------------------------------------- Meta kernels
 
-std::tuple<at::Tensor, at::Tensor> spp_forward_meta(const at::Tensor& input,
-                                                    at::IntArrayRef levels,
+std::tuple<at::Tensor, at::Tensor> spp_forward_meta(const at::Tensor& input, at::IntArrayRef levels,
                                                     std::string_view mode, bool need_indices) {
   check_spp_args(input, levels, mode);
   const auto n = input.sym_size(0);
@@ -107,8 +106,8 @@ at::Tensor sppf_backward_meta(const at::Tensor& grad_output, const at::Tensor& o
 at::Tensor spp_composite(const at::Tensor& input, at::IntArrayRef levels, std::string_view mode) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torch_ext::_spp_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, at::IntArrayRef, std::string_view, bool)>();
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::IntArrayRef,
+                                                                 std::string_view, bool)>();
   return std::get<0>(op.call(input, levels, mode, /*need_indices=*/false));
 }
 
@@ -146,7 +145,8 @@ TORCH_LIBRARY_FRAGMENT(torch_ext, m) {
       "_spp_backward(Tensor grad_output, Tensor indices, SymInt[] input_size, int[] levels, "
       "str mode, MemoryFormat memory_format) -> Tensor");
   m.def("sppf(Tensor input, int kernel_size=5, int repeats=3) -> Tensor");
-  m.def("_sppf_backward(Tensor grad_output, Tensor output, int kernel_size, int repeats) -> Tensor");
+  m.def(
+      "_sppf_backward(Tensor grad_output, Tensor output, int kernel_size, int repeats) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torch_ext, Meta, m) {

@@ -17,24 +17,22 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-std::tuple<at::Tensor, at::Tensor> call_spp_forward(const at::Tensor& input,
-                                                    at::IntArrayRef levels,
+std::tuple<at::Tensor, at::Tensor> call_spp_forward(const at::Tensor& input, at::IntArrayRef levels,
                                                     std::string_view mode, bool need_indices) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torch_ext::_spp_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, at::IntArrayRef, std::string_view, bool)>();
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::IntArrayRef,
+                                                                 std::string_view, bool)>();
   return op.call(input, levels, mode, need_indices);
 }
 
 at::Tensor call_spp_backward(const at::Tensor& grad_output, const at::Tensor& indices,
                              c10::SymIntArrayRef input_size, at::IntArrayRef levels,
                              std::string_view mode, c10::MemoryFormat memory_format) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::_spp_backward", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
-                            at::IntArrayRef, std::string_view, c10::MemoryFormat)>();
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_ext::_spp_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
+                                         at::IntArrayRef, std::string_view, c10::MemoryFormat)>();
   return op.call(grad_output, indices, input_size, levels, mode, memory_format);
 }
 
@@ -47,10 +45,9 @@ at::Tensor call_sppf(const at::Tensor& input, int64_t kernel_size, int64_t repea
 
 at::Tensor call_sppf_backward(const at::Tensor& grad_output, const at::Tensor& output,
                               int64_t kernel_size, int64_t repeats) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::_sppf_backward", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_ext::_sppf_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
   return op.call(grad_output, output, kernel_size, repeats);
 }
 

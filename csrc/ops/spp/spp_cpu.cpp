@@ -13,17 +13,15 @@ namespace torch_ext::spp_impl {
 namespace {
 
 const SppCpuKernels& kernels() {
-  return select_cpu_kernels(spp_cpu_kernels_DEFAULT, spp_cpu_kernels_AVX2,
-                            spp_cpu_kernels_AVX512);
+  return select_cpu_kernels(spp_cpu_kernels_DEFAULT, spp_cpu_kernels_AVX2, spp_cpu_kernels_AVX512);
 }
 
 MapShape map_shape(const at::Tensor& t, c10::MemoryFormat format) {
   return {t.size(0), t.size(1), t.size(2), t.size(3), format == c10::MemoryFormat::ChannelsLast};
 }
 
-std::tuple<at::Tensor, at::Tensor> spp_forward_cpu(const at::Tensor& input_,
-                                                   at::IntArrayRef levels, std::string_view mode,
-                                                   bool need_indices) {
+std::tuple<at::Tensor, at::Tensor> spp_forward_cpu(const at::Tensor& input_, at::IntArrayRef levels,
+                                                   std::string_view mode, bool need_indices) {
   check_spp_args(input_, levels, mode);
   const auto format = kernel_memory_format(input_);
   const auto input = input_.contiguous(format);
@@ -57,18 +55,18 @@ at::Tensor spp_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& in
               "], got ", grad_output_.sizes());
   if (pool_mode == PoolMode::Max) {
     TORCH_CHECK(indices.sizes() == grad_output_.sizes() && indices.scalar_type() == at::kLong,
-                "spp backward: indices must be int64 of grad_output's shape ",
-                grad_output_.sizes(), ", got ", indices.scalar_type(), " ", indices.sizes());
+                "spp backward: indices must be int64 of grad_output's shape ", grad_output_.sizes(),
+                ", got ", indices.scalar_type(), " ", indices.sizes());
   }
   const auto grad_output = grad_output_.contiguous();
   const auto indices_c = indices.contiguous();
   auto grad_input = at::empty(input_size, grad_output.options().memory_format(memory_format));
   if (grad_input.numel() > 0) {
-    kernels().spp_backward({grad_output.scalar_type(), grad_output.const_data_ptr(),
-                            pool_mode == PoolMode::Max ? indices_c.const_data_ptr<int64_t>()
-                                                       : nullptr,
-                            grad_input.mutable_data_ptr(), map_shape(grad_input, memory_format),
-                            levels.data(), static_cast<int64_t>(levels.size()), pool_mode});
+    kernels().spp_backward(
+        {grad_output.scalar_type(), grad_output.const_data_ptr(),
+         pool_mode == PoolMode::Max ? indices_c.const_data_ptr<int64_t>() : nullptr,
+         grad_input.mutable_data_ptr(), map_shape(grad_input, memory_format), levels.data(),
+         static_cast<int64_t>(levels.size()), pool_mode});
   }
   return grad_input;
 }
@@ -77,13 +75,12 @@ at::Tensor sppf_cpu(const at::Tensor& input_, int64_t kernel_size, int64_t repea
   check_sppf_args(input_, kernel_size, repeats);
   const auto format = kernel_memory_format(input_);
   const auto input = input_.contiguous(format);
-  auto output = at::empty({input.size(0), input.size(1) * (repeats + 1), input.size(2),
-                           input.size(3)},
-                          input.options().memory_format(format));
+  auto output =
+      at::empty({input.size(0), input.size(1) * (repeats + 1), input.size(2), input.size(3)},
+                input.options().memory_format(format));
   if (output.numel() > 0) {
-    kernels().sppf_forward({input.scalar_type(), input.const_data_ptr(),
-                            output.mutable_data_ptr(), map_shape(input, format), kernel_size,
-                            repeats});
+    kernels().sppf_forward({input.scalar_type(), input.const_data_ptr(), output.mutable_data_ptr(),
+                            map_shape(input, format), kernel_size, repeats});
   }
   return output;
 }
@@ -94,14 +91,14 @@ at::Tensor sppf_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& o
               "sppf backward: output must be sppf's [N, C * (repeats + 1), H, W] output, got ",
               output_.sizes());
   TORCH_CHECK(grad_output_.sizes() == output_.sizes(),
-              "sppf backward: grad_output must have the output's shape ", output_.sizes(),
-              ", got ", grad_output_.sizes());
+              "sppf backward: grad_output must have the output's shape ", output_.sizes(), ", got ",
+              grad_output_.sizes());
   const auto format = kernel_memory_format(output_);
   const auto output = output_.contiguous(format);
   const auto grad_output = grad_output_.contiguous(format);
-  auto grad_input = at::empty({output.size(0), output.size(1) / (repeats + 1), output.size(2),
-                               output.size(3)},
-                              output.options().memory_format(format));
+  auto grad_input =
+      at::empty({output.size(0), output.size(1) / (repeats + 1), output.size(2), output.size(3)},
+                output.options().memory_format(format));
   if (grad_input.numel() > 0) {
     kernels().sppf_backward({output.scalar_type(), grad_output.const_data_ptr(),
                              output.const_data_ptr(), grad_input.mutable_data_ptr(),

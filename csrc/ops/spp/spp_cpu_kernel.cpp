@@ -131,7 +131,8 @@ acc_t<T> bin_reduce(const T* x, int64_t stride, int64_t h0, int64_t h1, int64_t 
     for (int64_t h = h0; h < h1; ++h) {
       const T* row = x + h * stride + w0;
       for (int64_t i = 0; i < full; i += Vec::size()) take(Vec::loadu(row + i));
-      if (full < width) take(Vec::set(identity, Vec::loadu(row + full, width - full), width - full));
+      if (full < width)
+        take(Vec::set(identity, Vec::loadu(row + full, width - full), width - full));
     }
     const Vec a01 = is_max ? at::vec::maximum(acc[0], acc[1]) : acc[0] + acc[1];
     const Vec a23 = is_max ? at::vec::maximum(acc[2], acc[3]) : acc[2] + acc[3];
@@ -241,8 +242,16 @@ CellGrid make_grid(const MapShape& s, const int64_t* levels, int64_t num_levels)
     const int64_t l = levels[li];
     for (int64_t i = 0; i < l; ++i) {
       for (int64_t j = 0; j < l; ++j) {
-        Bin b{bin_start(i, s.h, l), bin_end(i, s.h, l), bin_start(j, s.w, l), bin_end(j, s.w, l),
-              level_offset * s.c + i * l + j, l * l, 0, 0, 0, 0};
+        Bin b{bin_start(i, s.h, l),
+              bin_end(i, s.h, l),
+              bin_start(j, s.w, l),
+              bin_end(j, s.w, l),
+              level_offset * s.c + i * l + j,
+              l * l,
+              0,
+              0,
+              0,
+              0};
         b.r0 = segment_of(g.row_cuts, b.h0);
         b.r1 = segment_of(g.row_cuts, b.h1);
         b.c0 = segment_of(g.col_cuts, b.w0);
@@ -616,7 +625,8 @@ void window_argmax(const T* src, int64_t H, int64_t W, int64_t p, acc_t<T>* row_
         Vec best(neg_inf<T>());
         Vec best_w = at::vec::maximum(Vec::arange(T(w - p), T(1)), zero);  // window starts
         for (int64_t j = 0; j < k; ++j) {
-          const Vec v = Vec::loadu(padded + w + j, std::min<int64_t>(Vec::size(), W + 2 * p - w - j));
+          const Vec v =
+              Vec::loadu(padded + w + j, std::min<int64_t>(Vec::size(), W + 2 * p - w - j));
           const Vec take = takes_over_mask(v, best);
           best = Vec::blendv(best, v, take);
           best_w = Vec::blendv(best_w, Vec::arange(T(w + j - p), T(1)), take);
@@ -717,7 +727,7 @@ void sppf_backward(const SppfBackwardArgs& a) {
 #define TORCH_EXT_CONCAT(a, b) TORCH_EXT_CONCAT_(a, b)
 
 const SppCpuKernels TORCH_EXT_CONCAT(spp_cpu_kernels_, CPU_CAPABILITY) = {
-    &CPU_CAPABILITY::spp_forward, &CPU_CAPABILITY::spp_backward,
-    &CPU_CAPABILITY::sppf_forward, &CPU_CAPABILITY::sppf_backward};
+    &CPU_CAPABILITY::spp_forward, &CPU_CAPABILITY::spp_backward, &CPU_CAPABILITY::sppf_forward,
+    &CPU_CAPABILITY::sppf_backward};
 
 }  // namespace torch_ext::spp_impl

@@ -43,7 +43,7 @@ struct SppBackwardArgs {
 struct SppfForwardArgs {
   c10::ScalarType dtype;
   const void* input;
-  void* output;  // [N, C * (repeats + 1), H, W] in the input's layout
+  void* output;    // [N, C * (repeats + 1), H, W] in the input's layout
   MapShape shape;  // of the input
   int64_t kernel_size;
   int64_t repeats;

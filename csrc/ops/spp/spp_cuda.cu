@@ -8,11 +8,11 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -172,8 +172,8 @@ __global__ void spp_forward_nhwc_kernel(const T* __restrict__ input, T* __restri
       }
     }
   }
-  const int64_t out = n * C * levels.bins + bin.level_offset * C + c * bin.l * bin.l +
-                      bin.i * bin.l + bin.j;
+  const int64_t out =
+      n * C * levels.bins + bin.level_offset * C + c * bin.l * bin.l + bin.i * bin.l + bin.j;
   output[out] = static_cast<T>(is_max ? value : value / (h1 - h0) / (w1 - w0));
   if (indices != nullptr) indices[out] = index;
 }
@@ -184,10 +184,9 @@ __global__ void spp_forward_nhwc_kernel(const T* __restrict__ input, T* __restri
 // it (mode max: only the bins whose argmax it is).
 template <class T>
 __global__ void spp_backward_kernel(const T* __restrict__ grad_output,
-                                    const int64_t* __restrict__ indices,
-                                    T* __restrict__ grad_input, int64_t N, int64_t C, int64_t H,
-                                    int64_t W, Strides4 gi, bool channels_last, Levels levels,
-                                    bool is_max) {
+                                    const int64_t* __restrict__ indices, T* __restrict__ grad_input,
+                                    int64_t N, int64_t C, int64_t H, int64_t W, Strides4 gi,
+                                    bool channels_last, Levels levels, bool is_max) {
   using acc = at::opmath_type<T>;
   const int64_t total = N * C * H * W;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
@@ -230,10 +229,10 @@ __global__ void spp_backward_kernel(const T* __restrict__ grad_output,
 // memory once (outside the image: -inf, max_pool2d's padding); each stage is a separable max
 // filter over a region that shrinks by k / 2 per stage, and every stage's tile is written out.
 template <class T>
-__global__ void sppf_forward_kernel(const T* __restrict__ input, T* __restrict__ output,
-                                    int64_t C, int64_t H, int64_t W, Strides4 in_s,
-                                    Strides4 out_s, int p, int repeats, int tile,
-                                    int64_t tiles_w, int64_t tiles_per_plane) {
+__global__ void sppf_forward_kernel(const T* __restrict__ input, T* __restrict__ output, int64_t C,
+                                    int64_t H, int64_t W, Strides4 in_s, Strides4 out_s, int p,
+                                    int repeats, int tile, int64_t tiles_w,
+                                    int64_t tiles_per_plane) {
   using acc = at::opmath_type<T>;
   extern __shared__ unsigned char smem_raw[];
   const int side = tile + 2 * repeats * p;
@@ -252,9 +251,10 @@ __global__ void sppf_forward_kernel(const T* __restrict__ input, T* __restrict__
 
   for (int e = threadIdx.x; e < side * side; e += blockDim.x) {
     const int ry = e / side, rx = e % side;
-    cur[e] = inside(ry, rx) ? static_cast<acc>(input[n * in_s.n + c * in_s.c + (oh + ry) * in_s.h +
-                                                     (ow + rx) * in_s.w])
-                            : neg_inf<acc>();
+    cur[e] = inside(ry, rx)
+                 ? static_cast<acc>(
+                       input[n * in_s.n + c * in_s.c + (oh + ry) * in_s.h + (ow + rx) * in_s.w])
+                 : neg_inf<acc>();
   }
   __syncthreads();
 
@@ -376,17 +376,16 @@ __global__ void sppf_gather_kernel(const at::opmath_type<T>* __restrict__ g,
         if (arg[plane + y * W + x] == pos) sum += g[plane + y * W + x];
       }
     }
-    g_prev[e] = sum + static_cast<acc>(
-                          grad_output[n * go_s.n + ((r - 1) * C + c) * go_s.c + h * go_s.h +
-                                      w * go_s.w]);
+    g_prev[e] =
+        sum + static_cast<acc>(
+                  grad_output[n * go_s.n + ((r - 1) * C + c) * go_s.c + h * go_s.h + w * go_s.w]);
   }
 }
 
 template <class T>
 __global__ void sppf_load_last_grad_kernel(const T* __restrict__ grad_output,
-                                           at::opmath_type<T>* __restrict__ g, int64_t N,
-                                           int64_t C, int64_t H, int64_t W, Strides4 go_s,
-                                           int repeats) {
+                                           at::opmath_type<T>* __restrict__ g, int64_t N, int64_t C,
+                                           int64_t H, int64_t W, Strides4 go_s, int repeats) {
   const int64_t total = N * C * H * W;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -398,8 +397,8 @@ __global__ void sppf_load_last_grad_kernel(const T* __restrict__ grad_output,
 
 template <class T>
 __global__ void sppf_store_grad_kernel(const at::opmath_type<T>* __restrict__ g,
-                                       T* __restrict__ grad_input, int64_t N, int64_t C,
-                                       int64_t H, int64_t W, Strides4 gi_s) {
+                                       T* __restrict__ grad_input, int64_t N, int64_t C, int64_t H,
+                                       int64_t W, Strides4 gi_s) {
   const int64_t total = N * C * H * W;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -509,8 +508,8 @@ at::Tensor spp_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& i
     spp_backward_kernel<T><<<elementwise_blocks(total), kElementwiseThreads, 0, stream>>>(
         grad_output.const_data_ptr<T>(), is_max ? indices.const_data_ptr<int64_t>() : nullptr,
         grad_input.mutable_data_ptr<T>(), input_size[0], input_size[1], input_size[2],
-        input_size[3], strides_of(grad_input), memory_format == c10::MemoryFormat::ChannelsLast,
-        lv, is_max);
+        input_size[3], strides_of(grad_input), memory_format == c10::MemoryFormat::ChannelsLast, lv,
+        is_max);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_input;
@@ -546,10 +545,10 @@ at::Tensor sppf_cuda(const at::Tensor& input_, int64_t kernel_size, int64_t repe
     if (tile > 0 && N * C * tiles_h * tiles_w < (int64_t{1} << 31)) {
       const int side = tile + 2 * static_cast<int>(repeats) * p;
       const size_t smem = 2 * static_cast<size_t>(side) * side * sizeof(acc);
-      sppf_forward_kernel<T><<<static_cast<unsigned int>(N * C * tiles_h * tiles_w), 256, smem,
-                               stream>>>(in, out, C, H, W, strides_of(input), strides_of(output),
-                                         p, static_cast<int>(repeats), tile, tiles_w,
-                                         tiles_h * tiles_w);
+      sppf_forward_kernel<T>
+          <<<static_cast<unsigned int>(N * C * tiles_h * tiles_w), 256, smem, stream>>>(
+              in, out, C, H, W, strides_of(input), strides_of(output), p, static_cast<int>(repeats),
+              tile, tiles_w, tiles_h * tiles_w);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -572,8 +571,8 @@ at::Tensor sppf_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& 
               "sppf backward: output must be sppf's [N, C * (repeats + 1), H, W] output, got ",
               output_.sizes());
   TORCH_CHECK(grad_output_.sizes() == output_.sizes(),
-              "sppf backward: grad_output must have the output's shape ", output_.sizes(),
-              ", got ", grad_output_.sizes());
+              "sppf backward: grad_output must have the output's shape ", output_.sizes(), ", got ",
+              grad_output_.sizes());
   const c10::cuda::CUDAGuard guard(output_.device());
   const auto format = kernel_memory_format(output_);
   const auto output = output_.contiguous(format);
