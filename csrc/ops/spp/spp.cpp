@@ -54,6 +54,33 @@ void check_sppf_args(const at::Tensor& input, int64_t kernel_size, int64_t repea
   TORCH_CHECK(repeats >= 1, "sppf(): repeats must be >= 1, got ", repeats);
 }
 
+void check_spp_backward_args(const at::Tensor& grad_output, const at::Tensor& indices,
+                             at::IntArrayRef input_size, at::IntArrayRef levels,
+                             std::string_view mode) {
+  TORCH_CHECK(input_size.size() == 4, "spp backward: input_size must have 4 entries, got ",
+              input_size);
+  const int64_t features = input_size[1] * total_bins(levels);
+  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == input_size[0] &&
+                  grad_output.size(1) == features,
+              "spp backward: grad_output must have shape [", input_size[0], ", ", features,
+              "], got ", grad_output.sizes());
+  if (parse_mode(mode) == PoolMode::Max) {
+    TORCH_CHECK(indices.sizes() == grad_output.sizes() && indices.scalar_type() == at::kLong,
+                "spp backward: indices must be int64 of grad_output's shape ", grad_output.sizes(),
+                ", got ", indices.scalar_type(), " ", indices.sizes());
+  }
+}
+
+void check_sppf_backward_args(const at::Tensor& grad_output, const at::Tensor& output,
+                              int64_t repeats) {
+  TORCH_CHECK(repeats >= 1 && output.dim() == 4 && output.size(1) % (repeats + 1) == 0,
+              "sppf backward: output must be sppf's [N, C * (repeats + 1), H, W] output, got ",
+              output.sizes(), " with repeats=", repeats);
+  TORCH_CHECK(grad_output.sizes() == output.sizes(),
+              "sppf backward: grad_output must have the output's shape ", output.sizes(), ", got ",
+              grad_output.sizes());
+}
+
 int64_t total_bins(at::IntArrayRef levels) {
   int64_t bins = 0;
   for (const auto level : levels) bins += level * level;

@@ -21,6 +21,13 @@ void check_spp_args(const at::Tensor& input, at::IntArrayRef levels, std::string
 // Checks sppf's arguments.
 void check_sppf_args(const at::Tensor& input, int64_t kernel_size, int64_t repeats);
 
+// Checks what the backward ops receive (from autograd, or from a direct call).
+void check_spp_backward_args(const at::Tensor& grad_output, const at::Tensor& indices,
+                             at::IntArrayRef input_size, at::IntArrayRef levels,
+                             std::string_view mode);
+void check_sppf_backward_args(const at::Tensor& grad_output, const at::Tensor& output,
+                              int64_t repeats);
+
 // Bins of all levels: sum(l * l).
 int64_t total_bins(at::IntArrayRef levels);
 

@@ -45,19 +45,8 @@ std::tuple<at::Tensor, at::Tensor> spp_forward_cpu(const at::Tensor& input_, at:
 at::Tensor spp_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& indices,
                             at::IntArrayRef input_size, at::IntArrayRef levels,
                             std::string_view mode, c10::MemoryFormat memory_format) {
+  check_spp_backward_args(grad_output_, indices, input_size, levels, mode);
   const auto pool_mode = parse_mode(mode);
-  TORCH_CHECK(input_size.size() == 4, "spp backward: input_size must have 4 entries, got ",
-              input_size);
-  const int64_t features = input_size[1] * total_bins(levels);
-  TORCH_CHECK(grad_output_.dim() == 2 && grad_output_.size(0) == input_size[0] &&
-                  grad_output_.size(1) == features,
-              "spp backward: grad_output must have shape [", input_size[0], ", ", features,
-              "], got ", grad_output_.sizes());
-  if (pool_mode == PoolMode::Max) {
-    TORCH_CHECK(indices.sizes() == grad_output_.sizes() && indices.scalar_type() == at::kLong,
-                "spp backward: indices must be int64 of grad_output's shape ", grad_output_.sizes(),
-                ", got ", indices.scalar_type(), " ", indices.sizes());
-  }
   const auto grad_output = grad_output_.contiguous();
   const auto indices_c = indices.contiguous();
   auto grad_input = at::empty(input_size, grad_output.options().memory_format(memory_format));
@@ -87,12 +76,7 @@ at::Tensor sppf_cpu(const at::Tensor& input_, int64_t kernel_size, int64_t repea
 
 at::Tensor sppf_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& output_,
                              int64_t kernel_size, int64_t repeats) {
-  TORCH_CHECK(output_.dim() == 4 && output_.size(1) % (repeats + 1) == 0,
-              "sppf backward: output must be sppf's [N, C * (repeats + 1), H, W] output, got ",
-              output_.sizes());
-  TORCH_CHECK(grad_output_.sizes() == output_.sizes(),
-              "sppf backward: grad_output must have the output's shape ", output_.sizes(), ", got ",
-              grad_output_.sizes());
+  check_sppf_backward_args(grad_output_, output_, repeats);
   const auto format = kernel_memory_format(output_);
   const auto output = output_.contiguous(format);
   const auto grad_output = grad_output_.contiguous(format);

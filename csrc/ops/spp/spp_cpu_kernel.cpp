@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/dispatch.h"
 #include "ops/spp/spp_cpu_kernel.h"
 
 namespace torch_ext::spp_impl {
@@ -53,22 +54,6 @@ inline A max_nan(A a, A b) {
 template <class A>
 constexpr A neg_inf() {
   return -std::numeric_limits<A>::infinity();
-}
-
-template <class F>
-void dispatch_dtype(c10::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case c10::ScalarType::Float:
-      return f(float{});
-    case c10::ScalarType::Double:
-      return f(double{});
-    case c10::ScalarType::Half:
-      return f(c10::Half{});
-    case c10::ScalarType::BFloat16:
-      return f(c10::BFloat16{});
-    default:
-      TORCH_CHECK(false, "torch_ext spp CPU kernels: unsupported dtype ", dtype);
-  }
 }
 
 // Adaptive pooling bins (PyTorch's rule): bin i of `bins` over `size` spans
@@ -698,7 +683,7 @@ void sppf_backward_typed(const SppfBackwardArgs& a) {
 
 void spp_forward(const SppForwardArgs& a) {
   const CellGrid grid = make_grid(a.shape, a.levels, a.num_levels);
-  dispatch_dtype(a.dtype, [&](auto tag) {
+  dispatch_float_types(a.dtype, "torch_ext spp CPU kernels", [&](auto tag) {
     using T = decltype(tag);
     if (a.shape.channels_last) {
       spp_forward_nhwc<T>(a, grid.bins);
@@ -709,15 +694,18 @@ void spp_forward(const SppForwardArgs& a) {
 }
 
 void spp_backward(const SppBackwardArgs& a) {
-  dispatch_dtype(a.dtype, [&](auto tag) { spp_backward_typed<decltype(tag)>(a); });
+  dispatch_float_types(a.dtype, "torch_ext spp CPU kernels",
+                       [&](auto tag) { spp_backward_typed<decltype(tag)>(a); });
 }
 
 void sppf_forward(const SppfForwardArgs& a) {
-  dispatch_dtype(a.dtype, [&](auto tag) { sppf_forward_typed<decltype(tag)>(a); });
+  dispatch_float_types(a.dtype, "torch_ext spp CPU kernels",
+                       [&](auto tag) { sppf_forward_typed<decltype(tag)>(a); });
 }
 
 void sppf_backward(const SppfBackwardArgs& a) {
-  dispatch_dtype(a.dtype, [&](auto tag) { sppf_backward_typed<decltype(tag)>(a); });
+  dispatch_float_types(a.dtype, "torch_ext spp CPU kernels",
+                       [&](auto tag) { sppf_backward_typed<decltype(tag)>(a); });
 }
 
 }  // namespace

@@ -19,6 +19,7 @@
 #include <limits>
 #include <utility>
 
+#include "common/dispatch.h"
 #include "ops/spp/spp_common.h"
 
 namespace torch_ext::spp_impl {
@@ -91,6 +92,15 @@ __device__ BinCoords locate_bin(const Levels& levels, int64_t b) {
     offset += l * l;
   }
   return {offset, 1, 0, 0};  // unreachable for b < levels.bins
+}
+
+// (n, c, h, w) of element e of an NCHW-ordered enumeration.
+struct Nchw {
+  int64_t n, c, h, w;
+};
+
+__device__ __forceinline__ Nchw unravel_nchw(int64_t e, int64_t C, int64_t H, int64_t W) {
+  return {e / (W * H * C), (e / (W * H)) % C, (e / W) % H, e % W};
 }
 
 // ------------------------------------------------------------------ spp forward
@@ -301,7 +311,7 @@ __global__ void sppf_stage_kernel(T* __restrict__ output, int64_t N, int64_t C, 
   const int64_t total = N * C * H * W;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t w = e % W, h = (e / W) % H, c = (e / (W * H)) % C, n = e / (W * H * C);
+    const auto [n, c, h, w] = unravel_nchw(e, C, H, W);
     const T* prev = output + n * out_s.n + ((r - 1) * C + c) * out_s.c;
     acc m = neg_inf<acc>();
     for (int64_t y = std::max<int64_t>(0, h - p); y < std::min<int64_t>(H, h + p + 1); ++y) {
@@ -320,7 +330,7 @@ __global__ void sppf_copy_input_kernel(const T* __restrict__ input, T* __restric
   const int64_t total = N * C * H * W;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t w = e % W, h = (e / W) % H, c = (e / (W * H)) % C, n = e / (W * H * C);
+    const auto [n, c, h, w] = unravel_nchw(e, C, H, W);
     output[n * out_s.n + c * out_s.c + h * out_s.h + w * out_s.w] =
         input[n * in_s.n + c * in_s.c + h * in_s.h + w * in_s.w];
   }
@@ -337,7 +347,7 @@ __global__ void sppf_argmax_kernel(const T* __restrict__ output, int64_t* __rest
   const int64_t total = N * C * H * W;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t w = e % W, h = (e / W) % H, c = (e / (W * H)) % C, n = e / (W * H * C);
+    const auto [n, c, h, w] = unravel_nchw(e, C, H, W);
     const T* prev = output + n * out_s.n + ((r - 1) * C + c) * out_s.c;
     const int64_t y0 = std::max<int64_t>(0, h - p), x0 = std::max<int64_t>(0, w - p);
     acc best = neg_inf<acc>();
@@ -368,7 +378,7 @@ __global__ void sppf_gather_kernel(const at::opmath_type<T>* __restrict__ g,
   const int64_t total = N * C * H * W;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t w = e % W, h = (e / W) % H, c = (e / (W * H)) % C, n = e / (W * H * C);
+    const auto [n, c, h, w] = unravel_nchw(e, C, H, W);
     const int64_t plane = e - (h * W + w), pos = h * W + w;
     acc sum = 0;
     for (int64_t y = std::max<int64_t>(0, h - p); y < std::min<int64_t>(H, h + p + 1); ++y) {
@@ -389,7 +399,7 @@ __global__ void sppf_load_last_grad_kernel(const T* __restrict__ grad_output,
   const int64_t total = N * C * H * W;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t w = e % W, h = (e / W) % H, c = (e / (W * H)) % C, n = e / (W * H * C);
+    const auto [n, c, h, w] = unravel_nchw(e, C, H, W);
     g[e] = static_cast<at::opmath_type<T>>(
         grad_output[n * go_s.n + (repeats * C + c) * go_s.c + h * go_s.h + w * go_s.w]);
   }
@@ -402,28 +412,12 @@ __global__ void sppf_store_grad_kernel(const at::opmath_type<T>* __restrict__ g,
   const int64_t total = N * C * H * W;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t w = e % W, h = (e / W) % H, c = (e / (W * H)) % C, n = e / (W * H * C);
+    const auto [n, c, h, w] = unravel_nchw(e, C, H, W);
     grad_input[n * gi_s.n + c * gi_s.c + h * gi_s.h + w * gi_s.w] = static_cast<T>(g[e]);
   }
 }
 
 // ------------------------------------------------------------------ host side
-
-template <class F>
-void dispatch_dtype(c10::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case c10::ScalarType::Float:
-      return f(float{});
-    case c10::ScalarType::Double:
-      return f(double{});
-    case c10::ScalarType::Half:
-      return f(c10::Half{});
-    case c10::ScalarType::BFloat16:
-      return f(c10::BFloat16{});
-    default:
-      TORCH_CHECK(false, "torch_ext spp CUDA kernels: unsupported dtype ", dtype);
-  }
-}
 
 constexpr int kElementwiseThreads = 256;
 
@@ -463,7 +457,7 @@ std::tuple<at::Tensor, at::Tensor> spp_forward_cuda(const at::Tensor& input_,
               "spp(): input too large for the CUDA kernel's grid, got ", input.sizes());
   auto stream = c10::cuda::getCurrentCUDAStream();
   int64_t* idx = with_indices ? indices.mutable_data_ptr<int64_t>() : nullptr;
-  dispatch_dtype(input.scalar_type(), [&](auto tag) {
+  dispatch_float_types(input.scalar_type(), "torch_ext spp CUDA kernels", [&](auto tag) {
     using T = decltype(tag);
     const T* in = input.const_data_ptr<T>();
     T* out = output.mutable_data_ptr<T>();
@@ -484,26 +478,17 @@ std::tuple<at::Tensor, at::Tensor> spp_forward_cuda(const at::Tensor& input_,
 at::Tensor spp_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& indices_,
                              at::IntArrayRef input_size, at::IntArrayRef levels,
                              std::string_view mode, c10::MemoryFormat memory_format) {
+  check_spp_backward_args(grad_output_, indices_, input_size, levels, mode);
   const c10::cuda::CUDAGuard guard(grad_output_.device());
   const bool is_max = parse_mode(mode) == PoolMode::Max;
-  TORCH_CHECK(input_size.size() == 4, "spp backward: input_size must have 4 entries, got ",
-              input_size);
   const Levels lv = make_levels(levels);
-  TORCH_CHECK(grad_output_.dim() == 2 && grad_output_.size(0) == input_size[0] &&
-                  grad_output_.size(1) == input_size[1] * lv.bins,
-              "spp backward: grad_output must have shape [", input_size[0], ", ",
-              input_size[1] * lv.bins, "], got ", grad_output_.sizes());
-  if (is_max) {
-    TORCH_CHECK(indices_.sizes() == grad_output_.sizes() && indices_.scalar_type() == at::kLong,
-                "spp backward: indices must be int64 of grad_output's shape");
-  }
   const auto grad_output = grad_output_.contiguous();
   const auto indices = indices_.contiguous();
   auto grad_input = at::empty(input_size, grad_output.options().memory_format(memory_format));
   const int64_t total = grad_input.numel();
   if (total == 0) return grad_input;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(grad_output.scalar_type(), [&](auto tag) {
+  dispatch_float_types(grad_output.scalar_type(), "torch_ext spp CUDA kernels", [&](auto tag) {
     using T = decltype(tag);
     spp_backward_kernel<T><<<elementwise_blocks(total), kElementwiseThreads, 0, stream>>>(
         grad_output.const_data_ptr<T>(), is_max ? indices.const_data_ptr<int64_t>() : nullptr,
@@ -534,7 +519,7 @@ at::Tensor sppf_cuda(const at::Tensor& input_, int64_t kernel_size, int64_t repe
   if (output.numel() == 0) return output;
   const int p = static_cast<int>(kernel_size / 2);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(input.scalar_type(), [&](auto tag) {
+  dispatch_float_types(input.scalar_type(), "torch_ext spp CUDA kernels", [&](auto tag) {
     using T = decltype(tag);
     using acc = at::opmath_type<T>;
     const T* in = input.const_data_ptr<T>();
@@ -567,12 +552,7 @@ at::Tensor sppf_cuda(const at::Tensor& input_, int64_t kernel_size, int64_t repe
 
 at::Tensor sppf_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& output_,
                               int64_t kernel_size, int64_t repeats) {
-  TORCH_CHECK(output_.dim() == 4 && output_.size(1) % (repeats + 1) == 0,
-              "sppf backward: output must be sppf's [N, C * (repeats + 1), H, W] output, got ",
-              output_.sizes());
-  TORCH_CHECK(grad_output_.sizes() == output_.sizes(),
-              "sppf backward: grad_output must have the output's shape ", output_.sizes(), ", got ",
-              grad_output_.sizes());
+  check_sppf_backward_args(grad_output_, output_, repeats);
   const c10::cuda::CUDAGuard guard(output_.device());
   const auto format = kernel_memory_format(output_);
   const auto output = output_.contiguous(format);
@@ -589,7 +569,7 @@ at::Tensor sppf_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& 
   auto g_prev = at::empty_like(g);
   auto arg = at::empty({N, C, H, W}, output.options().dtype(at::kLong));
   const unsigned int blocks = elementwise_blocks(total);
-  dispatch_dtype(output.scalar_type(), [&](auto tag) {
+  dispatch_float_types(output.scalar_type(), "torch_ext spp CUDA kernels", [&](auto tag) {
     using T = decltype(tag);
     using acc = at::opmath_type<T>;
     const Strides4 out_s = strides_of(output), go_s = strides_of(grad_output);
