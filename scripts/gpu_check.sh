@@ -20,10 +20,11 @@ grep "torch_ext" "$OUT/configure.log"
 cmake --build "$BUILD" -j "$(nproc)" > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "   built in $((SECONDS - start)) s"
 export TORCH_EXT_LIBRARY="$BUILD/libtorch_ext.so" PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import torch, torch_ext; print('  ', torch_ext.build_info(), torch.cuda.get_device_name())"
+"$PY" -c "import torch, torch_ext; print('  ', torch_ext.build_info()); \
+print('   GPU:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none visible')"
 
 echo "== tests"
-"$PY" -m pytest -q -p no:cacheprovider "$REPO/tests/python" --junitxml="$OUT/pytest.xml" \
+"$PY" -m pytest -q -rfEs -p no:cacheprovider "$REPO/tests/python" --junitxml="$OUT/pytest.xml" \
   > "$OUT/pytest.log" 2>&1 || status=1
 tail -5 "$OUT/pytest.log"
 echo "   tests done at $((SECONDS - start)) s"
