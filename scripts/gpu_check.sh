@@ -16,7 +16,7 @@ cmake -S "$REPO" -B "$BUILD" -G Ninja -DTORCH_EXT_CUDA=ON -DTORCH_EXT_BUILD_TEST
   -DTORCH_EXT_CUDA_ARCHITECTURES="${TORCH_EXT_CUDA_ARCHITECTURES:-90}" \
   -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
   > "$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; exit 1; }
-grep "torch_ext" "$OUT/configure.log"
+grep "backends compiled" "$OUT/configure.log"
 cmake --build "$BUILD" -j "$(nproc)" > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "   built in $((SECONDS - start)) s"
 export TORCH_EXT_LIBRARY="$BUILD/libtorch_ext.so" PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
