@@ -249,23 +249,44 @@ CellGrid make_grid(const MapShape& s, const int64_t* levels, int64_t num_levels)
   return g;
 }
 
-// The argmax of a bin whose maximum m is known: the first element equal to m in row-major
-// order, or with NaNs the last NaN (PyTorch's rule).
+// The argmax of the rectangle [h0, h1) x [w0, w1) whose maximum m is known: the first element
+// equal to m in row-major order, or with NaNs the last NaN (PyTorch's rule). Plane index.
 template <class T>
-int64_t bin_argmax(const T* x, int64_t stride, const Bin& b, acc_t<T> m) {
+int64_t rect_argmax(const T* x, int64_t stride, int64_t h0, int64_t h1, int64_t w0, int64_t w1,
+                    acc_t<T> m) {
   if (!is_nan(m)) {
-    for (int64_t h = b.h0; h < b.h1; ++h) {
-      const int64_t k = find_first_equal(x + h * stride + b.w0, b.w1 - b.w0, m);
-      if (k >= 0) return h * stride + b.w0 + k;
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t k = find_first_equal(x + h * stride + w0, w1 - w0, m);
+      if (k >= 0) return h * stride + w0 + k;
     }
   } else {
-    for (int64_t h = b.h1 - 1; h >= b.h0; --h) {
-      for (int64_t w = b.w1 - 1; w >= b.w0; --w) {
+    for (int64_t h = h1 - 1; h >= h0; --h) {
+      for (int64_t w = w1 - 1; w >= w0; --w) {
         if (is_nan(x[h * stride + w])) return h * stride + w;
       }
     }
   }
-  return b.h0 * stride + b.w0;  // unreachable: m is an element of the bin
+  return h0 * stride + w0;  // unreachable: m is an element of the rectangle
+}
+
+// A bin's argmax from its cells' argmaxes: among the cells holding the bin's maximum v the
+// smallest plane index (row-major first); with NaNs the largest index of a NaN cell (last NaN).
+template <class A>
+int64_t bin_argmax_from_cells(const Bin& b, const std::vector<A>& cells,
+                              const std::vector<int64_t>& cell_args, int64_t cols, A v) {
+  int64_t index = -1;
+  for (int64_t r = b.r0; r < b.r1; ++r) {
+    for (int64_t q = b.c0; q < b.c1; ++q) {
+      const A cell = cells[r * cols + q];
+      const int64_t arg = cell_args[r * cols + q];
+      if (is_nan(v)) {
+        if (is_nan(cell)) index = std::max(index, arg);
+      } else if (cell == v && (index < 0 || arg < index)) {
+        index = arg;
+      }
+    }
+  }
+  return index;
 }
 
 // Planes of an NCHW input: cells first (rows of a cell are contiguous segments), then bins.
@@ -278,8 +299,10 @@ void spp_forward_planes(const SppForwardArgs& a, const CellGrid& grid) {
   const int64_t features = s.c * static_cast<int64_t>(grid.bins.size());
   const int64_t rows = grid.row_cuts.size() - 1, cols = grid.col_cuts.size() - 1;
   const int64_t grain = std::max<int64_t>(1, 32768 / (s.h * s.w));
+  const bool with_indices = is_max && a.indices != nullptr;
   at::parallel_for(0, s.n * s.c, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t<T>> cells(rows * cols);
+    std::vector<int64_t> cell_args(with_indices ? rows * cols : 0);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / s.c, c = plane % s.c;
       const T* x = input + plane * s.h * s.w;
@@ -287,8 +310,10 @@ void spp_forward_planes(const SppForwardArgs& a, const CellGrid& grid) {
         for (int64_t q = 0; q < cols; ++q) {
           const int64_t h0 = grid.row_cuts[r], h1 = grid.row_cuts[r + 1];
           const int64_t w0 = grid.col_cuts[q], w1 = grid.col_cuts[q + 1];
-          cells[r * cols + q] = is_max ? bin_reduce<T, true>(x, s.w, h0, h1, w0, w1)
-                                       : bin_reduce<T, false>(x, s.w, h0, h1, w0, w1);
+          auto& cell = cells[r * cols + q];
+          cell = is_max ? bin_reduce<T, true>(x, s.w, h0, h1, w0, w1)
+                        : bin_reduce<T, false>(x, s.w, h0, h1, w0, w1);
+          if (with_indices) cell_args[r * cols + q] = rect_argmax(x, s.w, h0, h1, w0, w1, cell);
         }
       }
       for (const Bin& b : grid.bins) {
@@ -300,7 +325,7 @@ void spp_forward_planes(const SppForwardArgs& a, const CellGrid& grid) {
         }
         const int64_t out = n * features + b.feature + c * b.channel_stride;
         output[out] = static_cast<T>(is_max ? v : v / (b.h1 - b.h0) / (b.w1 - b.w0));
-        if (is_max && a.indices != nullptr) a.indices[out] = bin_argmax(x, s.w, b, v);
+        if (with_indices) a.indices[out] = bin_argmax_from_cells(b, cells, cell_args, cols, v);
       }
     }
   });
