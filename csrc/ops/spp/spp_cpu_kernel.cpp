@@ -668,40 +668,109 @@ void window_argmax(const T* src, int64_t H, int64_t W, int64_t p, acc_t<T>* row_
   }
 }
 
-// Backward through the cascade, last stage first: the gradient of stage r is routed to the
-// argmax of each window of stage r - 1 (summed in row-major output order, as max_pool2d's CPU
-// backward does), then stage r - 1's own slice of grad_output is added.
+// Scratch of one plane's backward step.
 template <class T>
-void sppf_backward_typed(const SppfBackwardArgs& a) {
+struct SppfBackwardScratch {
+  std::vector<T> padded;
+  std::vector<acc_t<T>> row_best, row_arg, g_prev;
+  std::vector<int64_t> arg;
+  SppfBackwardScratch(int64_t hw, int64_t w, int64_t p)
+      : padded(w + 2 * p), row_best(hw), row_arg(hw), g_prev(hw), arg(hw) {}
+};
+
+// One step back through the cascade on a contiguous plane: g holds the gradient of stage r
+// and becomes that of stage r - 1: routed to the argmax of each window of stage r - 1 (summed
+// in row-major output order, as max_pool2d's CPU backward does), plus stage r - 1's own slice
+// of grad_output.
+template <class T>
+void sppf_backward_step(const T* stage, const acc_t<T>* slice, acc_t<T>* g, int64_t H, int64_t W,
+                        int64_t p, SppfBackwardScratch<T>& scratch) {
+  const int64_t hw = H * W;
+  window_argmax(stage, H, W, p, scratch.row_best.data(), scratch.row_arg.data(), scratch.arg.data(),
+                scratch.padded.data());
+  acc_t<T>* g_prev = scratch.g_prev.data();
+  std::fill(g_prev, g_prev + hw, acc_t<T>(0));
+  for (int64_t q = 0; q < hw; ++q) g_prev[scratch.arg[q]] += g[q];
+  for (int64_t q = 0; q < hw; ++q) g[q] = g_prev[q] + slice[q];
+}
+
+// NCHW: plane by plane.
+template <class T>
+void sppf_backward_planes(const SppfBackwardArgs& a) {
   const MapShape& s = a.shape;
   const T* grad_output = static_cast<const T*>(a.grad_output);
   const T* output = static_cast<const T*>(a.output);
   T* grad_input = static_cast<T*>(a.grad_input);
   const int64_t hw = s.h * s.w, p = a.kernel_size / 2;
   const int64_t out_channels = s.c * (a.repeats + 1);
-  const int64_t in_stride = pixel_stride(s, s.c), out_stride = pixel_stride(s, out_channels);
   const int64_t grain = std::max<int64_t>(1, 4096 / hw);
   at::parallel_for(0, s.n * s.c, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> stage(hw), padded(s.w + 2 * p);
-    std::vector<acc_t<T>> row_best(hw), row_arg(hw), g(hw), g_prev(hw), slice(hw);
-    std::vector<int64_t> arg(hw);
+    SppfBackwardScratch<T> scratch(hw, s.w, p);
+    std::vector<acc_t<T>> g(hw), slice(hw);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / s.c, c = plane % s.c;
-      auto out_plane = [&](int64_t r) { return plane_offset(s, out_channels, n, r * s.c + c); };
-      load_plane(grad_output + out_plane(a.repeats), out_stride, hw, g.data());
+      auto stage_offset = [&](int64_t r) { return (n * out_channels + r * s.c + c) * hw; };
+      load_plane(grad_output + stage_offset(a.repeats), 1, hw, g.data());
       for (int64_t r = a.repeats; r >= 1; --r) {
-        load_plane(output + out_plane(r - 1), out_stride, hw, stage.data());
-        window_argmax(stage.data(), s.h, s.w, p, row_best.data(), row_arg.data(), arg.data(),
-                      padded.data());
-        std::fill(g_prev.begin(), g_prev.end(), acc_t<T>(0));
-        for (int64_t q = 0; q < hw; ++q) g_prev[arg[q]] += g[q];
-        load_plane(grad_output + out_plane(r - 1), out_stride, hw, slice.data());
-        for (int64_t q = 0; q < hw; ++q) g_prev[q] += slice[q];
-        std::swap(g, g_prev);
+        load_plane(grad_output + stage_offset(r - 1), 1, hw, slice.data());
+        sppf_backward_step(output + stage_offset(r - 1), slice.data(), g.data(), s.h, s.w, p,
+                           scratch);
       }
-      store_plane(g.data(), hw, grad_input + plane_offset(s, s.c, n, c), in_stride);
+      store_plane(g.data(), hw, grad_input + plane * hw, 1);
     }
   });
+}
+
+// NHWC: a block of channels of one image at a time, transposed into contiguous planes in
+// scratch (reading whole runs of channels per pixel), then the plane steps.
+template <class T>
+void sppf_backward_nhwc(const SppfBackwardArgs& a) {
+  const MapShape& s = a.shape;
+  const T* grad_output = static_cast<const T*>(a.grad_output);
+  const T* output = static_cast<const T*>(a.output);
+  T* grad_input = static_cast<T*>(a.grad_input);
+  const int64_t hw = s.h * s.w, p = a.kernel_size / 2;
+  const int64_t out_channels = s.c * (a.repeats + 1);
+  const int64_t block = std::min<int64_t>(s.c, 16);
+  const int64_t blocks = (s.c + block - 1) / block;
+  // Channels [first, first + width) of every pixel of image n -> planes dst[c * hw + q].
+  auto to_planes = [&](const T* src, int64_t channels, int64_t n, int64_t first, int64_t width,
+                       auto* dst) {
+    for (int64_t q = 0; q < hw; ++q) {
+      const T* px = src + (n * hw + q) * channels + first;
+      for (int64_t c = 0; c < width; ++c) dst[c * hw + q] = px[c];
+    }
+  };
+  at::parallel_for(0, s.n * blocks, 1, [&](int64_t begin, int64_t end) {
+    SppfBackwardScratch<T> scratch(hw, s.w, p);
+    std::vector<acc_t<T>> g(block * hw), slice(block * hw);
+    std::vector<T> stage(block * hw);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks, c0 = (task % blocks) * block;
+      const int64_t width = std::min(block, s.c - c0);
+      to_planes(grad_output, out_channels, n, a.repeats * s.c + c0, width, g.data());
+      for (int64_t r = a.repeats; r >= 1; --r) {
+        to_planes(output, out_channels, n, (r - 1) * s.c + c0, width, stage.data());
+        to_planes(grad_output, out_channels, n, (r - 1) * s.c + c0, width, slice.data());
+        for (int64_t c = 0; c < width; ++c) {
+          sppf_backward_step(&stage[c * hw], &slice[c * hw], &g[c * hw], s.h, s.w, p, scratch);
+        }
+      }
+      for (int64_t q = 0; q < hw; ++q) {
+        T* px = grad_input + (n * hw + q) * s.c + c0;
+        for (int64_t c = 0; c < width; ++c) px[c] = static_cast<T>(g[c * hw + q]);
+      }
+    }
+  });
+}
+
+template <class T>
+void sppf_backward_typed(const SppfBackwardArgs& a) {
+  if (a.shape.channels_last) {
+    sppf_backward_nhwc<T>(a);
+  } else {
+    sppf_backward_planes<T>(a);
+  }
 }
 
 // ------------------------------------------------------------------ entry points
