@@ -189,6 +189,43 @@ def test_spp_matches_reference(device, mode, dtype, shape, levels, gen):
     check_spp(base, view, levels, mode, gen)
 
 
+def test_fresh_random_shapes(device):
+    """New shapes, levels, kernel sizes and values on every run (the seed is in the message)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = torch.Generator().manual_seed(seed)
+
+    def pick(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=rng))
+
+    for case in range(12):
+        shape = (pick(1, 3), pick(1, 40), pick(1, 33), pick(1, 33))
+        layout = ["contiguous", "channels_last"][case % 2]
+        where = f"seed {seed}, case {case}, shape {shape}, {layout}"
+        values = ["randn", "ties"][pick(0, 1)]
+        levels = tuple(pick(1, 7) for _ in range(pick(1, 4)))
+        for mode in ("max", "avg"):
+            x = make_input(shape, layout, rng, values, device=device)[0].requires_grad_()
+            ref_x = x.detach().clone().requires_grad_()
+            out, ref = torch_ext.spp(x, levels, mode), spp_reference(ref_x, levels, mode)
+            grad = torch.randn(ref.shape, generator=rng, dtype=ref.dtype).to(device)
+            out.backward(grad)
+            ref.backward(grad)
+            msg = f"spp {mode} levels={levels}: {where}"
+            torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12, msg=msg)
+            torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=1e-12, msg=msg)
+        kernel_size, repeats = 2 * pick(0, 4) + 1, pick(1, 4)
+        x = make_input(shape, layout, rng, values, device=device)[0].requires_grad_()
+        ref_x = x.detach().clone().requires_grad_()
+        out = torch_ext.sppf(x, kernel_size, repeats)
+        ref = sppf_reference(ref_x, kernel_size, repeats)
+        grad = torch.randn(ref.shape, generator=rng, dtype=ref.dtype).to(device)
+        out.backward(grad)
+        ref.backward(grad)
+        msg = f"sppf k={kernel_size} repeats={repeats}: {where}"
+        assert torch.equal(out, ref), msg
+        torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=1e-12, msg=msg)
+
+
 @pytest.mark.parametrize("shape", [(2, 20, 11, 37), (2, 3, 5, 3), (1, 300, 5, 6)], ids=shape_id)
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
 @pytest.mark.parametrize("dtype", FLOATS, ids=dtype_id)
