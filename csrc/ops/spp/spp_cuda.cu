@@ -125,17 +125,29 @@ __global__ void spp_forward_nchw_kernel(const T* __restrict__ input, T* __restri
     const BinCoords bin = locate_bin(levels, b);
     const int64_t h0 = bin_start(bin.i, H, bin.l), h1 = bin_end(bin.i, H, bin.l);
     const int64_t w0 = bin_start(bin.j, W, bin.l), w1 = bin_end(bin.j, W, bin.l);
-    const int64_t bw = w1 - w0, count = (h1 - h0) * bw;
+    const int64_t bw = w1 - w0;
     acc value = is_max ? neg_inf<acc>() : acc(0);
     int64_t index = h0 * W + w0;
-    for (int64_t t = lane; t < count; t += kWarp) {
-      const int64_t pos = (h0 + t / bw) * W + w0 + t % bw;
+    auto visit = [&](int64_t pos) {
       const acc v = static_cast<acc>(x[pos]);
       if (!is_max) {
         value += v;
       } else if (takes_over(v, value)) {
         value = v;
         index = pos;
+      }
+    };
+    // Each lane visits its elements in row-major order (the update rule needs that); no
+    // division per element. Wide bins: lanes stride along each row. Narrow bins: the warp
+    // covers kWarp / bw rows at a time.
+    if (bw >= kWarp) {
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t w = w0 + lane; w < w1; w += kWarp) visit(h * W + w);
+      }
+    } else {
+      const int64_t rows_per_step = kWarp / bw, lane_row = lane / bw, lane_col = lane % bw;
+      if (lane_row < rows_per_step) {
+        for (int64_t h = h0 + lane_row; h < h1; h += rows_per_step) visit(h * W + w0 + lane_col);
       }
     }
     for (int offset = kWarp / 2; offset > 0; offset /= 2) {
