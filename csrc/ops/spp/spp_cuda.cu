@@ -94,14 +94,28 @@ __device__ BinCoords locate_bin(const Levels& levels, int64_t b) {
   return {offset, 1, 0, 0};  // unreachable for b < levels.bins
 }
 
-// (n, c, h, w) of element e of an NCHW-ordered enumeration.
 struct Nchw {
   int64_t n, c, h, w;
 };
 
-__device__ __forceinline__ Nchw unravel_nchw(int64_t e, int64_t C, int64_t H, int64_t W) {
-  return {e / (W * H * C), (e / (W * H)) % C, (e / W) % H, e % W};
-}
+// The sizes of a 4-D map and the order in which elementwise kernels enumerate it: the order
+// of its memory layout, so that neighbouring threads touch neighbouring addresses (w fastest
+// for NCHW, c fastest for NHWC). Scratch tensors of the map's size use the same order.
+struct MapDims {
+  int64_t N, C, H, W;
+  bool channels_last;
+
+  __host__ __device__ int64_t numel() const { return N * C * H * W; }
+
+  __device__ Nchw unravel(int64_t e) const {
+    if (channels_last) return {e / (C * W * H), e % C, (e / (C * W)) % H, (e / C) % W};
+    return {e / (W * H * C), (e / (W * H)) % C, (e / W) % H, e % W};
+  }
+
+  __device__ int64_t index(int64_t n, int64_t c, int64_t h, int64_t w) const {
+    return channels_last ? ((n * H + h) * W + w) * C + c : ((n * C + c) * H + h) * W + w;
+  }
+};
 
 // ------------------------------------------------------------------ spp forward
 
@@ -207,18 +221,12 @@ __global__ void spp_forward_nhwc_kernel(const T* __restrict__ input, T* __restri
 template <class T>
 __global__ void spp_backward_kernel(const T* __restrict__ grad_output,
                                     const int64_t* __restrict__ indices, T* __restrict__ grad_input,
-                                    int64_t N, int64_t C, int64_t H, int64_t W, Strides4 gi,
-                                    bool channels_last, Levels levels, bool is_max) {
+                                    MapDims d, Strides4 gi, Levels levels, bool is_max) {
   using acc = at::opmath_type<T>;
-  const int64_t total = N * C * H * W;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+  const int64_t C = d.C, H = d.H, W = d.W;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < d.numel();
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, c, h, w, rest = e;
-    if (channels_last) {
-      c = rest % C, rest /= C, w = rest % W, rest /= W, h = rest % H, n = rest / H;
-    } else {
-      w = rest % W, rest /= W, h = rest % H, rest /= H, c = rest % C, n = rest / C;
-    }
+    const auto [n, c, h, w] = d.unravel(e);
     const int64_t pos = h * W + w;
     acc sum = 0;
     int64_t level_offset = 0;
@@ -317,13 +325,12 @@ __global__ void sppf_forward_kernel(const T* __restrict__ input, T* __restrict__
 // Fallback when a tile with its halo does not fit in shared memory: stage r from stage r - 1
 // (already in the output), one thread per element.
 template <class T>
-__global__ void sppf_stage_kernel(T* __restrict__ output, int64_t N, int64_t C, int64_t H,
-                                  int64_t W, Strides4 out_s, int p, int r) {
+__global__ void sppf_stage_kernel(T* __restrict__ output, MapDims d, Strides4 out_s, int p, int r) {
   using acc = at::opmath_type<T>;
-  const int64_t total = N * C * H * W;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+  const int64_t C = d.C, H = d.H, W = d.W;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < d.numel();
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const auto [n, c, h, w] = unravel_nchw(e, C, H, W);
+    const auto [n, c, h, w] = d.unravel(e);
     const T* prev = output + n * out_s.n + ((r - 1) * C + c) * out_s.c;
     acc m = neg_inf<acc>();
     for (int64_t y = std::max<int64_t>(0, h - p); y < std::min<int64_t>(H, h + p + 1); ++y) {
@@ -337,12 +344,10 @@ __global__ void sppf_stage_kernel(T* __restrict__ output, int64_t N, int64_t C, 
 
 template <class T>
 __global__ void sppf_copy_input_kernel(const T* __restrict__ input, T* __restrict__ output,
-                                       int64_t N, int64_t C, int64_t H, int64_t W, Strides4 in_s,
-                                       Strides4 out_s) {
-  const int64_t total = N * C * H * W;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+                                       MapDims d, Strides4 in_s, Strides4 out_s) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < d.numel();
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const auto [n, c, h, w] = unravel_nchw(e, C, H, W);
+    const auto [n, c, h, w] = d.unravel(e);
     output[n * out_s.n + c * out_s.c + h * out_s.h + w * out_s.w] =
         input[n * in_s.n + c * in_s.c + h * in_s.h + w * in_s.w];
   }
@@ -353,13 +358,12 @@ __global__ void sppf_copy_input_kernel(const T* __restrict__ input, T* __restric
 // arg[q] = plane index of the max_pool2d argmax of q's window in stage r - 1 (row-major scan).
 template <class T>
 __global__ void sppf_argmax_kernel(const T* __restrict__ output, int64_t* __restrict__ arg,
-                                   int64_t N, int64_t C, int64_t H, int64_t W, Strides4 out_s,
-                                   int p, int r) {
+                                   MapDims d, Strides4 out_s, int p, int r) {
   using acc = at::opmath_type<T>;
-  const int64_t total = N * C * H * W;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+  const int64_t C = d.C, H = d.H, W = d.W;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < d.numel();
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const auto [n, c, h, w] = unravel_nchw(e, C, H, W);
+    const auto [n, c, h, w] = d.unravel(e);
     const T* prev = output + n * out_s.n + ((r - 1) * C + c) * out_s.c;
     const int64_t y0 = std::max<int64_t>(0, h - p), x0 = std::max<int64_t>(0, w - p);
     acc best = neg_inf<acc>();
@@ -378,24 +382,25 @@ __global__ void sppf_argmax_kernel(const T* __restrict__ output, int64_t* __rest
 }
 
 // g_prev[t] = sum over the windows q that contain t and have t as argmax of g[q] (row-major q
-// order), plus stage r - 1's own slice of grad_output. g and g_prev are NCHW-contiguous
-// scratch in the accumulation type.
+// order), plus stage r - 1's own slice of grad_output. g, g_prev and arg are scratch in the
+// order of d (the accumulation type for g and g_prev).
 template <class T>
 __global__ void sppf_gather_kernel(const at::opmath_type<T>* __restrict__ g,
                                    const int64_t* __restrict__ arg,
                                    const T* __restrict__ grad_output,
-                                   at::opmath_type<T>* __restrict__ g_prev, int64_t N, int64_t C,
-                                   int64_t H, int64_t W, Strides4 go_s, int p, int r) {
+                                   at::opmath_type<T>* __restrict__ g_prev, MapDims d,
+                                   Strides4 go_s, int p, int r) {
   using acc = at::opmath_type<T>;
-  const int64_t total = N * C * H * W;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+  const int64_t C = d.C, H = d.H, W = d.W;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < d.numel();
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const auto [n, c, h, w] = unravel_nchw(e, C, H, W);
-    const int64_t plane = e - (h * W + w), pos = h * W + w;
+    const auto [n, c, h, w] = d.unravel(e);
+    const int64_t pos = h * W + w;
     acc sum = 0;
     for (int64_t y = std::max<int64_t>(0, h - p); y < std::min<int64_t>(H, h + p + 1); ++y) {
       for (int64_t x = std::max<int64_t>(0, w - p); x < std::min<int64_t>(W, w + p + 1); ++x) {
-        if (arg[plane + y * W + x] == pos) sum += g[plane + y * W + x];
+        const int64_t q = d.index(n, c, y, x);
+        if (arg[q] == pos) sum += g[q];
       }
     }
     g_prev[e] =
@@ -406,12 +411,12 @@ __global__ void sppf_gather_kernel(const at::opmath_type<T>* __restrict__ g,
 
 template <class T>
 __global__ void sppf_load_last_grad_kernel(const T* __restrict__ grad_output,
-                                           at::opmath_type<T>* __restrict__ g, int64_t N, int64_t C,
-                                           int64_t H, int64_t W, Strides4 go_s, int repeats) {
-  const int64_t total = N * C * H * W;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+                                           at::opmath_type<T>* __restrict__ g, MapDims d,
+                                           Strides4 go_s, int repeats) {
+  const int64_t C = d.C;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < d.numel();
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const auto [n, c, h, w] = unravel_nchw(e, C, H, W);
+    const auto [n, c, h, w] = d.unravel(e);
     g[e] = static_cast<at::opmath_type<T>>(
         grad_output[n * go_s.n + (repeats * C + c) * go_s.c + h * go_s.h + w * go_s.w]);
   }
@@ -419,12 +424,10 @@ __global__ void sppf_load_last_grad_kernel(const T* __restrict__ grad_output,
 
 template <class T>
 __global__ void sppf_store_grad_kernel(const at::opmath_type<T>* __restrict__ g,
-                                       T* __restrict__ grad_input, int64_t N, int64_t C, int64_t H,
-                                       int64_t W, Strides4 gi_s) {
-  const int64_t total = N * C * H * W;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+                                       T* __restrict__ grad_input, MapDims d, Strides4 gi_s) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < d.numel();
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const auto [n, c, h, w] = unravel_nchw(e, C, H, W);
+    const auto [n, c, h, w] = d.unravel(e);
     grad_input[n * gi_s.n + c * gi_s.c + h * gi_s.h + w * gi_s.w] = static_cast<T>(g[e]);
   }
 }
@@ -504,9 +507,10 @@ at::Tensor spp_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& i
     using T = decltype(tag);
     spp_backward_kernel<T><<<elementwise_blocks(total), kElementwiseThreads, 0, stream>>>(
         grad_output.const_data_ptr<T>(), is_max ? indices.const_data_ptr<int64_t>() : nullptr,
-        grad_input.mutable_data_ptr<T>(), input_size[0], input_size[1], input_size[2],
-        input_size[3], strides_of(grad_input), memory_format == c10::MemoryFormat::ChannelsLast, lv,
-        is_max);
+        grad_input.mutable_data_ptr<T>(),
+        MapDims{input_size[0], input_size[1], input_size[2], input_size[3],
+                memory_format == c10::MemoryFormat::ChannelsLast},
+        strides_of(grad_input), lv, is_max);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_input;
@@ -536,7 +540,10 @@ at::Tensor sppf_cuda(const at::Tensor& input_, int64_t kernel_size, int64_t repe
     using acc = at::opmath_type<T>;
     const T* in = input.const_data_ptr<T>();
     T* out = output.mutable_data_ptr<T>();
-    const int tile = pick_sppf_tile(p, static_cast<int>(repeats), sizeof(acc));
+    const bool channels_last = format == c10::MemoryFormat::ChannelsLast;
+    // The tiled kernel walks planes, which reads NHWC memory with a stride of C: channels_last
+    // takes the per-stage kernels, which enumerate it channels first (coalesced).
+    const int tile = channels_last ? 0 : pick_sppf_tile(p, static_cast<int>(repeats), sizeof(acc));
     const int64_t tiles_h = (H + std::max(tile, 1) - 1) / std::max(tile, 1);
     const int64_t tiles_w = (W + std::max(tile, 1) - 1) / std::max(tile, 1);
     if (tile > 0 && N * C * tiles_h * tiles_w < (int64_t{1} << 31)) {
@@ -549,13 +556,14 @@ at::Tensor sppf_cuda(const at::Tensor& input_, int64_t kernel_size, int64_t repe
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    const int64_t total = input.numel();
-    sppf_copy_input_kernel<T><<<elementwise_blocks(total), kElementwiseThreads, 0, stream>>>(
-        in, out, N, C, H, W, strides_of(input), strides_of(output));
+    const MapDims d{N, C, H, W, channels_last};
+    const unsigned int blocks = elementwise_blocks(d.numel());
+    sppf_copy_input_kernel<T><<<blocks, kElementwiseThreads, 0, stream>>>(
+        in, out, d, strides_of(input), strides_of(output));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     for (int r = 1; r <= repeats; ++r) {
-      sppf_stage_kernel<T><<<elementwise_blocks(total), kElementwiseThreads, 0, stream>>>(
-          out, N, C, H, W, strides_of(output), p, r);
+      sppf_stage_kernel<T>
+          <<<blocks, kElementwiseThreads, 0, stream>>>(out, d, strides_of(output), p, r);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -577,31 +585,32 @@ at::Tensor sppf_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& 
   const int p = static_cast<int>(kernel_size / 2);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto acc_dtype = output.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto g = at::empty({N, C, H, W}, output.options().dtype(acc_dtype));
+  // Scratch in the enumeration order of d (plain contiguous tensors, indexed by MapDims).
+  const MapDims d{N, C, H, W, format == c10::MemoryFormat::ChannelsLast};
+  auto g = at::empty({total}, output.options().dtype(acc_dtype));
   auto g_prev = at::empty_like(g);
-  auto arg = at::empty({N, C, H, W}, output.options().dtype(at::kLong));
+  auto arg = at::empty({total}, output.options().dtype(at::kLong));
   const unsigned int blocks = elementwise_blocks(total);
   dispatch_float_types(output.scalar_type(), "torch_ext spp CUDA kernels", [&](auto tag) {
     using T = decltype(tag);
     using acc = at::opmath_type<T>;
     const Strides4 out_s = strides_of(output), go_s = strides_of(grad_output);
     sppf_load_last_grad_kernel<T><<<blocks, kElementwiseThreads, 0, stream>>>(
-        grad_output.const_data_ptr<T>(), g.mutable_data_ptr<acc>(), N, C, H, W, go_s,
+        grad_output.const_data_ptr<T>(), g.mutable_data_ptr<acc>(), d, go_s,
         static_cast<int>(repeats));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     for (int r = static_cast<int>(repeats); r >= 1; --r) {
       sppf_argmax_kernel<T><<<blocks, kElementwiseThreads, 0, stream>>>(
-          output.const_data_ptr<T>(), arg.mutable_data_ptr<int64_t>(), N, C, H, W, out_s, p, r);
+          output.const_data_ptr<T>(), arg.mutable_data_ptr<int64_t>(), d, out_s, p, r);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       sppf_gather_kernel<T><<<blocks, kElementwiseThreads, 0, stream>>>(
           g.const_data_ptr<acc>(), arg.const_data_ptr<int64_t>(), grad_output.const_data_ptr<T>(),
-          g_prev.mutable_data_ptr<acc>(), N, C, H, W, go_s, p, r);
+          g_prev.mutable_data_ptr<acc>(), d, go_s, p, r);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       std::swap(g, g_prev);
     }
     sppf_store_grad_kernel<T><<<blocks, kElementwiseThreads, 0, stream>>>(
-        g.const_data_ptr<acc>(), grad_input.mutable_data_ptr<T>(), N, C, H, W,
-        strides_of(grad_input));
+        g.const_data_ptr<acc>(), grad_input.mutable_data_ptr<T>(), d, strides_of(grad_input));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_input;
