@@ -12,8 +12,13 @@
 namespace torch_ext::spp_impl {
 namespace {
 
-const SppCpuKernels& kernels() {
+const SppCpuKernels& spp_kernels() {
   return select_cpu_kernels(spp_cpu_kernels_DEFAULT, spp_cpu_kernels_AVX2, spp_cpu_kernels_AVX512);
+}
+
+const SppfCpuKernels& sppf_kernels() {
+  return select_cpu_kernels(sppf_cpu_kernels_DEFAULT, sppf_cpu_kernels_AVX2,
+                            sppf_cpu_kernels_AVX512);
 }
 
 MapShape map_shape(const at::Tensor& t, c10::MemoryFormat format) {
@@ -34,10 +39,10 @@ std::tuple<at::Tensor, at::Tensor> spp_forward_cpu(const at::Tensor& input_, at:
   auto indices = with_indices ? at::empty({input.size(0), features}, long_options)
                               : at::empty({0}, long_options);
   if (output.numel() > 0) {
-    kernels().spp_forward({input.scalar_type(), input.const_data_ptr(), output.mutable_data_ptr(),
-                           with_indices ? indices.mutable_data_ptr<int64_t>() : nullptr,
-                           map_shape(input, format), levels.data(),
-                           static_cast<int64_t>(levels.size()), pool_mode});
+    spp_kernels().spp_forward(
+        {input.scalar_type(), input.const_data_ptr(), output.mutable_data_ptr(),
+         with_indices ? indices.mutable_data_ptr<int64_t>() : nullptr, map_shape(input, format),
+         levels.data(), static_cast<int64_t>(levels.size()), pool_mode});
   }
   return {output, indices};
 }
@@ -51,7 +56,7 @@ at::Tensor spp_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& in
   const auto indices_c = indices.contiguous();
   auto grad_input = at::empty(input_size, grad_output.options().memory_format(memory_format));
   if (grad_input.numel() > 0) {
-    kernels().spp_backward(
+    spp_kernels().spp_backward(
         {grad_output.scalar_type(), grad_output.const_data_ptr(),
          pool_mode == PoolMode::Max ? indices_c.const_data_ptr<int64_t>() : nullptr,
          grad_input.mutable_data_ptr(), map_shape(grad_input, memory_format), levels.data(),
@@ -68,8 +73,9 @@ at::Tensor sppf_cpu(const at::Tensor& input_, int64_t kernel_size, int64_t repea
       at::empty({input.size(0), input.size(1) * (repeats + 1), input.size(2), input.size(3)},
                 input.options().memory_format(format));
   if (output.numel() > 0) {
-    kernels().sppf_forward({input.scalar_type(), input.const_data_ptr(), output.mutable_data_ptr(),
-                            map_shape(input, format), kernel_size, repeats});
+    sppf_kernels().sppf_forward({input.scalar_type(), input.const_data_ptr(),
+                                 output.mutable_data_ptr(), map_shape(input, format), kernel_size,
+                                 repeats});
   }
   return output;
 }
@@ -84,9 +90,9 @@ at::Tensor sppf_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& o
       at::empty({output.size(0), output.size(1) / (repeats + 1), output.size(2), output.size(3)},
                 output.options().memory_format(format));
   if (grad_input.numel() > 0) {
-    kernels().sppf_backward({output.scalar_type(), grad_output.const_data_ptr(),
-                             output.const_data_ptr(), grad_input.mutable_data_ptr(),
-                             map_shape(grad_input, format), kernel_size, repeats});
+    sppf_kernels().sppf_backward({output.scalar_type(), grad_output.const_data_ptr(),
+                                  output.const_data_ptr(), grad_input.mutable_data_ptr(),
+                                  map_shape(grad_input, format), kernel_size, repeats});
   }
   return grad_input;
 }

@@ -1,9 +1,10 @@
 #pragma once
 
-// The interface between spp_cpu.cpp (argument handling, allocation) and spp_cpu_kernel.cpp
-// (the loops), which is compiled once per CPU capability. Plain pointers and sizes only, so the
-// kernel file needs no tensor headers. Layouts: input/grad_input and sppf's output are NCHW or
-// NHWC (channels_last) as flagged; spp's output, indices and grad_output are [N, C * bins].
+// The interface between spp_cpu.cpp (argument handling, allocation) and the loops of
+// spp_cpu_kernel.cpp and sppf_cpu_kernel.cpp, which are compiled once per CPU capability.
+// Plain pointers and sizes only, so the kernel files need no tensor headers. Layouts:
+// input/grad_input and sppf's output are NCHW or NHWC (channels_last) as flagged; spp's
+// output, indices and grad_output are [N, C * bins].
 
 #include <c10/core/ScalarType.h>
 
@@ -59,9 +60,12 @@ struct SppfBackwardArgs {
   int64_t repeats;
 };
 
+// One table per capability copy: spp_cpu_kernel.cpp and sppf_cpu_kernel.cpp.
 struct SppCpuKernels {
   void (*spp_forward)(const SppForwardArgs&);
   void (*spp_backward)(const SppBackwardArgs&);
+};
+struct SppfCpuKernels {
   void (*sppf_forward)(const SppfForwardArgs&);
   void (*sppf_backward)(const SppfBackwardArgs&);
 };
@@ -69,5 +73,8 @@ struct SppCpuKernels {
 extern const SppCpuKernels spp_cpu_kernels_DEFAULT;
 extern const SppCpuKernels spp_cpu_kernels_AVX2;
 extern const SppCpuKernels spp_cpu_kernels_AVX512;
+extern const SppfCpuKernels sppf_cpu_kernels_DEFAULT;
+extern const SppfCpuKernels sppf_cpu_kernels_AVX2;
+extern const SppfCpuKernels sppf_cpu_kernels_AVX512;
 
 }  // namespace torch_ext::spp_impl
