@@ -27,7 +27,8 @@ TORCH_EXT_LIBRARY="$BUILD/libtorch_ext.so" PYTHONPATH="$REPO" "$PY" - <<'PY'
 import torch, torch_ext
 info = torch_ext.build_info()
 assert "CUDA" in info["backends"], info
-for op in ("_spp_forward", "_spp_backward", "sppf", "_sppf_backward"):
+for op in ("_spp_forward", "_spp_backward", "sppf", "_sppf_backward", "confusion_matrix",
+           "_confusion_matrix_accumulate"):
     assert torch_ext.has_kernel(op, "CUDA"), op
 print(f"[cuda] linked and loaded: {info['path']}: torch {info['torch']}, CUDA {info['cuda']}, "
       f"architectures {info['cuda_architectures']}; CUDA kernels registered")

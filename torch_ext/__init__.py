@@ -1,8 +1,9 @@
 """torch_ext: PyTorch custom operators in C++/CUDA, usable from Python and LibTorch alike.
 
 Ops are registered with the dispatcher as ``torch.ops.torch_ext.*``; this package loads the
-library and offers typed wrappers (``torch_ext.spp``, ``torch_ext.sppf``) and modules
-(``torch_ext.nn``).
+library and offers typed wrappers (``torch_ext.spp``, ``torch_ext.sppf``,
+``torch_ext.confusion_matrix``, ...), modules (``torch_ext.nn``) and streaming metrics
+(``torch_ext.metrics``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from torch_ext import _library
 
 _BUILD_INFO = _library.load()
 
-from torch_ext import nn  # noqa: E402  (after the library is loaded)
+from torch_ext import metrics, nn  # noqa: E402  (after the library is loaded)
+from torch_ext.metrics import confusion_matrix, segmentation_metrics  # noqa: E402
 from torch_ext.spp import spp, sppf  # noqa: E402
 
 __version__: str = _BUILD_INFO["version"]
