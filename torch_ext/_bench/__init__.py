@@ -19,6 +19,7 @@ import torch
 import torch_ext
 
 # Families: one import line each; importing a module registers its family.
+from torch_ext._bench import metrics as _metrics_family  # noqa: F401  (registers "metrics")
 from torch_ext._bench import spp as _spp_family  # noqa: F401  (registers "spp")
 from torch_ext._bench.registry import Case, CheckResult, Family, families
 from torch_ext._bench.timing import (
@@ -81,6 +82,9 @@ class CaseResult:
     read_bytes: int | None = None
     written_bytes: int | None = None
     error: str | None = None
+    peer: Stats | None = None  # the case's peer library, where it has one
+    peer_name: str = ""
+    peer_note: str = ""
 
     def speedup(self, baseline: Stats | None) -> float | None:
         if baseline is None or self.ours is None:
@@ -98,6 +102,7 @@ class CaseResult:
         data = asdict(self)
         data["speedup_vs_eager"] = self.speedup(self.eager)
         data["speedup_vs_compiled"] = self.speedup(self.compiled)
+        data["speedup_vs_peer"] = self.speedup(self.peer)
         data["bandwidth_fraction"] = self.bandwidth_fraction()
         data["read_bandwidth_fraction"] = self.bandwidth_fraction(read_only=True)
         return data
@@ -165,8 +170,9 @@ def _identity(case: Case) -> dict:
 
 
 def run_case(case: Case, copy_gbps: float, plan: TimingPlan, budget: CompileBudget) -> CaseResult:
-    """Time our op, the eager composition and the compiled composition, interleaved."""
+    """Time our op, the eager and compiled compositions and the peer library, interleaved."""
     result = CaseResult(_identity(case), torch.get_num_threads(), copy_gbps)
+    result.peer_name, result.peer_note = case.peer_name, case.peer_note
     torch.manual_seed(0)
     try:
         inputs = case.make_inputs()
@@ -175,9 +181,11 @@ def run_case(case: Case, copy_gbps: float, plan: TimingPlan, budget: CompileBudg
         compiled_step, result.compiled_note = _compile_baseline(case, make_step, budget)
         if compiled_step is not None:
             steps["compiled"] = compiled_step
+        if case.peer is not None:
+            steps["peer"] = make_step(case.peer)
         stats = time_interleaved(steps, torch.device(case.device), plan)
         result.ours, result.eager = stats["ours"], stats["eager"]
-        result.compiled = stats.get("compiled")
+        result.compiled, result.peer = stats.get("compiled"), stats.get("peer")
         if case.traffic is not None:
             result.read_bytes, result.written_bytes = case.traffic(inputs)
     except Exception as error:  # noqa: BLE001  (report the case as failed, run the others)
@@ -376,11 +384,18 @@ def describe_result(result: CaseResult) -> str:
     if result.error:
         return f"ERROR {result.error}"
     compiled = fmt_ms(result.compiled) if result.compiled else result.compiled_note
+    peer = ""
+    if result.peer_name:
+        peer_ms = fmt_ms(result.peer) if result.peer else result.peer_note or "n/a"
+        peer = (
+            f"; {result.peer_name} {peer_ms} ms, "
+            f"vs {result.peer_name} {fmt_ratio(result.speedup(result.peer))}"
+        )
     return (
         f"ours {fmt_ms(result.ours)} ms, eager {fmt_ms(result.eager)} ms, "
         f"compiled {compiled}; vs eager {fmt_ratio(result.speedup(result.eager))}, "
         f"vs compiled {fmt_ratio(result.speedup(result.compiled))}, "
-        f"bandwidth {fmt_fraction(result.bandwidth_fraction())} of copy"
+        f"bandwidth {fmt_fraction(result.bandwidth_fraction())} of copy{peer}"
     )
 
 
@@ -391,7 +406,9 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def bench_table(results: list[CaseResult]) -> str:
-    """One row per case: median ms [p10-p90], speedups, bandwidth fractions."""
+    """One row per case: median ms [p10-p90], speedups, bandwidth fractions; a peer library's
+    time and speedup too when some case has a peer."""
+    with_peer = any(r.peer_name for r in results)
     headers = [
         "case",
         "device",
@@ -406,9 +423,19 @@ def bench_table(results: list[CaseResult]) -> str:
         "bw frac (r+w)",
         "read frac",
     ]
+    if with_peer:
+        headers += ["peer", "peer ms", "vs peer"]
     rows = []
     for r in results:
         compiled = fmt_ms(r.compiled) if r.compiled else (r.compiled_note or "n/a")
+        peer = []
+        if with_peer:
+            peer_ms = fmt_ms(r.peer) if r.peer else (r.peer_note or "n/a")
+            peer = [
+                r.peer_name or "-",
+                peer_ms if r.peer_name else "-",
+                fmt_ratio(r.speedup(r.peer)),
+            ]
         rows.append(
             [
                 r.case["label"],
@@ -423,6 +450,7 @@ def bench_table(results: list[CaseResult]) -> str:
                 fmt_ratio(r.speedup(r.compiled)),
                 fmt_fraction(r.bandwidth_fraction()),
                 fmt_fraction(r.bandwidth_fraction(read_only=True)),
+                *peer,
             ]
         )
     return markdown_table(headers, rows)

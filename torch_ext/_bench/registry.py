@@ -40,6 +40,10 @@ class Case:
     inputs to differentiate are those with ``requires_grad``. ``ours`` and ``reference`` take the
     inputs and return one tensor. ``traffic`` gives the bytes the computation must read and write
     at the least (None where bandwidth says nothing useful, e.g. compute-bound ops).
+
+    ``peer`` is the same computation by a peer library (e.g. torchmetrics), timed beside the
+    others when given; ``peer_name`` names the library, and ``peer_note`` says why there is no
+    peer timing when ``peer`` is None (e.g. "n/a: torchmetrics is not installed").
     """
 
     family: str
@@ -54,6 +58,9 @@ class Case:
     ours: Callable[..., torch.Tensor]
     reference: Callable[..., torch.Tensor]
     traffic: Callable[[Inputs], tuple[int, int]] | None = None
+    peer: Callable[..., torch.Tensor] | None = None
+    peer_name: str = ""
+    peer_note: str = ""
 
     @property
     def direction(self) -> str:
