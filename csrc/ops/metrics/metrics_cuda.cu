@@ -67,7 +67,13 @@ __device__ __forceinline__ void tally(int* hist, const Problem& pb, BadPixels& b
     return;
   }
   if (pb.shared_hist) {
-    atomicAdd(hist + t * k + p, 1);
+    // Warp-aggregated: lanes with the same cell (runs of one class are the common case) add
+    // once, through their lowest lane.
+    const unsigned long long cell = static_cast<unsigned long long>(t * k + p);
+    const unsigned same = __match_any_sync(__activemask(), cell);
+    if ((threadIdx.x % 32) == static_cast<unsigned>(__ffs(same) - 1)) {
+      atomicAdd(hist + cell, __popc(same));
+    }
   } else {
     atomicAdd(reinterpret_cast<unsigned long long*>(pb.confmat + t * k + p), 1ull);
   }
