@@ -54,9 +54,12 @@ __all__ = [
     "__version__",
     "build_info",
     "compiled_backends",
+    "confusion_matrix",
     "cpu_capability",
     "has_kernel",
+    "metrics",
     "nn",
+    "segmentation_metrics",
     "spp",
     "sppf",
 ]

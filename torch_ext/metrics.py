@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["confusion_matrix", "segmentation_metrics", "MetricsResult"]
+__all__ = ["confusion_matrix", "segmentation_metrics", "MetricsResult", "SegmentationMetrics"]
 
 
 def confusion_matrix(
@@ -62,3 +62,6 @@ def segmentation_metrics(confmat: torch.Tensor) -> MetricsResult:
     accuracy (left out of MPA). With an empty matrix every metric is NaN.
     """
     return MetricsResult(*torch.ops.torch_ext.segmentation_metrics(confmat))
+
+
+from torch_ext._segmentation_stream import SegmentationMetrics  # noqa: E402  (imports this module)
