@@ -23,9 +23,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
-  echo "[env] installing torch==$TORCH_VERSION and the test/benchmark tools"
-  "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" numpy pytest expecttest matplotlib setuptools 2>&1 \
+TOOLS="numpy pytest expecttest matplotlib setuptools torchmetrics"
+if ! "$PY" -c "import torch, sys, numpy, pytest, expecttest, matplotlib, setuptools, torchmetrics; \
+sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+  echo "[env] installing torch==$TORCH_VERSION and the test/benchmark tools ($TOOLS)"
+  # shellcheck disable=SC2086
+  "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" $TOOLS 2>&1 \
     | { grep -v "^WARNING: Location" || true; }
 fi
 echo "[env] building torch_ext (pip install --no-build-isolation -e .)"
