@@ -12,7 +12,7 @@ from torch_ext import _library
 
 _BUILD_INFO = _library.load()
 
-from torch_ext import metrics, nn  # noqa: E402  (after the library is loaded)
+from torch_ext import checkpoint, metrics, nn, patch  # noqa: E402  (after the library is loaded)
 from torch_ext.metrics import confusion_matrix, segmentation_metrics  # noqa: E402
 from torch_ext.spp import spp, sppf  # noqa: E402
 
@@ -53,12 +53,14 @@ def has_kernel(op: str, backend: str) -> bool:
 __all__ = [
     "__version__",
     "build_info",
+    "checkpoint",
     "compiled_backends",
     "confusion_matrix",
     "cpu_capability",
     "has_kernel",
     "metrics",
     "nn",
+    "patch",
     "segmentation_metrics",
     "spp",
     "sppf",
