@@ -5,6 +5,7 @@
 // even when it calls the ops only through the dispatcher.
 
 #include "torch_ext/build_info.h"
+#include "torch_ext/checkpoint.h"
 #include "torch_ext/metrics.h"
 #include "torch_ext/spp.h"
 
