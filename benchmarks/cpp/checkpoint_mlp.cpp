@@ -109,7 +109,8 @@ class CountingAllocator final : public c10::Allocator {
 // activations at unit scale: without it they shrink layer after layer into float32 denormals,
 // which makes every step several times slower and the timings meaningless.
 struct BlockImpl : torch::nn::Module {
-  explicit BlockImpl(int64_t width) : linear(register_module("linear", torch::nn::Linear(width, width))) {}
+  explicit BlockImpl(int64_t width)
+      : linear(register_module("linear", torch::nn::Linear(width, width))) {}
   Tensor forward(const Tensor& x) {
     auto g = torch::gelu(linear->forward(x));
     return x + torch::tanh(g) * torch::sigmoid(g);
@@ -121,9 +122,12 @@ TORCH_MODULE(Block);
 enum class Mode { kPlain, kCheckpoint, kCheckpointModule };
 const char* mode_name(Mode m) {
   switch (m) {
-    case Mode::kPlain: return "plain";
-    case Mode::kCheckpoint: return "cpp_checkpoint";
-    case Mode::kCheckpointModule: return "cpp_nn_checkpoint";
+    case Mode::kPlain:
+      return "plain";
+    case Mode::kCheckpoint:
+      return "cpp_checkpoint";
+    case Mode::kCheckpointModule:
+      return "cpp_nn_checkpoint";
   }
   return "?";
 }
@@ -145,13 +149,20 @@ Options parse(int argc, char** argv) {
       return argv[++i];
     };
     const std::string a = argv[i];
-    if (a == "--blocks") o.blocks = std::atoll(next("--blocks"));
-    else if (a == "--width") o.width = std::atoll(next("--width"));
-    else if (a == "--batch") o.batch = std::atoll(next("--batch"));
-    else if (a == "--steps") o.steps = std::atoi(next("--steps"));
-    else if (a == "--warmup") o.warmup = std::atoi(next("--warmup"));
-    else if (a == "--threads") o.threads = std::atoi(next("--threads"));
-    else if (a == "--json") o.json = next("--json");
+    if (a == "--blocks")
+      o.blocks = std::atoll(next("--blocks"));
+    else if (a == "--width")
+      o.width = std::atoll(next("--width"));
+    else if (a == "--batch")
+      o.batch = std::atoll(next("--batch"));
+    else if (a == "--steps")
+      o.steps = std::atoi(next("--steps"));
+    else if (a == "--warmup")
+      o.warmup = std::atoi(next("--warmup"));
+    else if (a == "--threads")
+      o.threads = std::atoi(next("--threads"));
+    else if (a == "--json")
+      o.json = next("--json");
     else {
       std::cerr << "checkpoint_mlp: unknown argument " << a << "\n";
       std::exit(2);
@@ -198,7 +209,9 @@ int main(int argc, char** argv) {
     Tensor h = data;
     for (int64_t i = 0; i < opt.blocks; ++i) {
       switch (mode) {
-        case Mode::kPlain: h = blocks[i]->forward(h); break;
+        case Mode::kPlain:
+          h = blocks[i]->forward(h);
+          break;
         case Mode::kCheckpoint: {
           torch_ext::CheckpointOptions options;
           options.parameters = block_params[i];
@@ -208,7 +221,9 @@ int main(int argc, char** argv) {
               options)[0];
           break;
         }
-        case Mode::kCheckpointModule: h = wrapped[i]->forward(h); break;
+        case Mode::kCheckpointModule:
+          h = wrapped[i]->forward(h);
+          break;
       }
     }
     return torch::mse_loss(h, target);
@@ -252,8 +267,8 @@ int main(int argc, char** argv) {
     }
     for (size_t k = 0; k < modes.size(); ++k)
       for (size_t j = 0; j < params.size(); ++j)
-        grad_diff[k] = std::max(grad_diff[k],
-                                (grads[k][j] - grads[0][j]).abs().max().item<double>());
+        grad_diff[k] =
+            std::max(grad_diff[k], (grads[k][j] - grads[0][j]).abs().max().item<double>());
   }
 
   std::vector<std::vector<Sample>> samples(modes.size());
@@ -267,15 +282,16 @@ int main(int argc, char** argv) {
   const int64_t activation_bytes = opt.batch * opt.width * static_cast<int64_t>(sizeof(float));
   std::ostringstream js;
   js << "{\"threads\": " << torch::get_num_threads() << ", \"blocks\": " << opt.blocks
-     << ", \"width\": " << opt.width << ", \"batch\": " << opt.batch
-     << ", \"steps\": " << opt.steps << ", \"warmup\": " << opt.warmup
+     << ", \"width\": " << opt.width << ", \"batch\": " << opt.batch << ", \"steps\": " << opt.steps
+     << ", \"warmup\": " << opt.warmup
      << ", \"counting_allocator\": " << (counting ? "true" : "false")
      << ", \"activation_bytes\": " << activation_bytes << ", \"modes\": {";
-  std::printf("checkpoint_mlp: %lld blocks of x + tanh*sigmoid(GELU(Linear(%lld, %lld)(x))), batch %lld, "
-              "float32, CPU, %d threads, %d interleaved steps per mode\n",
-              static_cast<long long>(opt.blocks), static_cast<long long>(opt.width),
-              static_cast<long long>(opt.width), static_cast<long long>(opt.batch),
-              torch::get_num_threads(), opt.steps);
+  std::printf(
+      "checkpoint_mlp: %lld blocks of x + tanh*sigmoid(GELU(Linear(%lld, %lld)(x))), batch %lld, "
+      "float32, CPU, %d threads, %d interleaved steps per mode\n",
+      static_cast<long long>(opt.blocks), static_cast<long long>(opt.width),
+      static_cast<long long>(opt.width), static_cast<long long>(opt.batch),
+      torch::get_num_threads(), opt.steps);
   for (size_t k = 0; k < modes.size(); ++k) {
     std::vector<double> ms, peak;
     for (auto& s : samples[k]) {
@@ -285,15 +301,16 @@ int main(int argc, char** argv) {
     const double peak_max = *std::max_element(peak.begin(), peak.end());
     const double peak_min = *std::min_element(peak.begin(), peak.end());
     const double med = quantile(ms, 0.5), p10 = quantile(ms, 0.1), p90 = quantile(ms, 0.9);
-    std::printf("  %-18s peak %8.2f MB (min %8.2f)  step %8.2f ms [p10 %.2f, p90 %.2f]  "
-                "max |grad - plain| %.3g\n",
-                mode_name(modes[k]), peak_max / 1e6, peak_min / 1e6, med, p10, p90,
-                grad_diff[k]);
-    js << (k ? ", " : "") << "\"" << mode_name(modes[k]) << "\": {\"peak_bytes\": "
-       << static_cast<int64_t>(peak_max) << ", \"peak_bytes_min\": "
-       << static_cast<int64_t>(peak_min) << ", \"step_ms_median\": " << med
-       << ", \"step_ms_p10\": " << p10 << ", \"step_ms_p90\": " << p90
-       << ", \"max_abs_grad_diff_vs_plain\": " << grad_diff[k] << ", \"step_ms\": [";
+    std::printf(
+        "  %-18s peak %8.2f MB (min %8.2f)  step %8.2f ms [p10 %.2f, p90 %.2f]  "
+        "max |grad - plain| %.3g\n",
+        mode_name(modes[k]), peak_max / 1e6, peak_min / 1e6, med, p10, p90, grad_diff[k]);
+    js << (k ? ", " : "") << "\"" << mode_name(modes[k])
+       << "\": {\"peak_bytes\": " << static_cast<int64_t>(peak_max)
+       << ", \"peak_bytes_min\": " << static_cast<int64_t>(peak_min)
+       << ", \"step_ms_median\": " << med << ", \"step_ms_p10\": " << p10
+       << ", \"step_ms_p90\": " << p90 << ", \"max_abs_grad_diff_vs_plain\": " << grad_diff[k]
+       << ", \"step_ms\": [";
     for (size_t i = 0; i < ms.size(); ++i) js << (i ? ", " : "") << ms[i];
     js << "]}";
   }

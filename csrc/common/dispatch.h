@@ -9,6 +9,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <cstdint>
+
 namespace torch_ext {
 
 template <class F>
@@ -24,6 +26,23 @@ void dispatch_float_types(c10::ScalarType dtype, const char* op, F&& f) {
       return f(c10::BFloat16{});
     default:
       TORCH_CHECK(false, op, ": expected float32, float64, float16 or bfloat16, got ", dtype);
+  }
+}
+
+// The same for the integer label types: uint8_t, int16_t, int32_t, int64_t.
+template <class F>
+void dispatch_label_types(c10::ScalarType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case c10::ScalarType::Byte:
+      return f(uint8_t{});
+    case c10::ScalarType::Short:
+      return f(int16_t{});
+    case c10::ScalarType::Int:
+      return f(int32_t{});
+    case c10::ScalarType::Long:
+      return f(int64_t{});
+    default:
+      TORCH_CHECK(false, op, ": expected uint8, int16, int32 or int64 labels, got ", dtype);
   }
 }
 

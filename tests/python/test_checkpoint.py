@@ -14,14 +14,12 @@ This file is also the worker of the distributed test: ``python test_checkpoint.p
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
 import sys
-import time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
+import distributed_workers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -747,44 +745,7 @@ def run_ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
 
 
 def run_workers(tmp_path: Path) -> list[dict]:
-    env = dict(os.environ)
-    if Path("/sys/class/net/lo").exists():
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # no dependence on the host name resolving
-    init_file = tmp_path / "init"
-    outs = [tmp_path / f"rank{rank}.pt" for rank in range(WORLD)]
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                "--ddp-worker",
-                str(rank),
-                str(WORLD),
-                str(init_file),
-                str(outs[rank]),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for rank in range(WORLD)
-    ]
-    logs = []
-    deadline = time.monotonic() + DDP_TIMEOUT_S
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"distributed workers did not finish within {DDP_TIMEOUT_S} s")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{logs[rank][-3000:]}"
-    return [torch.load(out) for out in outs]
+    return distributed_workers.run_workers(__file__, tmp_path, WORLD, DDP_TIMEOUT_S)
 
 
 def test_ddp_checkpointed_gradients_equal_full_batch(tmp_path):

@@ -10,13 +10,11 @@ This file is also the worker of the distributed test: ``python test_metrics_stre
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
+import distributed_workers
 import numpy as np
 import pytest
 import torch
@@ -326,45 +324,7 @@ def run_ddp_worker(rank: int, world: int, init_file: str, out: str, device: str)
 
 
 def run_workers(tmp_path: Path, device: str) -> list[dict]:
-    env = dict(os.environ)
-    if Path("/sys/class/net/lo").exists():
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # no dependence on the host name resolving
-    init_file = tmp_path / "init"
-    outs = [tmp_path / f"rank{rank}.pt" for rank in range(WORLD)]
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                "--ddp-worker",
-                str(rank),
-                str(WORLD),
-                str(init_file),
-                str(outs[rank]),
-                device,
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(WORLD)
-    ]
-    logs = []
-    deadline = time.monotonic() + DDP_TIMEOUT_S
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"distributed workers did not finish within {DDP_TIMEOUT_S} s")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{logs[rank][-3000:]}"
-    return [torch.load(out) for out in outs]
+    return distributed_workers.run_workers(__file__, tmp_path, WORLD, DDP_TIMEOUT_S, (device,))
 
 
 def test_distributed_compute_equals_single_process(device, tmp_path):

@@ -25,22 +25,6 @@ namespace torch_ext::metrics_impl {
 inline namespace CPU_CAPABILITY {
 namespace {
 
-template <class F>
-void dispatch_label_types(c10::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case c10::ScalarType::Byte:
-      return f(uint8_t{});
-    case c10::ScalarType::Short:
-      return f(int16_t{});
-    case c10::ScalarType::Int:
-      return f(int32_t{});
-    case c10::ScalarType::Long:
-      return f(int64_t{});
-    default:
-      TORCH_CHECK(false, "confusion_matrix: unsupported label dtype ", dtype);
-  }
-}
-
 // One thread's counts: private histograms (two, for even and odd pixels, so that runs of one
 // class do not chain every increment on the previous one), or the shared result (atomic).
 struct Tally {
@@ -200,13 +184,13 @@ void scores_accumulate(const ConfusionArgs& a) {
 }
 
 void confusion_accumulate(const ConfusionArgs& a) {
-  dispatch_label_types(a.target_dtype, [&](auto target_tag) {
+  dispatch_label_types(a.target_dtype, "confusion_matrix CPU kernel", [&](auto target_tag) {
     using T = decltype(target_tag);
     if (a.scores) {
       dispatch_float_types(a.pred_dtype, "confusion_matrix CPU kernel",
                            [&](auto score_tag) { scores_accumulate<decltype(score_tag), T>(a); });
     } else {
-      dispatch_label_types(a.pred_dtype,
+      dispatch_label_types(a.pred_dtype, "confusion_matrix CPU kernel",
                            [&](auto pred_tag) { labels_accumulate<decltype(pred_tag), T>(a); });
     }
   });

@@ -34,22 +34,6 @@ struct Problem {
   int64_t* report;
 };
 
-template <class F>
-void dispatch_label_types(c10::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case c10::ScalarType::Byte:
-      return f(uint8_t{});
-    case c10::ScalarType::Short:
-      return f(int16_t{});
-    case c10::ScalarType::Int:
-      return f(int32_t{});
-    case c10::ScalarType::Long:
-      return f(int64_t{});
-    default:
-      TORCH_CHECK(false, "confusion_matrix: unsupported label dtype ", dtype);
-  }
-}
-
 // Per-thread bookkeeping of out-of-range pixels, flushed once per thread.
 struct BadPixels {
   unsigned long long count = 0;
@@ -170,25 +154,28 @@ void accumulate_cuda(at::Tensor& confmat, at::Tensor& report, const at::Tensor& 
   const size_t smem = pb.shared_hist ? cells * sizeof(int) : 0;
   const unsigned int blocks = grid_for(total, target.get_device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_label_types(in.target.scalar_type(), [&](auto target_tag) {
-    using T = decltype(target_tag);
-    const T* t = in.target.const_data_ptr<T>();
-    if (in.scores) {
-      dispatch_float_types(in.pred.scalar_type(), "confusion_matrix CUDA kernel", [&](auto tag) {
-        using S = decltype(tag);
-        scores_kernel<S, T><<<blocks, kThreads, smem, stream>>>(
-            in.pred.const_data_ptr<S>(), t, in.batch, in.pixels, in.batch_stride, in.class_stride,
-            in.pixel_stride, pb);
+  dispatch_label_types(
+      in.target.scalar_type(), "confusion_matrix CUDA kernel", [&](auto target_tag) {
+        using T = decltype(target_tag);
+        const T* t = in.target.const_data_ptr<T>();
+        if (in.scores) {
+          dispatch_float_types(in.pred.scalar_type(), "confusion_matrix CUDA kernel",
+                               [&](auto tag) {
+                                 using S = decltype(tag);
+                                 scores_kernel<S, T><<<blocks, kThreads, smem, stream>>>(
+                                     in.pred.const_data_ptr<S>(), t, in.batch, in.pixels,
+                                     in.batch_stride, in.class_stride, in.pixel_stride, pb);
+                               });
+        } else {
+          dispatch_label_types(
+              in.pred.scalar_type(), "confusion_matrix CUDA kernel", [&](auto tag) {
+                using P = decltype(tag);
+                labels_kernel<P, T>
+                    <<<blocks, kThreads, smem, stream>>>(in.pred.const_data_ptr<P>(), t, total, pb);
+              });
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-    } else {
-      dispatch_label_types(in.pred.scalar_type(), [&](auto tag) {
-        using P = decltype(tag);
-        labels_kernel<P, T>
-            <<<blocks, kThreads, smem, stream>>>(in.pred.const_data_ptr<P>(), t, total, pb);
-      });
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
 }
 
 }  // namespace
