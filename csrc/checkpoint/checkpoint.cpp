@@ -264,12 +264,15 @@ std::vector<at::Tensor> checkpoint(const CheckpointFunction& fn,
     TORCH_CHECK(options.parameters[i].defined(), "checkpoint(): options.parameters[", i,
                 "] is an undefined tensor");
   }
-  if (!at::GradMode::is_enabled() ||
-      !(any_requires_grad(inputs) || any_requires_grad(options.parameters))) {
-    auto outputs = fn(inputs);  // nothing to differentiate: no graph, nothing to recompute
+  if (!at::GradMode::is_enabled()) {
+    auto outputs = fn(inputs);  // inference: no graph, nothing to recompute
     check_outputs(outputs);
     return outputs;
   }
+  TORCH_CHECK(any_requires_grad(inputs) || any_requires_grad(options.parameters),
+              "checkpoint(): neither the inputs nor options.parameters require grad, so there is "
+              "nothing to recompute for. Pass the parameters fn uses in options.parameters, or "
+              "run fn directly (under torch::NoGradGuard checkpoint just runs fn)");
   std::vector<at::Tensor> tensors(inputs);
   tensors.insert(tensors.end(), options.parameters.begin(), options.parameters.end());
   auto closure = c10::make_intrusive<Closure>(fn);
@@ -303,7 +306,10 @@ at::Tensor checkpoint_sequential(const torch::nn::Sequential& sequential, int64_
         options.parameters.push_back(p);
       }
     }
-    x = checkpoint(run_modules(s * size, (s + 1) * size), {x}, options)[0];
+    auto run = run_modules(s * size, (s + 1) * size);
+    // A frozen chunk fed by a tensor without grad has nothing to recompute for: run it.
+    const bool differentiable = any_requires_grad({x}) || any_requires_grad(options.parameters);
+    x = differentiable ? checkpoint(run, {x}, options)[0] : run({x})[0];
   }
   x = run_modules((segments - 1) * size, modules)({x})[0];
   return x;
@@ -322,6 +328,9 @@ at::Tensor CheckpointImpl::forward(const at::Tensor& input) {
   options.preserve_rng_state = preserve_rng_state_;
   options.parameters = module_.ptr()->parameters();
   auto module = module_;
+  if (!any_requires_grad({input}) && !any_requires_grad(options.parameters)) {
+    return module.forward(input);  // frozen and fed without grad: nothing to recompute for
+  }
   return checkpoint(
       [module](const std::vector<at::Tensor>& in) mutable -> std::vector<at::Tensor> {
         return {module.forward(in[0])};

@@ -33,8 +33,8 @@ struct CheckpointOptions {
 // recomputes fn (with the forward's grad mode, autocast state and, by default, RNG state) and
 // differentiates the recomputation. Outputs that are not floating point are not
 // differentiable. The closure is owned by the autograd graph and freed with it, also when
-// backward never runs. Outside grad mode, or when neither the inputs nor the parameters
-// require grad, fn simply runs (no graph is built).
+// backward never runs. Outside grad mode fn simply runs (no graph is built); in grad mode it is
+// an error when neither the inputs nor the parameters require grad.
 TORCH_EXT_API std::vector<at::Tensor> checkpoint(const CheckpointFunction& fn,
                                                  const std::vector<at::Tensor>& inputs,
                                                  const CheckpointOptions& options = {});

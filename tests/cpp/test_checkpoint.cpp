@@ -216,7 +216,7 @@ TEST_F(CheckpointTest, MixedInputsIntegerAndNoGradInputsAreAccepted) {
   // Inputs that are not floating point or that do not require grad get no gradient, and
   // the differentiable input gets the plain run's.
   const auto x_data = randn({5, 3});
-  const auto y = randn({5, 3});                         // does not require grad
+  const auto y = randn({5, 3});                                // does not require grad
   const auto idx = torch::tensor({4, 0, 2, 2}, torch::kLong);  // integer input
   auto x = leaf(x_data);
   auto x_ref = leaf(x_data);
@@ -259,8 +259,11 @@ TEST_F(CheckpointTest, OutputThatIsAnInputUnchanged) {
   const auto data = randn({3, 4});
   auto x = leaf(data);
   auto x_ref = leaf(data);
-  auto outs =
-      torch_ext::checkpoint([](const Tensors& in) { return Tensors{in[0], in[0].sin()}; }, {x});
+  auto outs = torch_ext::checkpoint(
+      [](const Tensors& in) {
+        return Tensors{in[0], in[0].sin()};
+      },
+      {x});
   ASSERT_EQ(outs.size(), 2U);
   expect_equal(outs[0], data);
   (outs[0] * 3 + outs[1]).sum().backward();
@@ -280,8 +283,7 @@ struct RngRun {
   Tensor out, grad;
 };
 
-RngRun run_random(bool checkpointed, bool preserve_rng_state, uint64_t seed,
-                  const Tensor& data) {
+RngRun run_random(bool checkpointed, bool preserve_rng_state, uint64_t seed, const Tensor& data) {
   auto x = leaf(data);
   torch::manual_seed(seed);
   Tensor out;
@@ -416,8 +418,8 @@ TEST_F(CheckpointTest, AutocastStateIsReplayedInRecompute) {
     CpuAutocast autocast;
     CheckpointOptions options;
     options.parameters = {w};
-    out = torch_ext::checkpoint(
-        [&](const Tensors& in) { return Tensors{f(in[0], w, in[1])}; }, {x, v}, options)[0];
+    out = torch_ext::checkpoint([&](const Tensors& in) { return Tensors{f(in[0], w, in[1])}; },
+                                {x, v}, options)[0];
   }
   ASSERT_FALSE(at::autocast::is_autocast_enabled(at::kCPU));
   EXPECT_EQ(out_ref.scalar_type(), at::kBFloat16);
@@ -494,8 +496,8 @@ TEST_F(CheckpointTest, RetainGraphBackwardTwiceAccumulatesLikePlainRun) {
 
   CheckpointOptions options;
   options.parameters = net->parameters();
-  auto out = torch_ext::checkpoint(
-      [&](const Tensors& in) { return Tensors{net->forward(in[0])}; }, {x}, options)[0];
+  auto out = torch_ext::checkpoint([&](const Tensors& in) { return Tensors{net->forward(in[0])}; },
+                                   {x}, options)[0];
   auto out_ref = ref->forward(x_ref);
   const auto g = randn(out_ref.sizes().vec());
 
@@ -594,7 +596,10 @@ TEST_F(CheckpointTest, ClosureFreedAfterRetainedBackward) {
   {
     auto x = leaf(randn({3, 3}));
     auto outs = torch_ext::checkpoint(
-        [token](const Tensors& in) { return Tensors{in[0].exp(), in[0].cos()}; }, {x});
+        [token](const Tensors& in) {
+          return Tensors{in[0].exp(), in[0].cos()};
+        },
+        {x});
     outs[1].sum().backward({}, /*retain_graph=*/true);
     outs[0].sum().backward({}, /*retain_graph=*/true);
     EXPECT_EQ(torch_ext::detail::live_checkpoint_closures(), before + 1);
@@ -630,8 +635,8 @@ TEST_F(CheckpointTest, BackwardOnOtherThreadsConcurrently) {
     CheckpointOptions options;
     options.parameters = net->parameters();
     outs.push_back(torch_ext::checkpoint(
-        [net = net.ptr()](const Tensors& in) { return Tensors{net->forward(in[0]).tanh()}; }, {xs[i]},
-        options)[0]);
+        [net = net.ptr()](const Tensors& in) { return Tensors{net->forward(in[0]).tanh()}; },
+        {xs[i]}, options)[0]);
   }
   std::vector<std::string> errors(kGraphs);
   {
@@ -676,8 +681,8 @@ TEST_F(CheckpointTest, BackwardOnOtherThreadsConcurrently) {
           options.parameters = net->parameters();
           for (int rep = 0; rep < 3; ++rep) {
             auto out = torch_ext::checkpoint(
-                [net = net.ptr()](const Tensors& in) { return Tensors{net->forward(in[0]).sin()}; }, {x},
-                options)[0];
+                [net = net.ptr()](const Tensors& in) { return Tensors{net->forward(in[0]).sin()}; },
+                {x}, options)[0];
             out.sum().backward();
           }
           results[i].x_grad = x.grad();
@@ -723,9 +728,8 @@ TEST_F(CheckpointTest, NestedCheckpoint) {
 
 TEST_F(CheckpointTest, UndefinedOutputIsAnError) {
   auto x = leaf(randn({2, 2}));
-  const auto message = error_message([&] {
-    torch_ext::checkpoint([](const Tensors&) { return Tensors{Tensor()}; }, {x});
-  });
+  const auto message = error_message(
+      [&] { torch_ext::checkpoint([](const Tensors&) { return Tensors{Tensor()}; }, {x}); });
   EXPECT_NE(message.find("undefined"), std::string::npos) << message;
 }
 
@@ -736,25 +740,29 @@ TEST_F(CheckpointTest, NoOutputsIsAnError) {
   EXPECT_NE(message.find("no outputs"), std::string::npos) << message;
 }
 
-TEST_F(CheckpointTest, NothingRequiresGradJustRunsFn) {
+TEST_F(CheckpointTest, NothingRequiresGradIsAnError) {
+  // In grad mode, a checkpoint with nothing to differentiate is a mistake (typically the
+  // parameters fn uses were not passed): a clear error, and no closure is kept.
   const int64_t before = torch_ext::detail::live_checkpoint_closures();
   const auto x = randn({3, 3});
   const auto w = randn({3, 3});  // a "parameter" that does not require grad
   int calls = 0;
   CheckpointOptions options;
   options.parameters = {w};
-  Tensors outs;
-  ASSERT_NO_THROW(outs = torch_ext::checkpoint(
-                      [&](const Tensors& in) {
-                        ++calls;
-                        return Tensors{torch::mm(in[0], w), in[0].argmax(0)};
-                      },
-                      {x}, options));
-  EXPECT_EQ(calls, 1);
-  ASSERT_EQ(outs.size(), 2U);
-  EXPECT_FALSE(outs[0].requires_grad());
-  EXPECT_FALSE(outs[1].requires_grad());
-  expect_close(outs[0], torch::mm(x, w));
+  try {
+    torch_ext::checkpoint(
+        [&](const Tensors& in) {
+          ++calls;
+          return Tensors{torch::mm(in[0], w)};
+        },
+        {x}, options);
+    FAIL() << "expected c10::Error";
+  } catch (const c10::Error& e) {
+    const std::string message = e.what();
+    EXPECT_NE(message.find("require grad"), std::string::npos) << message;
+    EXPECT_NE(message.find("options.parameters"), std::string::npos) << message;
+  }
+  EXPECT_EQ(calls, 0);
   EXPECT_EQ(torch_ext::detail::live_checkpoint_closures(), before);
 }
 
@@ -1092,3 +1100,22 @@ TEST_F(CheckpointTest, CheckpointingEveryBlockLowersPeakMemory) {
 }
 
 }  // namespace
+
+TEST_F(CheckpointTest, FrozenModuleFedWithoutGradJustRuns) {
+  // Frozen layers (e.g. a fine-tuned model's first blocks) are not an error for the wrappers,
+  // unlike a bare checkpoint with nothing to differentiate: they just run.
+  torch::nn::Linear linear(4, 3);
+  for (auto& p : linear->parameters()) p.set_requires_grad(false);
+  torch_ext::nn::Checkpoint wrapped{torch::nn::AnyModule(linear)};
+  const auto x = torch::randn({2, 4});
+  at::Tensor y;
+  ASSERT_NO_THROW(y = wrapped->forward(x));
+  EXPECT_FALSE(y.requires_grad());
+  EXPECT_TRUE(torch::equal(y, linear->forward(x)));
+
+  torch::nn::Sequential seq(torch::nn::Linear(4, 4), torch::nn::ReLU(), torch::nn::Linear(4, 4));
+  for (auto& p : seq->parameters()) p.set_requires_grad(false);
+  at::Tensor z;
+  ASSERT_NO_THROW(z = torch_ext::checkpoint_sequential(seq, 3, x));
+  EXPECT_TRUE(torch::equal(z, seq->forward(x)));
+}
