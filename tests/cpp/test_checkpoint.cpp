@@ -21,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "test_helpers.h"
 #include "torch_ext/checkpoint.h"
 #include "torch_ext/torch_ext.h"
 
@@ -58,16 +59,6 @@ Tensor randn(std::vector<int64_t> shape) {
 
 Tensor leaf(const Tensor& t, bool requires_grad = true) {
   return t.detach().clone().requires_grad_(requires_grad);
-}
-
-template <class F>
-std::string error_message(F&& f) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    return e.what();
-  }
-  return "<no c10::Error thrown>";
 }
 
 std::vector<std::string> sorted_keys(const torch::OrderedDict<std::string, Tensor>& dict) {

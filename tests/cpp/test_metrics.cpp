@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "test_helpers.h"
 #include "torch_ext/metrics.h"
 #include "torch_ext/torch_ext.h"
 
@@ -121,16 +122,6 @@ void expect_same_metrics(const torch_ext::SegmentationMetrics& a,
     EXPECT_TRUE(torch::allclose(pair.first, pair.second, 0, 0, /*equal_nan=*/true))
         << pair.first << " vs " << pair.second;
   }
-}
-
-template <class F>
-std::string error_message(F&& f) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    return e.what();
-  }
-  return "<no c10::Error thrown>";
 }
 
 void expect_mentions(const std::string& message, const std::vector<std::string>& fragments) {

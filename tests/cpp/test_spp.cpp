@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "test_helpers.h"
 #include "torch_ext/torch_ext.h"
 
 namespace {
@@ -76,16 +77,6 @@ torch::Tensor randn(std::vector<int64_t> shape) {
 // Integer values 0..2: most pooling windows have tied maxima.
 torch::Tensor ties(std::vector<int64_t> shape) {
   return torch::randint(0, 3, shape, torch::dtype(torch::kDouble));
-}
-
-template <class F>
-std::string error_message(F&& f) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    return e.what();
-  }
-  return "<no c10::Error thrown>";
 }
 
 const std::vector<std::vector<int64_t>> kShapes = {{2, 3, 7, 9}, {1, 4, 3, 2}, {2, 20, 11, 37}};
