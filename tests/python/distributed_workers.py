@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,16 @@ def run_workers(
     for rank, proc in enumerate(procs):
         assert proc.returncode == 0, f"rank {rank} failed:\n{logs[rank][-3000:]}"
     return [torch.load(out) for out in outs]
+
+
+def init_process_group(rank: int, world: int, init_file: str, timeout_s: float) -> None:
+    """A worker's gloo process group through the run's ``file://`` rendezvous."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+    )

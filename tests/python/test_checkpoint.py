@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import sys
 from collections import Counter
-from datetime import timedelta
 from pathlib import Path
 
 import distributed_workers
@@ -724,13 +723,7 @@ def run_ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=DDP_TIMEOUT_S // 2),
-    )
+    distributed_workers.init_process_group(rank, world, init_file, DDP_TIMEOUT_S // 2)
     try:
         results = {}
         for policy, offload in DDP_CONFIGS:

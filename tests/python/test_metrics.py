@@ -792,7 +792,7 @@ def test_python_api(device, gen):
 NAN = float("nan")
 
 
-def assert_metrics(result, expected: dict, device, num_classes):
+def assert_metrics(result, expected: dict, device, num_classes, where: str = ""):
     assert isinstance(result, MetricsResult)
     for name in METRIC_FIELDS:
         value = getattr(result, name)
@@ -807,7 +807,7 @@ def assert_metrics(result, expected: dict, device, num_classes):
             rtol=1e-12,
             atol=1e-15,
             equal_nan=True,
-            msg=lambda m, name=name: f"{name}: {m}",
+            msg=lambda m, name=name: f"{name} {where}: {m}",
         )
 
 
@@ -1186,15 +1186,7 @@ def test_compile_inductor(device, gen):
     confmat, result = compiled(pred, target)
     ref = reference_confmat(pred, target, 6, 255)
     assert torch.equal(confmat.cpu(), ref)
-    expected = reference_metrics(ref)
-    for name in METRIC_FIELDS:
-        torch.testing.assert_close(
-            getattr(result, name).cpu(),
-            torch.as_tensor(np.asarray(expected[name], dtype=np.float64)),
-            rtol=1e-12,
-            atol=1e-15,
-            equal_nan=True,
-        )
+    assert_metrics(result, reference_metrics(ref), device, 6)
 
 
 # ---------------------------------------------------------------- fresh random cases
@@ -1240,14 +1232,4 @@ def test_fresh_random_cases(device):
         out = confusion_matrix(pred, target, k, ignore_index)
         ref = reference_confmat(pred, target, k, ignore_index)
         assert torch.equal(out.cpu(), ref), where
-        result = segmentation_metrics(out)
-        expected = reference_metrics(ref)
-        for name in METRIC_FIELDS:
-            torch.testing.assert_close(
-                getattr(result, name).cpu(),
-                torch.as_tensor(np.asarray(expected[name], dtype=np.float64)),
-                rtol=1e-12,
-                atol=1e-15,
-                equal_nan=True,
-                msg=lambda m, name=name, where=where: f"{name}, {where}: {m}",
-            )
+        assert_metrics(segmentation_metrics(out), reference_metrics(ref), device, k, where)

@@ -11,7 +11,6 @@ This file is also the worker of the distributed test: ``python test_metrics_stre
 from __future__ import annotations
 
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import distributed_workers
@@ -292,13 +291,7 @@ def run_ddp_worker(rank: int, world: int, init_file: str, out: str, device: str)
     """One rank: updates with its shard, computes (twice), then meets out-of-range labels."""
     import torch.distributed as dist
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=DDP_TIMEOUT_S // 2),
-    )
+    distributed_workers.init_process_group(rank, world, init_file, DDP_TIMEOUT_S // 2)
     try:
         metric = SegmentationMetrics(K, IGNORE, device=device)
         for pred, target in rank_shards(world)[rank]:
