@@ -2,8 +2,8 @@
 
 Ops are registered with the dispatcher as ``torch.ops.torch_ext.*``; this package loads the
 library and offers typed wrappers (``torch_ext.spp``, ``torch_ext.sppf``,
-``torch_ext.confusion_matrix``, ...), modules (``torch_ext.nn``) and streaming metrics
-(``torch_ext.metrics``).
+``torch_ext.dilated_conv2d``, ``torch_ext.confusion_matrix``, ...), modules (``torch_ext.nn``)
+and streaming metrics (``torch_ext.metrics``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from torch_ext import _library
 
 _BUILD_INFO = _library.load()
 
-from torch_ext import checkpoint, metrics, nn, patch  # noqa: E402  (after the library is loaded)
+from torch_ext import checkpoint, conv, metrics, nn, patch  # noqa: E402  (after the library is loaded)
+from torch_ext.conv import dilated_conv2d  # noqa: E402
 from torch_ext.metrics import confusion_matrix, segmentation_metrics  # noqa: E402
 from torch_ext.spp import spp, sppf  # noqa: E402
 
@@ -55,8 +56,10 @@ __all__ = [
     "build_info",
     "checkpoint",
     "compiled_backends",
+    "conv",
     "confusion_matrix",
     "cpu_capability",
+    "dilated_conv2d",
     "has_kernel",
     "metrics",
     "nn",

@@ -6,6 +6,7 @@
 
 #include "torch_ext/build_info.h"
 #include "torch_ext/checkpoint.h"
+#include "torch_ext/conv.h"
 #include "torch_ext/metrics.h"
 #include "torch_ext/spp.h"
 

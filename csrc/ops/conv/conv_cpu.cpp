@@ -1,0 +1,314 @@
+// CPU kernels of dilated_conv2d: checks, layout and dtype handling, the choice of route, and the
+// GEMMs (through ATen, so MKL/OpenBLAS/oneDNN do the heavy part); the loops are in
+// conv_cpu_kernel.cpp, compiled once per CPU capability.
+//
+// Routes:
+//   depthwise (groups == C_in): the direct kernels of conv_cpu_kernel.cpp.
+//   everything else: implicit GEMM in cache-sized tiles. The output pixels of every (image,
+//   group) are cut into tiles of T columns; a tile's im2col block [C_in/groups * kh * kw, T]
+//   (about 1 MiB) is built, multiplied by the group's weight straight into the output, and the
+//   epilogue (bias, activation) runs on the tile while it is still in cache. The (image, group,
+//   tile) items are spread over the threads, each with its own buffer and single-threaded GEMMs;
+//   with fewer items than threads the items run in turn and each step is parallel inside.
+//   A 1x1 convolution with stride 1 and no padding multiplies the input directly.
+//   vendor: float32 dense (non-depthwise) convolutions with symmetric padding go to ATen's
+//   convolution (oneDNN) when PyTorch has it: on this project's AMD machines MKL's SGEMM runs
+//   its AVX2 code while oneDNN uses AVX-512, about 2x faster. The activation then runs as one
+//   pass over the output. TORCH_EXT_CONV_ROUTE=own|vendor forces a route (tests, benchmarks).
+// float16/bfloat16 compute in float32 (converted once per call) and round once at the end.
+// channels_last tensors are computed in NCHW and returned channels_last.
+
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
+#include "common/cpu_capability.h"
+#include "ops/conv/conv_common.h"
+#include "ops/conv/conv_cpu_kernel.h"
+
+namespace torch_ext::conv_impl {
+namespace {
+
+const ConvCpuKernels& kernels() {
+  return select_cpu_kernels(conv_cpu_kernels_DEFAULT, conv_cpu_kernels_AVX2,
+                            conv_cpu_kernels_AVX512);
+}
+
+at::ScalarType compute_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The im2col tile width: about TORCH_EXT_CONV_TILE_BYTES (default 1 MiB) of column buffer,
+// at least 64 columns, at most the whole map.
+int64_t tile_columns(const ConvGeometry& g, int64_t element_size) {
+  static const int64_t tile_bytes = [] {
+    const char* env = std::getenv("TORCH_EXT_CONV_TILE_BYTES");
+    const int64_t value = env != nullptr ? std::atoll(env) : 0;
+    return value > 0 ? value : int64_t{1} << 20;
+  }();
+  const int64_t rows = std::max<int64_t>(1, g.c_in_per_group() * g.kh * g.kw);
+  const int64_t columns = std::max<int64_t>(64, tile_bytes / element_size / rows);
+  return std::min(columns, g.oh * g.ow);
+}
+
+enum class Route { Own, Vendor };
+
+Route cpu_route(const ConvGeometry& g, at::IntArrayRef padding4, at::ScalarType dtype) {
+  const bool symmetric = padding4[0] == padding4[2] && padding4[1] == padding4[3];
+  const char* forced = std::getenv("TORCH_EXT_CONV_ROUTE");
+  if (forced != nullptr && std::string_view(forced) == "own") return Route::Own;
+  // The epilogue kernel takes float and double.
+  if (!symmetric || (dtype != at::kFloat && dtype != at::kDouble)) return Route::Own;
+  if (forced != nullptr && std::string_view(forced) == "vendor") return Route::Vendor;
+  const bool onednn = at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
+  return onednn && dtype == at::kFloat && !g.depthwise() ? Route::Vendor : Route::Own;
+}
+
+bool is_pointwise(const ConvGeometry& g) {
+  return g.kh == 1 && g.kw == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_top == 0 &&
+         g.pad_left == 0 && g.oh == g.h && g.ow == g.w;
+}
+
+// Runs body(begin, end) over [0, items): spread over the threads when there are enough items,
+// else in one call (whose steps then parallelize inside).
+template <class F>
+void for_items(int64_t items, F&& body) {
+  if (items >= at::get_num_threads() && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    at::parallel_for(0, items, 1, body);
+  } else {
+    body(0, items);
+  }
+}
+
+// [rows, columns p0 .. p0 + len) of channel block [c0, c0 + rows) of image n of a [N, C, P] map.
+at::Tensor block(const at::Tensor& map3, int64_t n, int64_t c0, int64_t rows, int64_t p0,
+                 int64_t len) {
+  return map3.select(0, n).narrow(0, c0, rows).narrow(1, p0, len);
+}
+
+// The [K, len] im2col block of pixels p0 .. p0 + len - 1 of (image n, group grp): the input
+// itself for a pointwise convolution, else built in `col`.
+at::Tensor im2col_block(const at::Tensor& x, const at::Tensor& x3, const ConvGeometry& g, int64_t n,
+                        int64_t grp, int64_t p0, int64_t len, at::Tensor& col) {
+  const int64_t cin_g = g.c_in_per_group(), K = cin_g * g.kh * g.kw;
+  if (is_pointwise(g)) return block(x3, n, grp * cin_g, cin_g, p0, len);
+  const auto* image = static_cast<const char*>(x.const_data_ptr()) +
+                      (n * g.c_in + grp * cin_g) * g.h * g.w * x.element_size();
+  kernels().im2col({x.scalar_type(), image, col.mutable_data_ptr(), g, p0, p0 + len});
+  return col.narrow(0, 0, K * len).view({K, len});
+}
+
+// ---------------------------------------------------------------- forward
+
+void gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                  const ConvGeometry& g, Activation act, at::Tensor& out, at::Tensor& preact) {
+  const int64_t P = g.oh * g.ow, K = g.c_in_per_group() * g.kh * g.kw;
+  const int64_t cout_g = g.c_out_per_group();
+  const int64_t T = tile_columns(g, x.element_size());
+  const int64_t tiles = (P + T - 1) / T;
+  const bool pointwise = is_pointwise(g);
+  const auto w3 = w.view({g.groups, cout_g, K});
+  const auto x3 = x.view({g.n, g.c_in, g.h * g.w});
+  auto out3 = out.view({g.n, g.c_out, P});
+  const bool with_preact = preact.defined() && preact.numel() > 0;
+  for_items(g.n * g.groups * tiles, [&](int64_t begin, int64_t end) {
+    at::Tensor col = pointwise ? at::Tensor() : at::empty({K * T}, x.options());
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / (g.groups * tiles), grp = item / tiles % g.groups;
+      const int64_t p0 = item % tiles * T, len = std::min(T, P - p0);
+      const auto a = im2col_block(x, x3, g, n, grp, p0, len, col);
+      auto y = block(out3, n, grp * cout_g, cout_g, p0, len);
+      at::mm_out(y, w3[grp], a);
+      void* pre = with_preact ? static_cast<char*>(preact.mutable_data_ptr()) +
+                                    ((n * g.c_out + grp * cout_g) * P + p0) * x.element_size()
+                              : nullptr;
+      const void* bias = b.defined() ? static_cast<const char*>(b.const_data_ptr()) +
+                                           grp * cout_g * b.element_size()
+                                     : nullptr;
+      if (bias != nullptr || act != Activation::None) {
+        kernels().epilogue(
+            {x.scalar_type(), y.mutable_data_ptr(), P, cout_g, len, bias, pre, P, act});
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_forward_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding4, at::IntArrayRef dilation, int64_t groups,
+    std::string_view activation, bool save_preact) {
+  check_conv_args("dilated_conv2d", input, weight, bias, stride, padding4, dilation, groups);
+  const auto act = parse_activation(activation);
+  const auto g = make_geometry(input, weight, stride, padding4, dilation, groups);
+  const auto dtype = input.scalar_type(), cdtype = compute_dtype(dtype);
+  const auto x = input.to(cdtype).contiguous();
+  const auto w = weight.to(cdtype).contiguous();
+  const auto b = bias.has_value() && bias->defined() ? bias->to(cdtype).contiguous() : at::Tensor();
+  const bool with_preact = save_preact && backward_needs_preact(act);
+  const auto format = conv_memory_format(input);
+  if (cpu_route(g, padding4, dtype) == Route::Vendor) {
+    auto out = at::convolution(input, weight, bias, stride, {padding4[0], padding4[1]}, dilation,
+                               false, {0, 0}, groups)
+                   .contiguous(format);
+    auto pre = with_preact ? at::empty_like(out) : at::empty({0}, input.options());
+    if (act != Activation::None && out.numel() > 0) {
+      // Dense in memory either way: one pass over the elements, as a single row.
+      kernels().epilogue({out.scalar_type(), out.mutable_data_ptr(), out.numel(), 1, out.numel(),
+                          nullptr, with_preact ? pre.mutable_data_ptr() : nullptr, out.numel(),
+                          act});
+    }
+    return {out, pre};
+  }
+  auto out = at::empty({g.n, g.c_out, g.oh, g.ow}, x.options());
+  auto pre = with_preact ? at::empty_like(out) : at::Tensor();
+  if (out.numel() > 0) {
+    if (g.depthwise()) {
+      kernels().depthwise_forward({cdtype, x.const_data_ptr(), w.const_data_ptr(),
+                                   b.defined() ? b.const_data_ptr() : nullptr,
+                                   out.mutable_data_ptr(),
+                                   with_preact ? pre.mutable_data_ptr() : nullptr, g, act});
+    } else {
+      gemm_forward(x, w, b, g, act, out, pre);
+    }
+  }
+  auto finish = [&](const at::Tensor& t) { return t.to(dtype).contiguous(format); };
+  return {finish(out), with_preact ? finish(pre) : at::empty({0}, input.options())};
+}
+
+// ---------------------------------------------------------------- backward
+
+void gemm_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w,
+                   const ConvGeometry& g, at::Tensor* grad_input, at::Tensor* grad_weight) {
+  const int64_t P = g.oh * g.ow, K = g.c_in_per_group() * g.kh * g.kw;
+  const int64_t cin_g = g.c_in_per_group(), cout_g = g.c_out_per_group();
+  const int64_t T = tile_columns(g, x.element_size());
+  const bool pointwise = is_pointwise(g);
+  const auto w3 = w.view({g.groups, cout_g, K});
+  const auto x3 = x.view({g.n, g.c_in, g.h * g.w});
+  const auto gy3 = gy.view({g.n, g.c_out, P});
+  // Tiles of one (image, group) overlap in the input, so an item is a whole (image, group); the
+  // weight gradient is summed per thread and then across threads in a fixed order.
+  const int64_t items = g.n * g.groups;
+  const int64_t threads = at::get_num_threads();
+  const bool spread = items >= threads && threads > 1;
+  at::Tensor gw_parts;
+  if (grad_weight != nullptr) {
+    gw_parts = at::zeros({spread ? threads : 1, g.groups, cout_g, K}, x.options());
+  }
+  at::Tensor gi3;
+  if (grad_input != nullptr) {
+    *grad_input = pointwise ? at::empty_like(x) : at::zeros_like(x);
+    gi3 = grad_input->view({g.n, g.c_in, g.h * g.w});
+  }
+  for_items(items, [&](int64_t begin, int64_t end) {
+    const int64_t slot = spread ? at::get_thread_num() : 0;
+    at::Tensor col = pointwise ? at::Tensor() : at::empty({K * T}, x.options());
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / g.groups, grp = item % g.groups;
+      for (int64_t p0 = 0; p0 < P; p0 += T) {
+        const int64_t len = std::min(T, P - p0);
+        const auto gyb = block(gy3, n, grp * cout_g, cout_g, p0, len);
+        if (grad_weight != nullptr) {
+          const auto a = im2col_block(x, x3, g, n, grp, p0, len, col);
+          auto part = gw_parts[slot][grp];
+          part.addmm_(gyb, a.t());
+        }
+        if (grad_input != nullptr) {
+          if (pointwise) {
+            auto gib = block(gi3, n, grp * cin_g, cin_g, p0, len);
+            at::mm_out(gib, w3[grp].t(), gyb);
+          } else {
+            auto dcol = col.narrow(0, 0, K * len).view({K, len});
+            at::mm_out(dcol, w3[grp].t(), gyb);
+            auto* image = static_cast<char*>(grad_input->mutable_data_ptr()) +
+                          (n * g.c_in + grp * cin_g) * g.h * g.w * x.element_size();
+            kernels().col2im({x.scalar_type(), dcol.const_data_ptr(), image, g, p0, p0 + len});
+          }
+        }
+      }
+    }
+  });
+  if (grad_weight != nullptr) *grad_weight = gw_parts.sum(0).view(w.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& saved, at::IntArrayRef stride, at::IntArrayRef padding4,
+    at::IntArrayRef dilation, int64_t groups, std::string_view activation,
+    std::array<bool, 3> output_mask) {
+  const auto act = parse_activation(activation);
+  check_conv_backward_args(grad_output, input, weight, saved, stride, padding4, dilation, groups,
+                           act);
+  const auto g = make_geometry(input, weight, stride, padding4, dilation, groups);
+  const auto dtype = input.scalar_type(), cdtype = compute_dtype(dtype);
+  if (cpu_route(g, padding4, dtype) == Route::Vendor) {
+    const auto gy = activation_backward(grad_output, saved, act);
+    auto [gi, gw, gb] = at::convolution_backward(
+        gy, input, weight, std::vector<int64_t>{weight.size(0)}, stride, {padding4[0], padding4[1]},
+        dilation, false, {0, 0}, groups, output_mask);
+    const auto none = at::empty({0}, input.options());
+    return {output_mask[0] ? gi.contiguous(conv_memory_format(input)) : none,
+            output_mask[1] ? gw : none, output_mask[2] ? gb : none};
+  }
+  const auto gy = activation_backward(grad_output, saved, act).to(cdtype).contiguous();
+  const auto x = input.to(cdtype).contiguous();
+  const auto w = weight.to(cdtype).contiguous();
+  at::Tensor gi, gw, gb;
+  const bool empty = gy.numel() == 0;
+  if (output_mask[0]) {
+    if (empty) {
+      gi = at::zeros_like(x);
+    } else if (g.depthwise()) {
+      gi = at::empty_like(x);
+      kernels().depthwise_backward_input(
+          {cdtype, gy.const_data_ptr(), w.const_data_ptr(), gi.mutable_data_ptr(), g});
+    }
+  }
+  if (output_mask[1]) {
+    if (empty) {
+      gw = at::zeros_like(w);
+    } else if (g.depthwise()) {
+      gw = at::empty_like(w);
+      kernels().depthwise_backward_weight(
+          {cdtype, gy.const_data_ptr(), x.const_data_ptr(), gw.mutable_data_ptr(), g});
+    }
+  }
+  if (!empty && !g.depthwise() && (output_mask[0] || output_mask[1])) {
+    gemm_backward(gy, x, w, g, output_mask[0] ? &gi : nullptr, output_mask[1] ? &gw : nullptr);
+  }
+  if (output_mask[2]) gb = gy.sum({0, 2, 3});
+  const auto none = at::empty({0}, input.options());
+  return {output_mask[0] ? gi.to(dtype).contiguous(conv_memory_format(input)) : none,
+          output_mask[1] ? gw.to(dtype) : none, output_mask[2] ? gb.to(dtype) : none};
+}
+
+std::string conv_route_cpu(const at::Tensor& input, const at::Tensor& weight,
+                           at::IntArrayRef padding4, int64_t groups) {
+  ConvGeometry g{};
+  g.c_in = input.dim() >= 2 ? input.size(1) : 0;
+  g.groups = groups;
+  if (cpu_route(g, padding4, input.scalar_type()) == Route::Vendor) return "vendor";
+  return g.depthwise() ? "depthwise" : "gemm";
+}
+
+}  // namespace
+}  // namespace torch_ext::conv_impl
+
+TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
+  m.impl("_dilated_conv2d_route", torch_ext::conv_impl::conv_route_cpu);
+  m.impl("_dilated_conv2d_forward", torch_ext::conv_impl::conv_forward_cpu);
+  m.impl("_dilated_conv2d_backward", torch_ext::conv_impl::conv_backward_cpu);
+}

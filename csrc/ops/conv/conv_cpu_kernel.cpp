@@ -1,0 +1,483 @@
+// CPU loops of dilated_conv2d. Compiled once per CPU capability (DEFAULT, AVX2, AVX512; see
+// CMakeLists.txt); float and double. Every output element is written by one thread and summed in
+// a fixed order, so results are deterministic for a given thread count.
+//
+// Depthwise: one input plane per task, copied into a zero-padded buffer so that no tap needs a
+// bounds check; each output row is accumulated in registers across all taps (stride 1 along the
+// width) and goes through the epilogue (bias, activation) while it is in L1. With stride 1 the
+// input gradient is the same kernel on the padded output gradient with the taps flipped (a
+// gather); with larger strides it is a scatter that stays inside the plane its task owns. The
+// weight gradient is a dot product per tap and output row, summed in double per channel.
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common/cpu_kernel_utils.h"
+#include "ops/conv/conv_cpu_kernel.h"
+
+namespace torch_ext::conv_impl {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+template <class T>
+using Vec = at::vec::Vectorized<T>;
+
+// y[k] += a * x[k] for k < n.
+template <class T>
+inline void axpy(T* __restrict__ y, const T* __restrict__ x, T a, int64_t n) {
+  constexpr int64_t L = Vec<T>::size();
+  const Vec<T> va(a);
+  int64_t k = 0;
+  for (; k + L <= n; k += L) {
+    at::vec::fmadd(Vec<T>::loadu(x + k), va, Vec<T>::loadu(y + k)).store(y + k);
+  }
+  for (; k < n; ++k) y[k] += a * x[k];
+}
+
+// y[k] += x[k] for k < n.
+template <class T>
+inline void add_to(T* __restrict__ y, const T* __restrict__ x, int64_t n) {
+  constexpr int64_t L = Vec<T>::size();
+  int64_t k = 0;
+  for (; k + L <= n; k += L) (Vec<T>::loadu(y + k) + Vec<T>::loadu(x + k)).store(y + k);
+  for (; k < n; ++k) y[k] += x[k];
+}
+
+// sum of a[k] * b[k] for k < n, in the vector width's partial sums, then across them.
+template <class T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  constexpr int64_t L = Vec<T>::size();
+  Vec<T> acc0(T(0)), acc1(T(0));
+  int64_t k = 0;
+  for (; k + 2 * L <= n; k += 2 * L) {
+    acc0 = at::vec::fmadd(Vec<T>::loadu(a + k), Vec<T>::loadu(b + k), acc0);
+    acc1 = at::vec::fmadd(Vec<T>::loadu(a + k + L), Vec<T>::loadu(b + k + L), acc1);
+  }
+  for (; k + L <= n; k += L)
+    acc0 = at::vec::fmadd(Vec<T>::loadu(a + k), Vec<T>::loadu(b + k), acc0);
+  T lanes[L];
+  (acc0 + acc1).store(lanes);
+  T sum = 0;
+  for (int64_t l = 0; l < L; ++l) sum += lanes[l];
+  for (; k < n; ++k) sum += a[k] * b[k];
+  return sum;
+}
+
+// The output columns [lo, hi) of a tap whose input column (ow * stride + offset) lies in
+// [0, size), among out columns.
+inline void tap_columns(int64_t offset, int64_t stride, int64_t size, int64_t out, int64_t& lo,
+                        int64_t& hi) {
+  lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  hi = size - 1 - offset >= 0 ? std::min(out, (size - 1 - offset) / stride + 1) : 0;
+  lo = std::min(lo, out);
+  hi = std::max(hi, lo);
+}
+
+template <class T>
+inline Vec<T> activate(const Vec<T>& v, Activation act) {
+  switch (act) {
+    case Activation::Relu:
+      return at::vec::clamp_min(v, Vec<T>(T(0)));  // NaN stays NaN, like torch.relu
+    case Activation::Silu:
+      return v / (Vec<T>(T(1)) + v.neg().exp());
+    case Activation::Gelu:
+      return v * Vec<T>(T(0.5)) * (Vec<T>(T(1)) + (v * Vec<T>(T(M_SQRT1_2))).erf());
+    default:
+      return v;
+  }
+}
+
+// data[k] = act(data[k] + bias), preact[k] = data[k] + bias (when preact), k < n.
+template <class T>
+inline void epilogue_row(T* data, int64_t n, T bias, T* preact, Activation act) {
+  constexpr int64_t L = Vec<T>::size();
+  if (act == Activation::None && preact == nullptr && bias == T(0)) return;
+  const Vec<T> vb(bias);
+  for (int64_t k = 0; k < n; k += L) {
+    const int64_t count = std::min(L, n - k);
+    const auto v = Vec<T>::loadu(data + k, count) + vb;
+    if (preact != nullptr) v.store(preact + k, count);
+    activate(v, act).store(data + k, count);
+  }
+}
+
+// out[k] (+)= sum over taps t of weight[t] * base[k + offset[t]], k < n: the output row in
+// registers (four vectors at a time) across all taps, each input element loaded once per tap.
+// The caller guarantees that every base[k + offset[t]] is inside its (zero-padded) buffer.
+template <class T>
+inline void tap_rows(const T* base, const int64_t* offset, const Vec<T>* weight, int64_t taps,
+                     T* out, int64_t n, bool accumulate) {
+  constexpr int64_t L = Vec<T>::size();
+  int64_t k = 0;
+  for (; k + 4 * L <= n; k += 4 * L) {
+    Vec<T> a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+    if (accumulate) {
+      a0 = Vec<T>::loadu(out + k);
+      a1 = Vec<T>::loadu(out + k + L);
+      a2 = Vec<T>::loadu(out + k + 2 * L);
+      a3 = Vec<T>::loadu(out + k + 3 * L);
+    }
+    for (int64_t t = 0; t < taps; ++t) {
+      const T* p = base + k + offset[t];
+      a0 = at::vec::fmadd(Vec<T>::loadu(p), weight[t], a0);
+      a1 = at::vec::fmadd(Vec<T>::loadu(p + L), weight[t], a1);
+      a2 = at::vec::fmadd(Vec<T>::loadu(p + 2 * L), weight[t], a2);
+      a3 = at::vec::fmadd(Vec<T>::loadu(p + 3 * L), weight[t], a3);
+    }
+    a0.store(out + k);
+    a1.store(out + k + L);
+    a2.store(out + k + 2 * L);
+    a3.store(out + k + 3 * L);
+  }
+  for (; k < n; k += L) {
+    const int64_t count = std::min(L, n - k);
+    Vec<T> acc = accumulate ? Vec<T>::loadu(out + k, count) : Vec<T>(T(0));
+    for (int64_t t = 0; t < taps; ++t) {
+      acc = at::vec::fmadd(Vec<T>::loadu(base + k + offset[t], count), weight[t], acc);
+    }
+    acc.store(out + k, count);
+  }
+}
+
+// Copies plane [rows, cols] into buf [prows, pcols] at (row0, col0) (which may be negative:
+// cropped), zero everywhere else.
+template <class T>
+inline void pad_plane(const T* plane, int64_t rows, int64_t cols, T* buf, int64_t prows,
+                      int64_t pcols, int64_t row0, int64_t col0) {
+  const int64_t c_lo = std::clamp<int64_t>(col0, 0, pcols);
+  const int64_t c_hi = std::clamp<int64_t>(col0 + cols, c_lo, pcols);
+  for (int64_t r = 0; r < prows; ++r) {
+    T* dst = buf + r * pcols;
+    const int64_t src_row = r - row0;
+    if (src_row < 0 || src_row >= rows || c_hi <= c_lo) {
+      std::fill(dst, dst + pcols, T(0));
+      continue;
+    }
+    std::fill(dst, dst + c_lo, T(0));
+    std::memcpy(dst + c_lo, plane + src_row * cols + (c_lo - col0), (c_hi - c_lo) * sizeof(T));
+    std::fill(dst + c_hi, dst + pcols, T(0));
+  }
+}
+
+// ---------------------------------------------------------------- depthwise
+
+// The zero-padded input plane every tap of every output reads: rows ih + pad_top, columns
+// iw + pad_left.
+inline int64_t padded_rows(const ConvGeometry& g) {
+  return (g.oh - 1) * g.stride_h + (g.kh - 1) * g.dil_h + 1;
+}
+inline int64_t padded_cols(const ConvGeometry& g) {
+  return (g.ow - 1) * g.stride_w + (g.kw - 1) * g.dil_w + 1;
+}
+
+// Each input plane is copied once into a zero-padded buffer (a few tens of KiB, cache resident),
+// so every tap of every output is in bounds; with stride 1 along the width tap_rows keeps the
+// output row in registers across all taps.
+template <class T>
+void depthwise_forward(const DepthwiseForwardArgs& a) {
+  const auto& g = a.g;
+  const T* x = static_cast<const T*>(a.input);
+  const T* w = static_cast<const T*>(a.weight);
+  const T* b = static_cast<const T*>(a.bias);
+  T* y = static_cast<T*>(a.output);
+  T* pre = static_cast<T*>(a.preact);
+  const int64_t mult = g.c_out / g.c_in;
+  const int64_t prows = padded_rows(g), pcols = padded_cols(g);
+  const int64_t taps = g.kh * g.kw, plane_in = g.h * g.w, plane_out = g.oh * g.ow;
+  std::vector<int64_t> offset(taps);
+  for (int64_t i = 0; i < g.kh; ++i) {
+    for (int64_t j = 0; j < g.kw; ++j) offset[i * g.kw + j] = i * g.dil_h * pcols + j * g.dil_w;
+  }
+  at::parallel_for(0, g.n * g.c_in, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(prows * pcols);
+    std::vector<Vec<T>> wv(taps);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / g.c_in, ci = plane % g.c_in;
+      pad_plane(x + plane * plane_in, g.h, g.w, buf.data(), prows, pcols, g.pad_top, g.pad_left);
+      for (int64_t m = 0; m < mult; ++m) {
+        const int64_t co = ci * mult + m;
+        for (int64_t t = 0; t < taps; ++t) wv[t] = Vec<T>(w[co * taps + t]);
+        T* yp = y + (n * g.c_out + co) * plane_out;
+        T* pp = pre != nullptr ? pre + (n * g.c_out + co) * plane_out : nullptr;
+        for (int64_t oh = 0; oh < g.oh; ++oh) {
+          T* yr = yp + oh * g.ow;
+          const T* base = buf.data() + oh * g.stride_h * pcols;
+          if (g.stride_w == 1) {
+            tap_rows(base, offset.data(), wv.data(), taps, yr, g.ow, false);
+          } else {
+            for (int64_t ow = 0; ow < g.ow; ++ow) {
+              T acc = 0;
+              for (int64_t t = 0; t < taps; ++t) {
+                acc += w[co * taps + t] * base[ow * g.stride_w + offset[t]];
+              }
+              yr[ow] = acc;
+            }
+          }
+          epilogue_row(yr, g.ow, b != nullptr ? b[co] : T(0),
+                       pp != nullptr ? pp + oh * g.ow : nullptr, a.act);
+        }
+      }
+    }
+  });
+}
+
+// Stride 1: the input gradient is the correlation of the zero-padded output gradient with the
+// flipped taps, summed over the channel's multiplier outputs; a gather, so the same kernel.
+template <class T>
+void depthwise_backward_input_padded(const DepthwiseBackwardInputArgs& a) {
+  const auto& g = a.g;
+  const T* gy = static_cast<const T*>(a.grad_preact);
+  const T* w = static_cast<const T*>(a.weight);
+  T* gx = static_cast<T*>(a.grad_input);
+  const int64_t mult = g.c_out / g.c_in;
+  const int64_t reach_h = (g.kh - 1) * g.dil_h, reach_w = (g.kw - 1) * g.dil_w;
+  const int64_t prows = g.h + reach_h, pcols = g.w + reach_w;
+  const int64_t taps = g.kh * g.kw, plane_in = g.h * g.w, plane_out = g.oh * g.ow;
+  std::vector<int64_t> offset(taps);
+  for (int64_t i = 0; i < g.kh; ++i) {
+    for (int64_t j = 0; j < g.kw; ++j) {
+      offset[i * g.kw + j] = (g.kh - 1 - i) * g.dil_h * pcols + (g.kw - 1 - j) * g.dil_w;
+    }
+  }
+  at::parallel_for(0, g.n * g.c_in, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(prows * pcols);
+    std::vector<Vec<T>> wv(taps);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / g.c_in, ci = plane % g.c_in;
+      T* gxp = gx + plane * plane_in;
+      for (int64_t m = 0; m < mult; ++m) {
+        const int64_t co = ci * mult + m;
+        // buf row r holds output row r - reach_h + pad_top (zero outside the output).
+        pad_plane(gy + (n * g.c_out + co) * plane_out, g.oh, g.ow, buf.data(), prows, pcols,
+                  reach_h - g.pad_top, reach_w - g.pad_left);
+        for (int64_t t = 0; t < taps; ++t) wv[t] = Vec<T>(w[co * taps + t]);
+        for (int64_t ih = 0; ih < g.h; ++ih) {
+          tap_rows(buf.data() + ih * pcols, offset.data(), wv.data(), taps, gxp + ih * g.w, g.w,
+                   m > 0);
+        }
+      }
+    }
+  });
+}
+
+template <class T>
+void depthwise_backward_input(const DepthwiseBackwardInputArgs& a) {
+  if (a.g.stride_h == 1 && a.g.stride_w == 1) return depthwise_backward_input_padded<T>(a);
+  const auto& g = a.g;
+  const T* gy = static_cast<const T*>(a.grad_preact);
+  const T* w = static_cast<const T*>(a.weight);
+  T* gx = static_cast<T*>(a.grad_input);
+  const int64_t mult = g.c_out / g.c_in;
+  const int64_t plane_in = g.h * g.w, plane_out = g.oh * g.ow, taps = g.kh * g.kw;
+  at::parallel_for(0, g.n * g.c_in, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / g.c_in, ci = plane % g.c_in;
+      T* gxp = gx + plane * plane_in;
+      std::fill(gxp, gxp + plane_in, T(0));
+      for (int64_t m = 0; m < mult; ++m) {
+        const int64_t co = ci * mult + m;
+        const T* gyp = gy + (n * g.c_out + co) * plane_out;
+        const T* wp = w + co * taps;
+        for (int64_t oh = 0; oh < g.oh; ++oh) {
+          const T* gr = gyp + oh * g.ow;
+          for (int64_t i = 0; i < g.kh; ++i) {
+            const int64_t ih = oh * g.stride_h - g.pad_top + i * g.dil_h;
+            if (ih < 0 || ih >= g.h) continue;
+            T* xr = gxp + ih * g.w;
+            for (int64_t j = 0; j < g.kw; ++j) {
+              const int64_t off = j * g.dil_w - g.pad_left;
+              int64_t lo, hi;
+              tap_columns(off, g.stride_w, g.w, g.ow, lo, hi);
+              const T wv = wp[i * g.kw + j];
+              if (g.stride_w == 1) {
+                axpy(xr + lo + off, gr + lo, wv, hi - lo);
+              } else {
+                for (int64_t ow = lo; ow < hi; ++ow) xr[ow * g.stride_w + off] += wv * gr[ow];
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <class T>
+void depthwise_backward_weight(const DepthwiseBackwardWeightArgs& a) {
+  const auto& g = a.g;
+  const T* gy = static_cast<const T*>(a.grad_preact);
+  const T* x = static_cast<const T*>(a.input);
+  T* gw = static_cast<T*>(a.grad_weight);
+  const int64_t mult = g.c_out / g.c_in;
+  const int64_t prows = padded_rows(g), pcols = padded_cols(g);
+  const int64_t plane_in = g.h * g.w, plane_out = g.oh * g.ow, taps = g.kh * g.kw;
+  at::parallel_for(0, g.c_out, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> acc(taps);
+    std::vector<T> buf(prows * pcols);
+    for (int64_t co = begin; co < end; ++co) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t n = 0; n < g.n; ++n) {
+        const T* gyp = gy + (n * g.c_out + co) * plane_out;
+        pad_plane(x + (n * g.c_in + co / mult) * plane_in, g.h, g.w, buf.data(), prows, pcols,
+                  g.pad_top, g.pad_left);
+        for (int64_t oh = 0; oh < g.oh; ++oh) {
+          const T* gr = gyp + oh * g.ow;
+          for (int64_t i = 0; i < g.kh; ++i) {
+            const T* xr = buf.data() + (oh * g.stride_h + i * g.dil_h) * pcols;
+            for (int64_t j = 0; j < g.kw; ++j) {
+              T sum = 0;
+              if (g.stride_w == 1) {
+                sum = dot(gr, xr + j * g.dil_w, g.ow);
+              } else {
+                for (int64_t ow = 0; ow < g.ow; ++ow) {
+                  sum += gr[ow] * xr[ow * g.stride_w + j * g.dil_w];
+                }
+              }
+              acc[i * g.kw + j] += sum;
+            }
+          }
+        }
+      }
+      for (int64_t t = 0; t < taps; ++t) gw[co * taps + t] = static_cast<T>(acc[t]);
+    }
+  });
+}
+
+// ---------------------------------------------------------------- im2col tiles
+
+// Calls f(dst_offset, oh, ow0, ow1) for the runs of pixels p0 .. p1 - 1 that share an output
+// row; dst_offset is the run's first column in the tile.
+template <class F>
+inline void for_each_row_run(const ConvGeometry& g, int64_t p0, int64_t p1, F&& f) {
+  int64_t p = p0;
+  while (p < p1) {
+    const int64_t oh = p / g.ow, ow0 = p - oh * g.ow;
+    const int64_t ow1 = std::min(g.ow, ow0 + (p1 - p));
+    f(p - p0, oh, ow0, ow1);
+    p += ow1 - ow0;
+  }
+}
+
+// One run of a tile row: tap row `row` = (ci, i, j) of the im2col matrix over the output pixels
+// of one output row, columns [ow0, ow1) at tile offset d (column d of the tile is ow0). Input
+// row ih (or -1 when the tap row falls into the padding) is read at ow * stride_w + off for
+// ow in [lo, hi); the rest of [ow0, ow1) falls into the padding.
+struct TapRun {
+  int64_t ci, row, d, ih, off, ow0, lo, hi, ow1;
+};
+
+// Calls f(run) for every run of the tile p0 .. p1 - 1, channel by channel; a task owns whole
+// channels, so col2im's adds into one channel never race.
+template <class F>
+void for_each_tap_run(const ConvGeometry& g, int64_t p0, int64_t p1, F&& f) {
+  at::parallel_for(0, g.c_in_per_group(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ci = begin; ci < end; ++ci) {
+      for (int64_t i = 0; i < g.kh; ++i) {
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t row = (ci * g.kh + i) * g.kw + j, off = j * g.dil_w - g.pad_left;
+          int64_t lo_all, hi_all;
+          tap_columns(off, g.stride_w, g.w, g.ow, lo_all, hi_all);
+          for_each_row_run(g, p0, p1, [&](int64_t d, int64_t oh, int64_t ow0, int64_t ow1) {
+            const int64_t ih = oh * g.stride_h - g.pad_top + i * g.dil_h;
+            if (ih < 0 || ih >= g.h) return f(TapRun{ci, row, d, -1, off, ow0, ow0, ow0, ow1});
+            const int64_t lo = std::clamp(lo_all, ow0, ow1), hi = std::clamp(hi_all, lo, ow1);
+            f(TapRun{ci, row, d, ih, off, ow0, lo, hi, ow1});
+          });
+        }
+      }
+    }
+  });
+}
+
+template <class T>
+void im2col(const Im2colArgs& a) {
+  const auto& g = a.g;
+  const T* img = static_cast<const T*>(a.image);
+  T* col = static_cast<T*>(a.col);
+  const int64_t tile = a.p1 - a.p0;
+  for_each_tap_run(g, a.p0, a.p1, [&](const TapRun& r) {
+    T* out = col + r.row * tile + r.d - r.ow0;  // out[ow] for ow in [ow0, ow1)
+    std::fill(out + r.ow0, out + r.lo, T(0));
+    if (r.ih >= 0) {
+      const T* xr = img + (r.ci * g.h + r.ih) * g.w;
+      if (g.stride_w == 1) {
+        std::memcpy(out + r.lo, xr + r.lo + r.off, (r.hi - r.lo) * sizeof(T));
+      } else {
+        for (int64_t ow = r.lo; ow < r.hi; ++ow) out[ow] = xr[ow * g.stride_w + r.off];
+      }
+    }
+    std::fill(out + r.hi, out + r.ow1, T(0));
+  });
+}
+
+template <class T>
+void col2im(const Col2imArgs& a) {
+  const auto& g = a.g;
+  const T* col = static_cast<const T*>(a.col);
+  T* img = static_cast<T*>(a.image);
+  const int64_t tile = a.p1 - a.p0;
+  for_each_tap_run(g, a.p0, a.p1, [&](const TapRun& r) {
+    if (r.ih < 0) return;
+    const T* in = col + r.row * tile + r.d - r.ow0;
+    T* xr = img + (r.ci * g.h + r.ih) * g.w;
+    if (g.stride_w == 1) {
+      add_to(xr + r.lo + r.off, in + r.lo, r.hi - r.lo);
+    } else {
+      for (int64_t ow = r.lo; ow < r.hi; ++ow) xr[ow * g.stride_w + r.off] += in[ow];
+    }
+  });
+}
+
+template <class T>
+void epilogue(const EpilogueArgs& a) {
+  T* data = static_cast<T*>(a.data);
+  const T* bias = static_cast<const T*>(a.bias);
+  T* pre = static_cast<T*>(a.preact);
+  at::parallel_for(0, a.rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      epilogue_row(data + r * a.ld, a.cols, bias != nullptr ? bias[r] : T(0),
+                   pre != nullptr ? pre + r * a.preact_ld : nullptr, a.act);
+    }
+  });
+}
+
+// float and double only: conv_cpu.cpp hands the half types over in float.
+template <class F>
+void dispatch_float_double(c10::ScalarType dtype, F&& f) {
+  if (dtype == c10::ScalarType::Double) return f(double{});
+  TORCH_CHECK(dtype == c10::ScalarType::Float,
+              "dilated_conv2d CPU kernel: expected float32 or "
+              "float64, got ",
+              dtype);
+  f(float{});
+}
+
+#define TORCH_EXT_CONV_ENTRY(name, Args)                                       \
+  void name##_entry(const Args& a) {                                           \
+    dispatch_float_double(a.dtype, [&](auto tag) { name<decltype(tag)>(a); }); \
+  }
+TORCH_EXT_CONV_ENTRY(depthwise_forward, DepthwiseForwardArgs)
+TORCH_EXT_CONV_ENTRY(depthwise_backward_input, DepthwiseBackwardInputArgs)
+TORCH_EXT_CONV_ENTRY(depthwise_backward_weight, DepthwiseBackwardWeightArgs)
+TORCH_EXT_CONV_ENTRY(im2col, Im2colArgs)
+TORCH_EXT_CONV_ENTRY(col2im, Col2imArgs)
+TORCH_EXT_CONV_ENTRY(epilogue, EpilogueArgs)
+#undef TORCH_EXT_CONV_ENTRY
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+
+const ConvCpuKernels TORCH_EXT_CPU_KERNEL_TABLE(conv_cpu_kernels) = {
+    depthwise_forward_entry,
+    depthwise_backward_input_entry,
+    depthwise_backward_weight_entry,
+    im2col_entry,
+    col2im_entry,
+    epilogue_entry};
+
+}  // namespace torch_ext::conv_impl

@@ -1,0 +1,91 @@
+#pragma once
+
+// The interface between conv_cpu.cpp (checks, allocation, GEMMs through ATen) and the loops of
+// conv_cpu_kernel.cpp, which are compiled once per CPU capability. Plain pointers and sizes;
+// float and double only (conv_cpu.cpp computes the half types in float). All maps are NCHW.
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+#include "ops/conv/conv_common.h"
+
+namespace torch_ext::conv_impl {
+
+// Depthwise convolution, direct: output[n, co] = act(bias[co] + sum_taps w[co] * x[n, co / m]).
+struct DepthwiseForwardArgs {
+  c10::ScalarType dtype;
+  const void* input;   // [N, C_in, H, W]
+  const void* weight;  // [C_out, 1, kh, kw]
+  const void* bias;    // [C_out] or nullptr
+  void* output;        // [N, C_out, oh, ow]
+  void* preact;        // [N, C_out, oh, ow] or nullptr
+  ConvGeometry g;
+  Activation act;
+};
+
+// grad_input[n, c] = sum over the c_out / c_in output channels of c of the transposed taps.
+struct DepthwiseBackwardInputArgs {
+  c10::ScalarType dtype;
+  const void* grad_preact;  // [N, C_out, oh, ow]: grad_output through the activation
+  const void* weight;
+  void* grad_input;  // [N, C_in, H, W], fully written
+  ConvGeometry g;
+};
+
+// grad_weight[co, tap] = sum over (n, oh, ow); each channel summed by one thread in a fixed
+// order (deterministic), in double.
+struct DepthwiseBackwardWeightArgs {
+  c10::ScalarType dtype;
+  const void* grad_preact;
+  const void* input;
+  void* grad_weight;  // [C_out, 1, kh, kw], fully written
+  ConvGeometry g;
+};
+
+// One tile of the im2col matrix of one (image, group): col[r, t] for rows r = (ci, i, j) of the
+// group's c_in / groups channels and columns t = output pixels p0 .. p1 - 1 (p = oh * ow + ow),
+// zero where the tap falls into the padding. col2im adds such a tile back into a map.
+struct Im2colArgs {
+  c10::ScalarType dtype;
+  const void* image;  // the group's first channel of one image: [c_in / groups, H, W]
+  void* col;          // [c_in / groups * kh * kw, p1 - p0]
+  ConvGeometry g;
+  int64_t p0, p1;
+};
+
+struct Col2imArgs {
+  c10::ScalarType dtype;
+  const void* col;  // [c_in / groups * kh * kw, p1 - p0]
+  void* image;      // [c_in / groups, H, W], accumulated into
+  ConvGeometry g;
+  int64_t p0, p1;
+};
+
+// In place over a [rows, cols] block with leading dimension ld: v = data + bias[row];
+// preact = v (when given); data = act(v).
+struct EpilogueArgs {
+  c10::ScalarType dtype;
+  void* data;
+  int64_t ld;
+  int64_t rows, cols;
+  const void* bias;  // [rows] or nullptr
+  void* preact;      // same layout as data (leading dimension preact_ld) or nullptr
+  int64_t preact_ld;
+  Activation act;
+};
+
+struct ConvCpuKernels {
+  void (*depthwise_forward)(const DepthwiseForwardArgs&);
+  void (*depthwise_backward_input)(const DepthwiseBackwardInputArgs&);
+  void (*depthwise_backward_weight)(const DepthwiseBackwardWeightArgs&);
+  void (*im2col)(const Im2colArgs&);
+  void (*col2im)(const Col2imArgs&);
+  void (*epilogue)(const EpilogueArgs&);
+};
+
+extern const ConvCpuKernels conv_cpu_kernels_DEFAULT;
+extern const ConvCpuKernels conv_cpu_kernels_AVX2;
+extern const ConvCpuKernels conv_cpu_kernels_AVX512;
+
+}  // namespace torch_ext::conv_impl

@@ -1,0 +1,485 @@
+// CUDA kernels of dilated_conv2d.
+//
+// Depthwise (groups == C_in): a tiled direct kernel. A block computes an 8 x 32 tile of one
+// (image, channel) plane; it stages the input patch the tile reads (all dilated taps) and the
+// channel's taps in shared memory, so every input element is read from global memory once per
+// tile instead of once per tap; bias and activation are applied before the single store. A plain
+// one-thread-per-output kernel serves patches too large for shared memory. The input gradient is
+// a gather (one thread per input element over the taps that reach it), the weight gradient one
+// block per (channel, tap) with a fixed-order tree reduction: no atomics, deterministic.
+//
+// General: im2col for a chunk of images and one group, a batched cuBLAS GEMM (at::matmul), and
+// an epilogue kernel that writes the GEMM result into the output with bias and activation. The
+// backward multiplies by the transposed weight and folds the columns back with a gather kernel
+// (col2im, one thread per input element); the weight gradient is a batched GEMM summed over the
+// chunk. float16/bfloat16 accumulate in float32.
+//
+// TORCH_EXT_CONV_ROUTE=vendor sends the convolution to ATen (cuDNN) with the activation after it;
+// by default every shape takes these kernels. channels_last tensors are computed in NCHW.
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <string_view>
+
+#include "common/dispatch.h"
+#include "ops/conv/conv_common.h"
+
+namespace torch_ext::conv_impl {
+namespace {
+
+constexpr int kTileH = 8;
+constexpr int kTileW = 32;
+constexpr int kThreads = 256;
+constexpr int64_t kMaxSharedBytes = 48 * 1024;
+
+// The geometry, as plain fields usable on the device.
+struct Geo {
+  int64_t n, c_in, h, w, c_out, kh, kw, groups;
+  int64_t sh, sw, pt, pl, dh, dw, oh, ow;
+};
+
+Geo to_geo(const ConvGeometry& g) {
+  return {g.n,        g.c_in,     g.h,       g.w,        g.c_out, g.kh,    g.kw, g.groups,
+          g.stride_h, g.stride_w, g.pad_top, g.pad_left, g.dil_h, g.dil_w, g.oh, g.ow};
+}
+
+template <class A>
+__device__ __forceinline__ A activate(A v, int act) {
+  switch (act) {
+    case static_cast<int>(Activation::Relu):
+      return (v > A(0) || v != v) ? v : A(0);  // NaN stays NaN, like torch.relu
+    case static_cast<int>(Activation::Silu):
+      return v / (A(1) + exp(-v));
+    case static_cast<int>(Activation::Gelu):
+      return A(0.5) * v * (A(1) + erf(v * A(0.70710678118654752440)));
+    default:
+      return v;
+  }
+}
+
+int blocks_for(int64_t work) {
+  return static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, int64_t{1} << 20));
+}
+
+// ---------------------------------------------------------------- depthwise
+
+// Patch of input the tile reads, and its size in elements.
+__host__ __device__ inline int64_t patch_rows(const Geo& g) {
+  return (kTileH - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+}
+__host__ __device__ inline int64_t patch_cols(const Geo& g) {
+  return (kTileW - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+}
+
+template <class T>
+__global__ void depthwise_forward_tiled(const T* __restrict__ x, const T* __restrict__ w,
+                                        const T* __restrict__ b, T* __restrict__ y,
+                                        T* __restrict__ pre, Geo g, int act) {
+  using A = at::opmath_type<T>;
+  extern __shared__ unsigned char smem_raw[];
+  A* patch = reinterpret_cast<A*>(smem_raw);
+  const int64_t prow = patch_rows(g), pcol = patch_cols(g), taps = g.kh * g.kw;
+  A* wsh = patch + prow * pcol;
+  const int64_t plane = blockIdx.z;  // n * c_out + co
+  const int64_t co = plane % g.c_out, n = plane / g.c_out;
+  const int64_t ci = co / (g.c_out / g.c_in);
+  const int64_t oh0 = int64_t(blockIdx.y) * kTileH, ow0 = int64_t(blockIdx.x) * kTileW;
+  const int64_t ih0 = oh0 * g.sh - g.pt, iw0 = ow0 * g.sw - g.pl;
+  const T* xp = x + (n * g.c_in + ci) * g.h * g.w;
+  const int tid = threadIdx.y * kTileW + threadIdx.x;
+  for (int64_t k = tid; k < prow * pcol; k += kThreads) {
+    const int64_t ih = ih0 + k / pcol, iw = iw0 + k % pcol;
+    patch[k] = (ih >= 0 && ih < g.h && iw >= 0 && iw < g.w) ? A(xp[ih * g.w + iw]) : A(0);
+  }
+  for (int64_t k = tid; k < taps; k += kThreads) wsh[k] = A(w[co * taps + k]);
+  __syncthreads();
+  const int64_t oh = oh0 + threadIdx.y, ow = ow0 + threadIdx.x;
+  if (oh >= g.oh || ow >= g.ow) return;
+  A acc = b != nullptr ? A(b[co]) : A(0);
+  const A* base = patch + threadIdx.y * g.sh * pcol + threadIdx.x * g.sw;
+  for (int64_t i = 0; i < g.kh; ++i) {
+    for (int64_t j = 0; j < g.kw; ++j) {
+      acc += wsh[i * g.kw + j] * base[i * g.dh * pcol + j * g.dw];
+    }
+  }
+  const int64_t o = plane * g.oh * g.ow + oh * g.ow + ow;
+  if (pre != nullptr) pre[o] = T(acc);
+  y[o] = T(activate(acc, act));
+}
+
+template <class T>
+__global__ void depthwise_forward_direct(const T* __restrict__ x, const T* __restrict__ w,
+                                         const T* __restrict__ b, T* __restrict__ y,
+                                         T* __restrict__ pre, Geo g, int act) {
+  using A = at::opmath_type<T>;
+  const int64_t total = g.n * g.c_out * g.oh * g.ow;
+  for (int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; o < total;
+       o += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t ow = o % g.ow, oh = o / g.ow % g.oh, plane = o / (g.ow * g.oh);
+    const int64_t co = plane % g.c_out, n = plane / g.c_out, ci = co / (g.c_out / g.c_in);
+    const T* xp = x + (n * g.c_in + ci) * g.h * g.w;
+    const T* wp = w + co * g.kh * g.kw;
+    A acc = b != nullptr ? A(b[co]) : A(0);
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+      if (ih < 0 || ih >= g.h) continue;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t iw = ow * g.sw - g.pl + j * g.dw;
+        if (iw < 0 || iw >= g.w) continue;
+        acc += A(wp[i * g.kw + j]) * A(xp[ih * g.w + iw]);
+      }
+    }
+    if (pre != nullptr) pre[o] = T(acc);
+    y[o] = T(activate(acc, act));
+  }
+}
+
+// Output index along one axis reached from input position `in` by tap `t`, or -1.
+__device__ __forceinline__ int64_t source_index(int64_t in, int64_t t, int64_t pad, int64_t dil,
+                                                int64_t stride, int64_t out) {
+  const int64_t s = in + pad - t * dil;
+  if (s < 0 || s % stride != 0) return -1;
+  const int64_t o = s / stride;
+  return o < out ? o : -1;
+}
+
+template <class T>
+__global__ void depthwise_backward_input(const T* __restrict__ gy, const T* __restrict__ w,
+                                         T* __restrict__ gx, Geo g) {
+  using A = at::opmath_type<T>;
+  const int64_t mult = g.c_out / g.c_in, total = g.n * g.c_in * g.h * g.w;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t iw = e % g.w, ih = e / g.w % g.h, plane = e / (g.w * g.h);
+    const int64_t ci = plane % g.c_in, n = plane / g.c_in;
+    A acc = 0;
+    for (int64_t m = 0; m < mult; ++m) {
+      const int64_t co = ci * mult + m;
+      const T* gp = gy + (n * g.c_out + co) * g.oh * g.ow;
+      const T* wp = w + co * g.kh * g.kw;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t oh = source_index(ih, i, g.pt, g.dh, g.sh, g.oh);
+        if (oh < 0) continue;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t ow = source_index(iw, j, g.pl, g.dw, g.sw, g.ow);
+          if (ow < 0) continue;
+          acc += A(wp[i * g.kw + j]) * A(gp[oh * g.ow + ow]);
+        }
+      }
+    }
+    gx[e] = T(acc);
+  }
+}
+
+// One block per (channel, tap): sum over (n, oh, ow) of gy * x, tree-reduced in a fixed order.
+template <class T>
+__global__ void depthwise_backward_weight(const T* __restrict__ gy, const T* __restrict__ x,
+                                          T* __restrict__ gw, Geo g) {
+  using A = at::opmath_type<T>;
+  __shared__ A partial[kThreads];
+  const int64_t taps = g.kh * g.kw;
+  const int64_t co = blockIdx.x / taps, tap = blockIdx.x % taps;
+  const int64_t i = tap / g.kw, j = tap % g.kw, ci = co / (g.c_out / g.c_in);
+  const int64_t per_image = g.oh * g.ow;
+  A acc = 0;
+  for (int64_t e = threadIdx.x; e < g.n * per_image; e += kThreads) {
+    const int64_t n = e / per_image, p = e % per_image, oh = p / g.ow, ow = p % g.ow;
+    const int64_t ih = oh * g.sh - g.pt + i * g.dh, iw = ow * g.sw - g.pl + j * g.dw;
+    if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) continue;
+    acc +=
+        A(gy[(n * g.c_out + co) * per_image + p]) * A(x[((n * g.c_in + ci) * g.h + ih) * g.w + iw]);
+  }
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s /= 2) {
+    if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) gw[co * taps + tap] = T(partial[0]);
+}
+
+// ---------------------------------------------------------------- general (im2col + GEMM)
+
+// col[b, r, p] for images n0 + b of group grp: r = (ci * kh + i) * kw + j, p = oh * ow + ow.
+template <class T>
+__global__ void im2col_kernel(const T* __restrict__ x, T* __restrict__ col, Geo g, int64_t n0,
+                              int64_t nb, int64_t grp) {
+  const int64_t cin = g.c_in / g.groups, K = cin * g.kh * g.kw, P = g.oh * g.ow;
+  const int64_t total = nb * K * P;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t p = e % P, r = e / P % K, b = e / (P * K);
+    const int64_t j = r % g.kw, i = r / g.kw % g.kh, ci = r / (g.kw * g.kh);
+    const int64_t oh = p / g.ow, ow = p % g.ow;
+    const int64_t ih = oh * g.sh - g.pt + i * g.dh, iw = ow * g.sw - g.pl + j * g.dw;
+    const bool inside = ih >= 0 && ih < g.h && iw >= 0 && iw < g.w;
+    col[e] = inside ? x[(((n0 + b) * g.c_in + grp * cin + ci) * g.h + ih) * g.w + iw] : T(0);
+  }
+}
+
+// grad_input[n0 + b, grp * cin + ci, ih, iw] = sum over the taps that reach it of dcol.
+template <class T>
+__global__ void col2im_kernel(const T* __restrict__ dcol, T* __restrict__ gx, Geo g, int64_t n0,
+                              int64_t nb, int64_t grp) {
+  using A = at::opmath_type<T>;
+  const int64_t cin = g.c_in / g.groups, K = cin * g.kh * g.kw, P = g.oh * g.ow;
+  const int64_t total = nb * cin * g.h * g.w;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t iw = e % g.w, ih = e / g.w % g.h, ci = e / (g.w * g.h) % cin;
+    const int64_t b = e / (g.w * g.h * cin);
+    A acc = 0;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t oh = source_index(ih, i, g.pt, g.dh, g.sh, g.oh);
+      if (oh < 0) continue;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t ow = source_index(iw, j, g.pl, g.dw, g.sw, g.ow);
+        if (ow < 0) continue;
+        acc += A(dcol[(b * K + (ci * g.kh + i) * g.kw + j) * P + oh * g.ow + ow]);
+      }
+    }
+    gx[(((n0 + b) * g.c_in + grp * cin + ci) * g.h + ih) * g.w + iw] = T(acc);
+  }
+}
+
+// out[n0 + b, grp * cout + r, p] = act(ybuf[b, r, p] + bias), preact alike.
+template <class T>
+__global__ void epilogue_kernel(const T* __restrict__ ybuf, const T* __restrict__ bias,
+                                T* __restrict__ out, T* __restrict__ pre, Geo g, int64_t n0,
+                                int64_t nb, int64_t grp, int act) {
+  using A = at::opmath_type<T>;
+  const int64_t cout = g.c_out / g.groups, P = g.oh * g.ow, total = nb * cout * P;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t p = e % P, r = e / P % cout, b = e / (P * cout);
+    const int64_t c = grp * cout + r;
+    const A v = A(ybuf[e]) + (bias != nullptr ? A(bias[c]) : A(0));
+    const int64_t o = ((n0 + b) * g.c_out + c) * P + p;
+    if (pre != nullptr) pre[o] = T(v);
+    out[o] = T(activate(v, act));
+  }
+}
+
+// Images per chunk: the column buffer of one chunk stays under about 256 MiB.
+int64_t chunk_images(const Geo& g, int64_t element_size) {
+  const int64_t per_image =
+      std::max<int64_t>(1, (g.c_in / g.groups) * g.kh * g.kw * g.oh * g.ow * element_size);
+  return std::clamp<int64_t>((int64_t{256} << 20) / per_image, 1, std::max<int64_t>(g.n, 1));
+}
+
+bool vendor_forced() {
+  const char* forced = std::getenv("TORCH_EXT_CONV_ROUTE");
+  return forced != nullptr && std::string_view(forced) == "vendor";
+}
+
+at::Tensor activate_tensor(const at::Tensor& v, Activation act) {
+  switch (act) {
+    case Activation::Relu:
+      return at::relu(v);
+    case Activation::Silu:
+      return at::silu(v);
+    case Activation::Gelu:
+      return at::gelu(v, "none");
+    default:
+      return v;
+  }
+}
+
+// ---------------------------------------------------------------- entry points
+
+std::tuple<at::Tensor, at::Tensor> conv_forward_cuda(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding4, at::IntArrayRef dilation, int64_t groups,
+    std::string_view activation, bool save_preact) {
+  check_conv_args("dilated_conv2d", input, weight, bias, stride, padding4, dilation, groups);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto act = parse_activation(activation);
+  const auto cg = make_geometry(input, weight, stride, padding4, dilation, groups);
+  const Geo g = to_geo(cg);
+  const bool with_preact = save_preact && backward_needs_preact(act);
+  const auto format = conv_memory_format(input);
+  const bool symmetric = padding4[0] == padding4[2] && padding4[1] == padding4[3];
+  if (vendor_forced() && symmetric) {
+    auto z = at::convolution(input, weight, bias, stride, {padding4[0], padding4[1]}, dilation,
+                             false, {0, 0}, groups)
+                 .contiguous(format);
+    return {activate_tensor(z, act), with_preact ? z : at::empty({0}, input.options())};
+  }
+  const auto x = input.contiguous();
+  const auto w = weight.contiguous();
+  const auto b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  auto out = at::empty({g.n, g.c_out, g.oh, g.ow}, x.options());
+  auto pre = with_preact ? at::empty_like(out) : at::Tensor();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (out.numel() > 0) {
+    dispatch_float_types(x.scalar_type(), "dilated_conv2d", [&](auto tag) {
+      using T = decltype(tag);
+      using A = at::opmath_type<T>;
+      const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
+      T* pp = with_preact ? pre.mutable_data_ptr<T>() : nullptr;
+      if (cg.depthwise()) {
+        const int64_t smem = (patch_rows(g) * patch_cols(g) + g.kh * g.kw) * sizeof(A);
+        if (smem <= kMaxSharedBytes) {
+          const dim3 grid((g.ow + kTileW - 1) / kTileW, (g.oh + kTileH - 1) / kTileH,
+                          g.n * g.c_out);
+          TORCH_CHECK(g.n * g.c_out <= 65535 && grid.y <= 65535,
+                      "dilated_conv2d: too many planes for one launch");
+          depthwise_forward_tiled<T><<<grid, dim3(kTileW, kTileH), smem, stream>>>(
+              x.const_data_ptr<T>(), w.const_data_ptr<T>(), bp, out.mutable_data_ptr<T>(), pp, g,
+              static_cast<int>(act));
+        } else {
+          depthwise_forward_direct<T><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
+              x.const_data_ptr<T>(), w.const_data_ptr<T>(), bp, out.mutable_data_ptr<T>(), pp, g,
+              static_cast<int>(act));
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+      const int64_t cin = g.c_in / g.groups, cout = g.c_out / g.groups;
+      const int64_t K = cin * g.kh * g.kw, P = g.oh * g.ow;
+      const int64_t chunk = chunk_images(g, x.element_size());
+      const auto w3 = w.view({g.groups, cout, K});
+      auto col = at::empty({chunk, K, P}, x.options());
+      for (int64_t n0 = 0; n0 < g.n; n0 += chunk) {
+        const int64_t nb = std::min(chunk, g.n - n0);
+        auto colb = col.narrow(0, 0, nb);
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          im2col_kernel<T><<<blocks_for(nb * K * P), kThreads, 0, stream>>>(
+              x.const_data_ptr<T>(), colb.mutable_data_ptr<T>(), g, n0, nb, grp);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          const auto ybuf = at::matmul(w3[grp], colb).contiguous();  // [nb, cout, P]
+          epilogue_kernel<T><<<blocks_for(ybuf.numel()), kThreads, 0, stream>>>(
+              ybuf.const_data_ptr<T>(), bp, out.mutable_data_ptr<T>(), pp, g, n0, nb, grp,
+              static_cast<int>(act));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      }
+    });
+  }
+  return {out.contiguous(format),
+          with_preact ? pre.contiguous(format) : at::empty({0}, input.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& saved, at::IntArrayRef stride, at::IntArrayRef padding4,
+    at::IntArrayRef dilation, int64_t groups, std::string_view activation,
+    std::array<bool, 3> output_mask) {
+  const auto act = parse_activation(activation);
+  check_conv_backward_args(grad_output, input, weight, saved, stride, padding4, dilation, groups,
+                           act);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto cg = make_geometry(input, weight, stride, padding4, dilation, groups);
+  const Geo g = to_geo(cg);
+  const auto format = conv_memory_format(input);
+  const auto none = at::empty({0}, input.options());
+  const bool symmetric = padding4[0] == padding4[2] && padding4[1] == padding4[3];
+  if (vendor_forced() && symmetric) {
+    auto [gi, gw, gb] = at::convolution_backward(
+        activation_backward(grad_output, saved, act), input, weight,
+        std::vector<int64_t>{weight.size(0)}, stride, {padding4[0], padding4[1]}, dilation, false,
+        {0, 0}, groups, output_mask);
+    return {output_mask[0] ? gi.contiguous(format) : none, output_mask[1] ? gw : none,
+            output_mask[2] ? gb : none};
+  }
+  const auto gy = activation_backward(grad_output, saved, act).contiguous();
+  const auto x = input.contiguous();
+  const auto w = weight.contiguous();
+  at::Tensor gi = output_mask[0] ? at::empty_like(x) : at::Tensor();
+  at::Tensor gw = output_mask[1] ? at::empty_like(w) : at::Tensor();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (gy.numel() == 0) {
+    if (gi.defined()) gi.zero_();
+    if (gw.defined()) gw.zero_();
+  } else if (x.numel() > 0) {
+    dispatch_float_types(x.scalar_type(), "dilated_conv2d backward", [&](auto tag) {
+      using T = decltype(tag);
+      if (cg.depthwise()) {
+        if (gi.defined()) {
+          depthwise_backward_input<T><<<blocks_for(gi.numel()), kThreads, 0, stream>>>(
+              gy.const_data_ptr<T>(), w.const_data_ptr<T>(), gi.mutable_data_ptr<T>(), g);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        if (gw.defined()) {
+          depthwise_backward_weight<T><<<g.c_out * g.kh * g.kw, kThreads, 0, stream>>>(
+              gy.const_data_ptr<T>(), x.const_data_ptr<T>(), gw.mutable_data_ptr<T>(), g);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        return;
+      }
+      const int64_t cin = g.c_in / g.groups, cout = g.c_out / g.groups;
+      const int64_t K = cin * g.kh * g.kw, P = g.oh * g.ow;
+      const int64_t chunk = chunk_images(g, x.element_size());
+      const auto w3 = w.view({g.groups, cout, K});
+      const auto gy3 = gy.view({g.n, g.c_out, P});
+      auto col = at::empty({chunk, K, P}, x.options());
+      at::Tensor gw_acc;
+      if (gw.defined()) {
+        gw_acc =
+            at::zeros({g.groups, cout, K}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+      }
+      for (int64_t n0 = 0; n0 < g.n; n0 += chunk) {
+        const int64_t nb = std::min(chunk, g.n - n0);
+        auto colb = col.narrow(0, 0, nb);
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          const auto gyb = gy3.narrow(0, n0, nb).narrow(1, grp * cout, cout);  // [nb, cout, P]
+          if (gw.defined()) {
+            im2col_kernel<T><<<blocks_for(nb * K * P), kThreads, 0, stream>>>(
+                x.const_data_ptr<T>(), colb.mutable_data_ptr<T>(), g, n0, nb, grp);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            gw_acc[grp] +=
+                at::matmul(gyb, colb.transpose(1, 2)).sum(0, false, gw_acc.scalar_type());
+          }
+          if (gi.defined()) {
+            const auto dcol = at::matmul(w3[grp].t(), gyb).contiguous();  // [nb, K, P]
+            col2im_kernel<T><<<blocks_for(nb * cin * g.h * g.w), kThreads, 0, stream>>>(
+                dcol.const_data_ptr<T>(), gi.mutable_data_ptr<T>(), g, n0, nb, grp);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+        }
+      }
+      if (gw.defined()) gw.copy_(gw_acc.view(w.sizes()));
+    });
+  }
+  return {output_mask[0] ? gi.contiguous(format) : none, output_mask[1] ? gw : none,
+          output_mask[2]
+              ? gy.sum({0, 2, 3}, false, at::toOpMathType(gy.scalar_type())).to(gy.scalar_type())
+              : none};
+}
+
+std::string conv_route_cuda(const at::Tensor& input, const at::Tensor& weight,
+                            at::IntArrayRef padding4, int64_t groups) {
+  const bool symmetric =
+      padding4.size() == 4 && padding4[0] == padding4[2] && padding4[1] == padding4[3];
+  if (vendor_forced() && symmetric) return "vendor";
+  const int64_t c_in = input.dim() >= 2 ? input.size(1) : 0;
+  return groups == c_in && groups > 1 ? "depthwise" : "gemm";
+}
+
+}  // namespace
+}  // namespace torch_ext::conv_impl
+
+TORCH_LIBRARY_IMPL(torch_ext, CUDA, m) {
+  m.impl("_dilated_conv2d_route", torch_ext::conv_impl::conv_route_cuda);
+  m.impl("_dilated_conv2d_forward", torch_ext::conv_impl::conv_forward_cuda);
+  m.impl("_dilated_conv2d_backward", torch_ext::conv_impl::conv_backward_cuda);
+}
