@@ -88,3 +88,30 @@ def test_export_spp_family_on_cuda():
         ({0: Dim("batch", min=1, max=64)},),
         (torch.randn(4, 3, 16, 12, device="cuda"),),
     )
+
+
+class DilatedNet(nn.Module):
+    """A dilated stem with a fused activation, a depthwise dilated conv and an ASPP head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch_ext.nn.DilatedConv2d(3, 8, 3, padding=2, dilation=2, activation="relu")
+        self.depthwise = torch_ext.nn.DilatedConv2d(8, 8, 5, padding="same", dilation=3, groups=8)
+        self.aspp = torch_ext.nn.ASPP(8, 8, rates=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aspp(self.depthwise(self.stem(x)))
+
+
+def test_export_conv_family_with_dynamic_batch_and_size():
+    torch.manual_seed(0)
+    model = DilatedNet().eval()
+    batch, height, width = Dim("batch", min=1, max=64), Dim("h", min=8, max=256), Dim("w")
+    program = export_and_compare(
+        model,
+        (torch.randn(2, 3, 16, 12),),
+        ({0: batch, 2: height, 3: width},),
+        (torch.randn(3, 3, 21, 9),),
+    )
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert any("torch_ext.dilated_conv2d" in t for t in targets), targets

@@ -20,6 +20,7 @@ import torch_ext
 
 # Families: one import line each; importing a module registers its family.
 from torch_ext._bench import checkpoint as _checkpoint_family  # noqa: F401  (registers it)
+from torch_ext._bench import conv as _conv_family  # noqa: F401  (registers "conv")
 from torch_ext._bench import metrics as _metrics_family  # noqa: F401  (registers "metrics")
 from torch_ext._bench import spp as _spp_family  # noqa: F401  (registers "spp")
 from torch_ext._bench.registry import Case, CheckResult, Family, families

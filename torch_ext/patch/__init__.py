@@ -5,6 +5,10 @@ back the very objects it replaced, and raises ValueError when it finds nothing t
 
 ``apply_checkpointing(model)`` wraps a model's layers (by default Hugging Face style
 ``*DecoderLayer`` modules) in gradient checkpointing; ``undo_checkpointing(model)`` removes it.
+
+``swap_convs(model)`` replaces a model's dilated ``nn.Conv2d`` modules (and, with
+``depthwise=True``, its depthwise ones) by ``torch_ext.nn.DilatedConv2d`` sharing their
+parameters; ``undo_swap_convs(model)`` puts the original convs back.
 """
 
 from torch_ext.patch.checkpointing import (
@@ -12,5 +16,13 @@ from torch_ext.patch.checkpointing import (
     apply_checkpointing,
     undo_checkpointing,
 )
+from torch_ext.patch.convs import SwapConvsHandle, swap_convs, undo_swap_convs
 
-__all__ = ["CheckpointingHandle", "apply_checkpointing", "undo_checkpointing"]
+__all__ = [
+    "CheckpointingHandle",
+    "SwapConvsHandle",
+    "apply_checkpointing",
+    "swap_convs",
+    "undo_checkpointing",
+    "undo_swap_convs",
+]

@@ -9,24 +9,15 @@ changes: no class, function or other model is touched.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from torch import nn
 
 from torch_ext.checkpoint import CheckpointWrapper, _check_options, checkpoint_wrapper
+from torch_ext.patch._slots import Slot, find_slots
 
 __all__ = ["CheckpointingHandle", "apply_checkpointing", "undo_checkpointing"]
 
 _HF_SUFFIX = "DecoderLayer"
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """One place a module sits in the model: ``parent._modules[name]``, at ``path``."""
-
-    parent: nn.Module
-    name: str
-    path: str
 
 
 class CheckpointingHandle:
@@ -41,7 +32,7 @@ class CheckpointingHandle:
     Also a context manager: ``with apply_checkpointing(model): train(model)`` undoes on exit.
     """
 
-    def __init__(self, model: nn.Module, patches: list[tuple[CheckpointWrapper, list[_Slot]]]):
+    def __init__(self, model: nn.Module, patches: list[tuple[CheckpointWrapper, list[Slot]]]):
         self.model = model
         self._patches = patches
         self.wrapped = [slots[0].path for _, slots in patches]
@@ -203,32 +194,20 @@ def _refuse_hf_checkpointing(model: nn.Module) -> None:
             )
 
 
-def _find_layers(model: nn.Module, matches) -> list[tuple[nn.Module, list[_Slot]]]:
+def _find_layers(model: nn.Module, matches) -> list[tuple[nn.Module, list[Slot]]]:
     """Every distinct matching module in module order, with all the slots it sits in.
 
     Does not search inside a match. Raises ValueError for a match inside a CheckpointWrapper
     that is not itself the match: wrapping it would checkpoint twice.
     """
-    found: dict[int, tuple[nn.Module, list[_Slot]]] = {}
-    visited: set[int] = set()
 
-    def visit(parent: nn.Module, prefix: str) -> None:
-        if id(parent) in visited:
-            return
-        visited.add(id(parent))
-        for name, child in parent._modules.items():
-            if child is None:
-                continue
-            path = prefix + name
-            if matches(child):
-                found.setdefault(id(child), (child, []))[1].append(_Slot(parent, name, path))
-            elif isinstance(child, CheckpointWrapper):
-                _refuse_match_inside(child, matches, path)
-            else:
-                visit(child, path + ".")
+    def look_inside(child: nn.Module, path: str) -> bool:
+        if isinstance(child, CheckpointWrapper):
+            _refuse_match_inside(child, matches, path)
+            return False
+        return True
 
-    visit(model, "")
-    return list(found.values())
+    return find_slots(model, matches, look_inside)
 
 
 def _refuse_match_inside(wrapper: CheckpointWrapper, matches, path: str) -> None:
