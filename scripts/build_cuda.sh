@@ -28,7 +28,8 @@ import torch, torch_ext
 info = torch_ext.build_info()
 assert "CUDA" in info["backends"], info
 for op in ("_spp_forward", "_spp_backward", "sppf", "_sppf_backward", "confusion_matrix",
-           "_confusion_matrix_accumulate"):
+           "_confusion_matrix_accumulate", "_dilated_conv2d_forward", "_dilated_conv2d_backward",
+           "_dilated_conv2d_route"):
     assert torch_ext.has_kernel(op, "CUDA"), op
 print(f"[cuda] linked and loaded: {info['path']}: torch {info['torch']}, CUDA {info['cuda']}, "
       f"architectures {info['cuda_architectures']}; CUDA kernels registered")

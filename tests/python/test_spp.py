@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from dtype_tables import FLOATS, HALF_TOL, HALVES, REF_DTYPE
 
 import torch_ext
 from torch_ext.nn import SPPF, SpatialPyramidPooling
@@ -37,21 +38,11 @@ def sppf_reference(x: torch.Tensor, kernel_size: int, repeats: int) -> torch.Ten
     return torch.cat(stages, 1)
 
 
-# float32/float64 are checked against float64, the half types against float32 (same values).
-REF_DTYPE = {
-    torch.float64: torch.float64,
-    torch.float32: torch.float64,
-    torch.float16: torch.float32,
-    torch.bfloat16: torch.float32,
-}
 TOL = {
     torch.float64: dict(rtol=1e-12, atol=1e-12),
     torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+    **HALF_TOL,
 }
-FLOATS = [torch.float32, torch.float64]
-HALVES = [torch.float16, torch.bfloat16]
 
 # ---------------------------------------------------------------- inputs
 

@@ -1,0 +1,20 @@
+"""The dtype tables the op tests share: what each dtype is checked against, and how closely."""
+
+from __future__ import annotations
+
+import torch
+
+# float32/float64 are checked against float64, the half types against float32 (same values).
+REF_DTYPE = {
+    torch.float64: torch.float64,
+    torch.float32: torch.float64,
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+}
+# Tolerances of the half types against their float32 reference (one rounding of the output).
+HALF_TOL = {
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+}
+FLOATS = [torch.float32, torch.float64]
+HALVES = [torch.float16, torch.bfloat16]

@@ -1,0 +1,901 @@
+"""torch_ext.dilated_conv2d (and its raw ops) against torch.nn.functional.conv2d.
+
+The reference is F.conv2d followed by the activation (F.relu, F.silu, F.gelu), computed in
+float64 (float32 for the half types, from the same rounded values), with autograd through it
+for the gradients of input, weight and bias. Covered: kernels 1..7 per axis, strides 1..3,
+dilations 1..6 per axis, int / pair / "same" (even kernels: asymmetric) / "valid" padding and
+asymmetric 4-sided padding through the internal op, groups 1, grouped and depthwise (channel
+multiplier 1 and 2: the direct kernel; everything else goes through im2col + GEMM), batches
+0..4, maps as small as the dilated kernel, with and without bias, every activation; a seeded
+random sweep, gradcheck, opcheck, torch.compile, channels_last and non-contiguous inputs, the
+half types, autocast, determinism, the Meta kernels, every compiled CPU instruction set and
+every bad argument.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dtype_tables import HALF_TOL, HALVES, REF_DTYPE
+
+import torch_ext
+
+ops = torch.ops.torch_ext
+
+# F.conv2d (the reference) warns that "same" with an even kernel copies the input.
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+
+# ---------------------------------------------------------------- references
+
+ACTIVATIONS = {
+    "none": lambda t: t,
+    "relu": F.relu,
+    "silu": F.silu,
+    "gelu": F.gelu,  # the exact erf form
+}
+
+
+def conv_reference(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, activation="none"):
+    """What dilated_conv2d must compute: F.conv2d, then the activation."""
+    return ACTIVATIONS[activation](F.conv2d(x, w, b, stride, padding, dilation, groups))
+
+
+# Absolute tolerances are relative to the largest magnitude of the reference (at least 1):
+# weight gradients sum over N * oh * ow products and grow with the map.
+TOL = {
+    torch.float64: dict(rtol=1e-11, atol=1e-11),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    **HALF_TOL,
+}
+ACTIVATION_NAMES = list(ACTIVATIONS)
+
+
+def dtype_id(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@pytest.fixture(params=["auto", "own"])
+def route(request, monkeypatch) -> str:
+    """On the CPU, float32 dense convolutions with symmetric padding may go to PyTorch's own
+    convolution ("vendor"); "own" forces the library's kernels (TORCH_EXT_CONV_ROUTE, read at
+    every call), so that they are tested in float32 too."""
+    if request.param == "own":
+        monkeypatch.setenv("TORCH_EXT_CONV_ROUTE", "own")
+    return request.param
+
+
+def assert_close(actual, expected, dtype, what: str = ""):
+    """actual (any device, `dtype`) against the CPU reference, with TOL[dtype] scaled."""
+    expected = expected.detach()
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    tol = TOL[dtype]
+    torch.testing.assert_close(
+        actual.detach().cpu().to(expected.dtype),
+        expected,
+        rtol=tol["rtol"],
+        atol=tol["atol"] * scale,
+        msg=(lambda m: f"{what}\n{m}") if what else None,
+    )
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def draw(shape, gen, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+
+
+def make_tensor(shape, layout, gen, *, device="cpu", dtype=torch.float64, scale=1.0):
+    """(base, view): the leaf `base` and `view(base)`, the 4-D tensor of `shape` in `layout`:
+    "contiguous", "channels_last", "transposed" (dims 2 and 3 swapped: neither layout) or
+    "sliced" (every other channel of a wider tensor, a column window)."""
+    a, b, h, w = shape
+    if layout == "contiguous":
+        base, view = draw(shape, gen, scale), lambda t: t
+    elif layout == "channels_last":
+        base = draw(shape, gen, scale).contiguous(memory_format=torch.channels_last)
+        view = lambda t: t
+    elif layout == "transposed":
+        base, view = draw((a, b, w, h), gen, scale), lambda t: t.transpose(2, 3)
+    elif layout == "sliced":
+        base = draw((a, 2 * b, h, w + 3), gen, scale)
+        view = lambda t: t[:, ::2, :, 1 : w + 1]
+    else:
+        raise ValueError(layout)
+    base = base.to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        base = base.contiguous(memory_format=torch.channels_last)
+    assert view(base).shape == shape
+    return base, view
+
+
+def make_conv(
+    x_shape,
+    cout,
+    kernel,
+    groups,
+    gen,
+    *,
+    bias=True,
+    device="cpu",
+    dtype=torch.float64,
+    x_layout="contiguous",
+    w_layout="contiguous",
+):
+    """((x_base, x_view), (w_base, w_view), bias): weights scaled by 1 / sqrt(fan_in), so the
+    outputs are O(1) whatever the kernel."""
+    c = x_shape[1]
+    w_shape = (cout, c // groups, *kernel)
+    fan_in = (c // groups) * kernel[0] * kernel[1]
+    x = make_tensor(x_shape, x_layout, gen, device=device, dtype=dtype)
+    w = make_tensor(w_shape, w_layout, gen, device=device, dtype=dtype, scale=fan_in**-0.5)
+    b = draw((cout,), gen, 0.5).to(device=device, dtype=dtype) if bias else None
+    return x, w, b
+
+
+def check_conv(tensors, conv: dict, activation: str, gen, *, requires=(True, True, True), what=""):
+    """Forward, the gradients of every input that requires grad, and the no-grad forward of
+    torch_ext.dilated_conv2d against conv_reference (on the CPU, in REF_DTYPE).
+
+    `tensors` as make_conv returns them; `conv` the stride/padding/dilation/groups keywords,
+    passed unchanged to both. Returns (output, grads) of the op."""
+    (x_base, x_view), (w_base, w_view), b = tensors
+    dtype, device = x_base.dtype, x_base.device
+    ref_dtype = REF_DTYPE[dtype]
+    bases = (x_base, w_base, b)
+    views = (x_view, w_view, lambda t: t)
+    leaves = [
+        None if t is None else t.detach().clone().requires_grad_(r)
+        for t, r in zip(bases, requires, strict=True)
+    ]
+    ref_leaves = [
+        None if t is None else t.detach().cpu().to(ref_dtype).requires_grad_(r)
+        for t, r in zip(bases, requires, strict=True)
+    ]
+    args = [None if t is None else v(t) for t, v in zip(leaves, views, strict=True)]
+    ref_args = [None if t is None else v(t) for t, v in zip(ref_leaves, views, strict=True)]
+
+    out = torch_ext.dilated_conv2d(*args, activation=activation, **conv)
+    ref = conv_reference(*ref_args, activation=activation, **conv)
+    where = f"{what} conv={conv} activation={activation} dtype={dtype_id(dtype)}"
+    assert out.shape == ref.shape, f"{where}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert out.dtype == dtype and out.device == device, where
+    assert_close(out, ref, dtype, f"{where}: output")
+
+    grads = [None, None, None]
+    if any(leaf is not None and leaf.requires_grad for leaf in leaves):
+        grad_out = draw(out.shape, gen).to(dtype)  # the same (rounded) values for both
+        out.backward(grad_out.to(device))
+        ref.backward(grad_out.to(ref_dtype))
+        for i, name in enumerate(("input", "weight", "bias")):
+            leaf = leaves[i]
+            if leaf is None:
+                continue
+            if not leaf.requires_grad:
+                assert leaf.grad is None, f"{where}: grad of {name} not asked for"
+                continue
+            assert leaf.grad is not None, f"{where}: no grad of {name}"
+            assert leaf.grad.dtype == dtype and leaf.grad.shape == leaf.shape, where
+            assert_close(leaf.grad, ref_leaves[i].grad, dtype, f"{where}: grad of {name}")
+            grads[i] = leaf.grad
+
+    with torch.no_grad():
+        plain = [None if t is None else v(t) for t, v in zip(bases, views, strict=True)]
+        again = torch_ext.dilated_conv2d(*plain, activation=activation, **conv)
+    assert_close(again, ref, dtype, f"{where}: output without autograd")
+    return out, grads
+
+
+def conv_id(case: dict) -> str:
+    return "-".join(f"{k}{v}" for k, v in case.items())
+
+
+# ---------------------------------------------------------------- targeted cases
+
+# (id, x shape, C_out, kernel, stride, padding, dilation, groups). Dense: groups 1; grouped:
+# 1 < groups < C_in; depthwise: groups == C_in (C_out = C_in or 2 C_in).
+CASES = [
+    ("dense-k1", (2, 3, 5, 4), 4, (1, 1), 1, 0, 1, 1),
+    ("dense-k3-pad1", (2, 3, 8, 7), 5, (3, 3), 1, 1, 1, 1),
+    ("dense-k7x2-s3x1-pad-pair", (1, 4, 13, 9), 3, (7, 2), (3, 1), (2, 0), 1, 1),
+    ("dense-k2x5-s1x3-d4x1", (3, 2, 11, 14), 4, (2, 5), (1, 3), (1, 2), (4, 1), 1),
+    ("dense-k3x3-d6-out1x1", (2, 3, 13, 13), 2, (3, 3), 1, 0, 6, 1),
+    ("dense-k7-d6-out1x1", (1, 2, 37, 37), 3, (7, 7), 2, 0, 6, 1),
+    ("dense-k5x4-d2x3-same", (2, 3, 9, 10), 4, (5, 4), 1, "same", (2, 3), 1),
+    ("dense-k2-same-even", (2, 3, 6, 5), 2, (2, 2), 1, "same", 1, 1),
+    ("dense-k4x6-d3x5-same", (1, 2, 7, 6), 3, (4, 6), 1, "same", (3, 5), 1),
+    ("dense-k3x6-valid-s2", (4, 3, 8, 11), 2, (3, 6), 2, "valid", 1, 1),
+    ("dense-1x1-map-pad", (2, 3, 1, 1), 2, (3, 3), 1, 1, 1, 1),
+    ("dense-tall-k1x3-s2", (2, 3, 17, 3), 3, (1, 3), 2, (0, 1), (1, 1), 1),
+    ("dense-c1", (2, 1, 6, 7), 3, (3, 2), 1, 1, (2, 1), 1),
+    ("grouped-g2-k3-s2-d2", (2, 4, 10, 9), 6, (3, 3), 2, 2, 2, 2),
+    ("grouped-g4-k5x2-same", (1, 8, 7, 9), 8, (5, 2), 1, "same", (1, 3), 4),
+    ("grouped-g2-k6x1-s3-pad-pair", (3, 6, 14, 5), 4, (6, 1), 3, (2, 1), (1, 1), 2),
+    ("grouped-g4-out1x1", (2, 12, 5, 11), 4, (3, 6), 1, 0, (2, 2), 4),
+    ("depthwise-m1-k3", (2, 4, 7, 8), 4, (3, 3), 1, 1, 1, 4),
+    ("depthwise-m1-k5x7-s2x3-d3x2", (1, 3, 19, 16), 3, (5, 7), (2, 3), (1, 3), (3, 2), 3),
+    ("depthwise-m2-k3-d2-same", (2, 3, 7, 6), 6, (3, 3), 1, "same", 2, 3),
+    ("depthwise-m2-k4x2-same-even", (2, 5, 8, 5), 10, (4, 2), 1, "same", (1, 2), 5),
+    ("depthwise-m2-k7-s3-valid", (3, 2, 10, 12), 4, (7, 7), 3, "valid", 1, 2),
+    ("depthwise-m1-k6x3-d5x1-out1x1", (1, 2, 26, 3), 2, (6, 3), 1, 0, (5, 1), 2),
+    ("depthwise-m2-1x1-map", (4, 2, 1, 1), 4, (1, 1), 1, 0, 1, 2),
+]
+CASE_IDS = [case[0] for case in CASES]
+CASE_ARGS = [case[1:] for case in CASES]
+
+
+def conv_kwargs(stride, padding, dilation, groups) -> dict:
+    return dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+@pytest.mark.parametrize(
+    "x_shape,cout,kernel,stride,padding,dilation,groups", CASE_ARGS, ids=CASE_IDS
+)
+def test_matches_conv2d_float64(
+    device, x_shape, cout, kernel, stride, padding, dilation, groups, activation, bias, gen
+):
+    tensors = make_conv(x_shape, cout, kernel, groups, gen, bias=bias, device=device)
+    check_conv(tensors, conv_kwargs(stride, padding, dilation, groups), activation, gen)
+
+
+@pytest.mark.parametrize(
+    "x_shape,cout,kernel,stride,padding,dilation,groups", CASE_ARGS, ids=CASE_IDS
+)
+def test_float32_matches_float64_reference(
+    device, route, x_shape, cout, kernel, stride, padding, dilation, groups, gen
+):
+    tensors = make_conv(x_shape, cout, kernel, groups, gen, device=device, dtype=torch.float32)
+    check_conv(tensors, conv_kwargs(stride, padding, dilation, groups), "gelu", gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize(
+    "x_shape,cout,kernel,stride,padding,dilation,groups", CASE_ARGS, ids=CASE_IDS
+)
+def test_cases_cover_both_routes(
+    device, monkeypatch, x_shape, cout, kernel, stride, padding, dilation, groups, dtype
+):
+    """The cases named depthwise-* run the direct kernel, all others im2col + GEMM."""
+    monkeypatch.setenv("TORCH_EXT_CONV_ROUTE", "own")
+    x = torch.empty(x_shape, device=device, dtype=dtype)
+    w = torch.empty(cout, x_shape[1] // groups, *kernel, device=device, dtype=dtype)
+    expected = "depthwise" if groups == x_shape[1] and groups > 1 else "gemm"
+    assert torch_ext.conv.conv_route(x, w, padding, dilation, groups) == expected
+
+
+ROUTES = ["dense", "grouped", "depthwise-m1", "depthwise-m2"]
+
+
+def random_config(rng: torch.Generator, route: str, tiny_map: bool) -> dict:
+    def pick(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=rng))
+
+    kernel = (pick(1, 7), pick(1, 7))
+    stride = (pick(1, 3), pick(1, 3))
+    dilation = (pick(1, 6), pick(1, 6))
+    if route == "dense":
+        groups, c, cout = 1, pick(1, 5), pick(1, 5)
+    elif route == "grouped":
+        groups = (2, 4)[pick(0, 1)]
+        c, cout = groups * pick(2, 3), groups * pick(1, 3)
+    else:
+        c = pick(2, 6)
+        groups, cout = c, c * (2 if route == "depthwise-m2" else 1)
+    kind = pick(0, 3)
+    if kind == 0:
+        padding = pick(0, 3)
+        pads = (padding, padding)
+    elif kind == 1:
+        padding = (pick(0, 3), pick(0, 3))
+        pads = padding
+    elif kind == 2:
+        padding, stride, pads = "same", (1, 1), None
+    else:
+        padding, pads = "valid", (0, 0)
+    size = []
+    for axis in range(2):
+        if pads is None:  # "same": any size
+            size.append(pick(1, 9))
+            continue
+        smallest = max(1, dilation[axis] * (kernel[axis] - 1) + 1 - 2 * pads[axis])
+        size.append(smallest + (0 if tiny_map else pick(0, 6)))
+    return dict(
+        x_shape=(pick(1, 4), c, *size),
+        cout=cout,
+        kernel=kernel,
+        conv=conv_kwargs(stride, padding, dilation, groups),
+    )
+
+
+def check_random_case(rng: torch.Generator, route: str, device: str, where: str):
+    """One random configuration of `route` (see random_config), with a random activation, bias
+    or none, contiguous or channels_last input, and a map as small as the kernel one time in
+    four; forward and the three gradients in float64."""
+
+    def pick(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=rng))
+
+    cfg = random_config(rng, route, tiny_map=pick(0, 3) == 0)
+    activation = ACTIVATION_NAMES[pick(0, 3)]
+    bias = pick(0, 2) != 0
+    layout = ("contiguous", "channels_last")[pick(0, 1)]
+    tensors = make_conv(
+        cfg["x_shape"],
+        cfg["cout"],
+        cfg["kernel"],
+        cfg["conv"]["groups"],
+        rng,
+        bias=bias,
+        device=device,
+        x_layout=layout,
+    )
+    what = (
+        f"{where}: {route}, input {cfg['x_shape']} {layout}, C_out {cfg['cout']}, "
+        f"kernel {cfg['kernel']}, bias {bias}"
+    )
+    check_conv(tensors, cfg["conv"], activation, rng, what=what)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_random_configurations(device, route, gen):
+    """60 seeded random configurations (15 per route): kernel 1..7, stride 1..3, dilation 1..6
+    per axis, int / pair / "same" / "valid" padding, batch 1..4, every activation, with and
+    without bias, contiguous and channels_last, maps as small as the kernel."""
+    for case in range(15):
+        check_random_case(gen, route, device, f"case {case}")
+
+
+def test_fresh_random_configurations(device):
+    """New configurations and values on every run (the seed is in the message)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = torch.Generator().manual_seed(seed)
+    for case in range(16):
+        check_random_case(rng, ROUTES[case % 4], device, f"seed {seed}, case {case}")
+
+
+# ---------------------------------------------------------------- layouts, dtypes, empty
+
+
+LAYOUT_CASES = [
+    # (id, x shape, C_out, kernel, conv keywords)
+    ("dense", (2, 6, 9, 11), 4, (3, 2), conv_kwargs((2, 1), (1, 2), (1, 3), 1)),
+    ("grouped", (2, 6, 9, 11), 4, (3, 3), conv_kwargs(1, "same", 2, 2)),
+    ("depthwise-m2", (2, 6, 9, 11), 12, (5, 4), conv_kwargs(1, "same", (1, 2), 6)),
+]
+LAYOUT_IDS = [case[0] for case in LAYOUT_CASES]
+LAYOUT_ARGS = [case[1:] for case in LAYOUT_CASES]
+
+
+@pytest.mark.parametrize(
+    "x_layout,w_layout",
+    [
+        ("channels_last", "contiguous"),
+        ("channels_last", "channels_last"),
+        ("transposed", "contiguous"),
+        ("sliced", "transposed"),
+        ("contiguous", "sliced"),
+    ],
+)
+@pytest.mark.parametrize(
+    "dtype,route",
+    [(torch.float64, "auto"), (torch.float32, "auto"), (torch.float32, "own")],
+    ids=["float64", "float32", "float32-own"],
+    indirect=["route"],
+)
+@pytest.mark.parametrize("x_shape,cout,kernel,conv", LAYOUT_ARGS, ids=LAYOUT_IDS)
+def test_layouts(device, x_shape, cout, kernel, conv, dtype, route, x_layout, w_layout, gen):
+    tensors = make_conv(
+        x_shape,
+        cout,
+        kernel,
+        conv["groups"],
+        gen,
+        device=device,
+        dtype=dtype,
+        x_layout=x_layout,
+        w_layout=w_layout,
+    )
+    (x_base, x_view), _, _ = tensors
+    assert not x_view(x_base).is_contiguous() or x_layout == "contiguous"
+    out, _ = check_conv(tensors, conv, "silu", gen)
+    if x_layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    elif x_layout == "contiguous":
+        assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", HALVES, ids=dtype_id)
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+@pytest.mark.parametrize("x_shape,cout,kernel,conv", LAYOUT_ARGS, ids=LAYOUT_IDS)
+def test_half_precision(device, x_shape, cout, kernel, conv, activation, dtype, layout, gen):
+    """Against float32 on the same rounded values (the kernels accumulate in float32)."""
+    tensors = make_conv(
+        x_shape, cout, kernel, conv["groups"], gen, device=device, dtype=dtype, x_layout=layout
+    )
+    out, _ = check_conv(tensors, conv, activation, gen)
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=dtype_id)
+@pytest.mark.parametrize(
+    "x_shape,cout,kernel,conv",
+    [
+        ((2, 48, 20, 20), 8, (3, 3), conv_kwargs(1, 1, 1, 1)),
+        ((2, 8, 32, 32), 16, (3, 3), conv_kwargs(1, "same", 2, 8)),
+    ],
+    ids=["dense-432-term-sums", "depthwise-2048-term-sums"],
+)
+def test_half_precision_long_reductions(device, x_shape, cout, kernel, conv, dtype, gen):
+    """Sums of hundreds to thousands of products (output, weight gradient): accumulating in the
+    half type itself would miss the tolerance by far."""
+    tensors = make_conv(x_shape, cout, kernel, conv["groups"], gen, device=device, dtype=dtype)
+    check_conv(tensors, conv, "silu", gen)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("x_shape,cout,kernel,conv", LAYOUT_ARGS, ids=LAYOUT_IDS)
+def test_empty_batch(device, x_shape, cout, kernel, conv, layout, gen):
+    shape = (0, *x_shape[1:])
+    tensors = make_conv(shape, cout, kernel, conv["groups"], gen, device=device, x_layout=layout)
+    out, (grad_x, grad_w, grad_b) = check_conv(tensors, conv, "relu", gen)
+    assert out.shape[0] == 0 and grad_x.shape == shape
+    assert torch.count_nonzero(grad_w) == 0 and torch.count_nonzero(grad_b) == 0
+
+
+@pytest.mark.parametrize(
+    "requires",
+    [(True, False, False), (False, True, False), (False, False, True), (True, True, False)],
+    ids=["input", "weight", "bias", "input-weight"],
+)
+@pytest.mark.parametrize("x_shape,cout,kernel,conv", LAYOUT_ARGS, ids=LAYOUT_IDS)
+def test_some_inputs_require_grad(device, x_shape, cout, kernel, conv, requires, gen):
+    """Each gradient alone (the backward's output_mask), through each route."""
+    tensors = make_conv(x_shape, cout, kernel, conv["groups"], gen, device=device)
+    check_conv(tensors, conv, "gelu", gen, requires=requires)
+
+
+def test_relu_where_the_window_is_all_padding(device, gen):
+    """Without bias, outputs whose window lies entirely in the padding are exactly 0 before
+    the relu: their gradient is 0, as F.relu's (and the other outputs' are not)."""
+    for groups, cout in [(1, 3), (2, 4)]:
+        tensors = make_conv((2, 2, 4, 5), cout, (1, 2), groups, gen, bias=False, device=device)
+        check_conv(tensors, conv_kwargs(1, (2, 3), 1, groups), "relu", gen)
+
+
+def test_default_arguments_and_raw_ops(device, gen):
+    x = draw((2, 4, 7, 6), gen).to(device)
+    w = draw((6, 2, 3, 2), gen).to(device)
+    b = draw((6,), gen).to(device)
+    ref = lambda **kw: conv_reference(x.cpu(), w.cpu(), **kw)
+    dense = draw((5, 4, 3, 2), gen).to(device)
+    assert_close(torch_ext.dilated_conv2d(x, dense), F.conv2d(x.cpu(), dense.cpu()), torch.float64)
+    expected = ref(b=b.cpu(), stride=2, padding=1, dilation=2, groups=2, activation="silu")
+    # ints and pairs, keywords and positions, the wrapper and both raw overloads
+    for out in [
+        torch_ext.dilated_conv2d(x, w, b, 2, 1, 2, 2, "silu"),
+        torch_ext.dilated_conv2d(
+            x, w, b, stride=(2, 2), padding=(1, 1), dilation=(2, 2), groups=2, activation="silu"
+        ),
+        ops.dilated_conv2d(x, w, b, [2, 2], [1, 1], [2, 2], 2, "silu"),
+        ops.dilated_conv2d.default(x, w, b, [2, 2], [1, 1], [2, 2], 2, "silu"),
+    ]:
+        assert_close(out, expected, torch.float64)
+    expected = ref(b=b.cpu(), padding="same", dilation=(1, 3), groups=2, activation="gelu")
+    for out in [
+        torch_ext.dilated_conv2d(
+            x, w, b, padding="same", dilation=(1, 3), groups=2, activation="gelu"
+        ),
+        ops.dilated_conv2d.padding(x, w, b, [1, 1], "same", [1, 3], 2, "gelu"),
+    ]:
+        assert_close(out, expected, torch.float64)
+    assert_close(
+        ops.dilated_conv2d.padding(x, w, None, [1, 2], "valid", [1, 1], 2, "none"),
+        ref(stride=(1, 2), groups=2),
+        torch.float64,
+    )
+
+
+# ---------------------------------------------------------------- the internal forward op
+
+# (top, left, bottom, right): padding no public overload can express.
+PADDINGS_4 = [(0, 0, 0, 0), (2, 0, 1, 3), (0, 3, 2, 0), (1, 1, 4, 2)]
+
+
+@pytest.mark.parametrize("padding4", PADDINGS_4, ids=lambda p: "pad" + "-".join(map(str, p)))
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+@pytest.mark.parametrize("route", ["dense", "grouped", "depthwise-m2"])
+def test_forward_op_with_four_sided_padding(device, route, activation, padding4, gen):
+    groups, cout = {"dense": (1, 5), "grouped": (2, 4), "depthwise-m2": (4, 8)}[route]
+    (x, _), (w, _), b = make_conv((2, 4, 7, 9), cout, (3, 4), groups, gen, device=device)
+    top, left, bottom, right = padding4
+    stride, dilation = [2, 1], [1, 2]
+    x_ref, w_ref, b_ref = x.cpu(), w.cpu(), b.cpu()
+    preact_ref = F.conv2d(
+        F.pad(x_ref, (left, right, top, bottom)), w_ref, b_ref, stride, 0, dilation, groups
+    )
+    for save_preact in (False, True):
+        out, preact = ops._dilated_conv2d_forward(
+            x, w, b, stride, list(padding4), dilation, groups, activation, save_preact
+        )
+        assert_close(out, ACTIVATIONS[activation](preact_ref), torch.float64)
+        if save_preact and activation in ("silu", "gelu"):
+            assert_close(preact, preact_ref, torch.float64)
+        else:
+            assert preact.numel() == 0
+
+
+# ---------------------------------------------------------------- gradcheck
+
+GRADCHECK_CASES = [
+    ("dense", (2, 3, 6, 5), 2, (3, 2), conv_kwargs((2, 1), (1, 2), (1, 2), 1)),
+    ("grouped", (1, 4, 6, 7), 4, (2, 3), conv_kwargs(1, "valid", (2, 1), 2)),
+    ("depthwise-m1", (2, 3, 5, 6), 3, (3, 3), conv_kwargs((1, 2), 1, 2, 3)),
+    ("depthwise-m2", (1, 2, 6, 5), 4, (4, 3), conv_kwargs(1, "same", (1, 2), 2)),
+]
+
+
+@pytest.mark.parametrize(
+    "activation,layout",
+    [
+        ("none", "channels_last"),
+        ("relu", "contiguous"),
+        ("silu", "channels_last"),
+        ("gelu", "contiguous"),
+    ],
+)
+@pytest.mark.parametrize(
+    "x_shape,cout,kernel,conv",
+    [c[1:] for c in GRADCHECK_CASES],
+    ids=[c[0] for c in GRADCHECK_CASES],
+)
+def test_gradcheck(device, x_shape, cout, kernel, conv, activation, layout, gen):
+    """Random inputs keep the pre-activations away from relu's kink (padding windows get the
+    bias, which is nonzero)."""
+    (x, _), (w, _), b = make_conv(
+        x_shape, cout, kernel, conv["groups"], gen, device=device, x_layout=layout
+    )
+    inputs = tuple(t.requires_grad_() for t in (x, w, b))
+    fn = lambda x, w, b: torch_ext.dilated_conv2d(x, w, b, activation=activation, **conv)
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_gradcheck_without_bias(device, gen):
+    (x, _), (w, _), _ = make_conv((1, 2, 5, 4), 4, (2, 3), 2, gen, bias=False, device=device)
+    fn = lambda x, w: torch_ext.dilated_conv2d(x, w, None, 1, "same", (2, 1), 2, "silu")
+    assert torch.autograd.gradcheck(fn, (x.requires_grad_(), w.requires_grad_()))
+
+
+# ---------------------------------------------------------------- opcheck
+
+OPCHECK_CASES = [
+    ("dense", (2, 3, 7, 6), 4, (3, 2), 1),
+    ("grouped", (2, 4, 7, 6), 2, (2, 3), 2),
+    ("depthwise-m2", (2, 3, 7, 6), 6, (3, 3), 3),
+]
+OPCHECK_IDS = [case[0] for case in OPCHECK_CASES]
+OPCHECK_ARGS = [case[1:] for case in OPCHECK_CASES]
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("x_shape,cout,kernel,groups", OPCHECK_ARGS, ids=OPCHECK_IDS)
+def test_opcheck(device, x_shape, cout, kernel, groups, requires_grad, gen):
+    (x, _), (w, _), b = make_conv(
+        x_shape, cout, kernel, groups, gen, device=device, x_layout="channels_last"
+    )
+    x, w, b = (t.requires_grad_(requires_grad) for t in (x, w, b))
+    torch.library.opcheck(
+        ops.dilated_conv2d.default, (x, w, b, [2, 1], [1, 2], [1, 2], groups, "silu")
+    )
+    torch.library.opcheck(
+        ops.dilated_conv2d.default, (x, w, None, [1, 1], [0, 0], [2, 1], groups, "relu")
+    )
+    torch.library.opcheck(
+        ops.dilated_conv2d.padding, (x, w, b, [1, 1], "same", [2, 1], groups, "gelu")
+    )
+    torch.library.opcheck(
+        ops.dilated_conv2d.padding, (x, w, None, [2, 3], "valid", [1, 1], groups, "none")
+    )
+
+
+@pytest.mark.parametrize("save_preact", [False, True])
+@pytest.mark.parametrize("x_shape,cout,kernel,groups", OPCHECK_ARGS, ids=OPCHECK_IDS)
+def test_forward_op_opcheck(device, x_shape, cout, kernel, groups, save_preact, gen):
+    (x, _), (w, _), b = make_conv(x_shape, cout, kernel, groups, gen, device=device)
+    for activation in ("relu", "gelu"):
+        torch.library.opcheck(
+            ops._dilated_conv2d_forward.default,
+            (x, w, b, [1, 2], [2, 0, 1, 3], [1, 2], groups, activation, save_preact),
+        )
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def conv_net(x, w1, b1, w2, w3, conv=torch_ext.dilated_conv2d):
+    """Dense, depthwise (multiplier 2, even kernel, "same") and grouped convolutions."""
+    y = conv(x, w1, b1, stride=(2, 1), padding=(1, 2), dilation=(1, 2), activation="silu")
+    y = conv(y, w2, None, padding="same", dilation=(2, 1), groups=4, activation="gelu")
+    y = conv(y, w3, None, stride=1, padding="valid", groups=2, activation="relu")
+    return y * 2 + 1
+
+
+def conv_net_reference(x, w1, b1, w2, w3):
+    return conv_net(x, w1, b1, w2, w3, conv=conv_reference)
+
+
+@pytest.mark.parametrize(
+    "backend,dynamic", [("aot_eager", True), ("inductor", False), ("inductor", True)]
+)
+def test_compile(device, monkeypatch, backend, dynamic, gen):
+    monkeypatch.setenv("TORCH_EXT_CONV_ROUTE", "own")  # the library's kernels, also for float32
+    torch._dynamo.reset()
+    compiled = torch.compile(conv_net, backend=backend, fullgraph=True, dynamic=dynamic)
+    params = [
+        draw((4, 3, 3, 3), gen, 0.3),
+        draw((4,), gen),
+        draw((8, 1, 2, 3), gen, 0.4),
+        draw((6, 4, 1, 2), gen, 0.35),
+    ]
+    for shape, layout in [((2, 3, 11, 9), "contiguous"), ((3, 3, 14, 12), "channels_last")]:
+        x, _ = make_tensor(shape, layout, gen)
+        inputs = [t.to(device=device, dtype=torch.float32) for t in (x, *params)]
+        if layout == "channels_last":
+            inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
+        runs = []
+        for fn in (compiled, conv_net):
+            leaves = [t.detach().clone().requires_grad_() for t in inputs]
+            out = fn(*leaves)
+            out.backward(torch.ones_like(out) + out.detach())
+            runs.append([out, *(leaf.grad for leaf in leaves)])
+        ref_leaves = [t.detach().cpu().double().requires_grad_() for t in inputs]
+        ref = conv_net_reference(*ref_leaves)
+        ref.backward(torch.ones_like(ref) + ref.detach().float().double())
+        refs = [ref, *(leaf.grad for leaf in ref_leaves)]
+        names = ["output", "grad x", "grad w1", "grad b1", "grad w2", "grad w3"]
+        for name, got, eager, expected in zip(names, runs[0], runs[1], refs, strict=True):
+            what = f"{backend} dynamic={dynamic} {shape} {layout}: {name}"
+            assert_close(got, eager.double().cpu(), torch.float32, what + " vs eager")
+            assert_close(got, expected, torch.float32, what + " vs reference")
+
+
+# ---------------------------------------------------------------- autocast
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("padding", [1, "same"])
+@pytest.mark.parametrize("groups", [1, 4], ids=["dense", "depthwise"])
+def test_autocast_like_conv2d(device, groups, padding, dtype, gen):
+    """Under autocast the op casts like aten::conv2d (float32 -> bfloat16, float64 stays)."""
+    (x, _), (w, _), b = make_conv((2, 4, 8, 7), 4, (3, 3), groups, gen, device=device, dtype=dtype)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = torch_ext.dilated_conv2d(x, w, b, padding=padding, groups=groups, activation="silu")
+        expected = F.silu(F.conv2d(x, w, b, padding=padding, groups=groups))
+    assert out.dtype == expected.dtype
+    assert_close(out, expected.detach().cpu().double(), out.dtype)
+    out.float().sum().backward()
+    for t in (x, w, b):
+        assert t.grad is not None and t.grad.dtype == dtype
+
+
+# ---------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize(
+    "cout,kernel,conv",
+    [(16, (3, 3), conv_kwargs(1, 1, 1, 1)), (32, (5, 3), conv_kwargs(1, "same", 2, 16))],
+    ids=["dense", "depthwise-m2"],
+)
+def test_deterministic_on_cpu(monkeypatch, cout, kernel, conv, dtype, layout, gen):
+    """Large enough for the work to be split among threads: two runs are bitwise equal."""
+    monkeypatch.setenv("TORCH_EXT_CONV_ROUTE", "own")
+    (x, _), (w, _), b = make_conv(
+        (4, 16, 24, 24), cout, kernel, conv["groups"], gen, dtype=dtype, x_layout=layout
+    )
+    runs = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        out = torch_ext.dilated_conv2d(*leaves, activation="gelu", **conv)
+        out.backward(out.detach() * 0.5 + 0.1)
+        runs.append([out.detach(), *(leaf.grad for leaf in leaves)])
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)
+
+
+# ---------------------------------------------------------------- Meta kernels
+
+
+@pytest.mark.parametrize(
+    "x_shape,cout,kernel,stride,padding,dilation,groups", CASE_ARGS, ids=CASE_IDS
+)
+def test_meta_shapes(x_shape, cout, kernel, stride, padding, dilation, groups):
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.empty(x_shape, device="meta").contiguous(memory_format=memory_format)
+        w = torch.empty(cout, x_shape[1] // groups, *kernel, device="meta")
+        conv = conv_kwargs(stride, padding, dilation, groups)
+        out = torch_ext.dilated_conv2d(x.requires_grad_(), w, None, activation="silu", **conv)
+        assert out.shape == F.conv2d(x, w, None, **conv).shape
+        if memory_format == torch.channels_last and x_shape[1] > 1:
+            assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------- every compiled CPU copy
+
+_CAPABILITY_CHECK = r"""
+import torch, torch.nn.functional as F, torch_ext
+
+g = torch.Generator().manual_seed(11)
+acts = {"none": lambda t: t, "relu": F.relu, "silu": F.silu, "gelu": F.gelu}
+cases = [  # x shape, C_out, kernel, stride, padding, dilation, groups
+    ((2, 6, 13, 17), 8, (3, 5), (2, 1), (1, 2), (2, 1), 1),
+    ((2, 6, 13, 17), 6, (4, 3), 1, "same", (1, 3), 3),
+    ((2, 6, 13, 17), 12, (3, 3), (1, 2), 2, 2, 6),
+    ((1, 5, 9, 21), 5, (5, 7), 1, "same", 1, 5),
+]
+tols = {torch.float64: 1e-11, torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
+for dtype, tol in tols.items():
+    ref_dtype = torch.float32 if dtype == torch.bfloat16 else torch.float64
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for i, (shape, cout, k, s, p, d, groups) in enumerate(cases):
+            act = list(acts)[i]
+            x = torch.randn(shape, generator=g, dtype=torch.float64)
+            w = torch.randn(cout, shape[1] // groups, *k, generator=g, dtype=torch.float64) * 0.3
+            b = torch.randn(cout, generator=g, dtype=torch.float64)
+            ts = [t.to(dtype) for t in (x, w, b)]
+            ts[0] = ts[0].contiguous(memory_format=layout)
+            leaves = [t.clone().requires_grad_() for t in ts]
+            refs = [t.to(ref_dtype).requires_grad_() for t in ts]
+            out = torch_ext.dilated_conv2d(*leaves, s, p, d, groups, act)
+            ref = acts[act](F.conv2d(*refs, s, p, d, groups))
+            go = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)
+            out.backward(go)
+            ref.backward(go.to(ref_dtype))
+            for a, e in zip([out] + [t.grad for t in leaves], [ref] + [t.grad for t in refs]):
+                scale = max(1.0, e.abs().max().item())
+                torch.testing.assert_close(a.to(ref_dtype), e.detach(), rtol=tol,
+                                           atol=tol * scale,
+                                           msg=lambda m: f"{dtype} {layout} case {i}: {m}")
+print("capability=" + torch_ext.cpu_capability())
+print("ok")
+"""
+
+
+@pytest.mark.parametrize(
+    "capability,tile_bytes",
+    [("default", None), ("avx2", None), ("avx512", None), ("avx2", 2048)],
+    ids=["default", "avx2", "avx512", "avx2-tiny-tiles"],
+)
+def test_every_cpu_capability_copy(capability, tile_bytes):
+    """The CPU loops (depthwise, im2col/col2im, epilogue) are compiled once per instruction
+    set; each copy in a fresh interpreter (the choice is read once per process). With tiny
+    im2col tiles (TORCH_EXT_CONV_TILE_BYTES, also read once) every map spans several tiles of
+    64 columns, the last one partial."""
+    env = dict(os.environ, TORCH_EXT_CPU_CAPABILITY=capability, TORCH_EXT_CONV_ROUTE="own")
+    if tile_bytes is not None:
+        env["TORCH_EXT_CONV_TILE_BYTES"] = str(tile_bytes)
+    result = subprocess.run(
+        [sys.executable, "-c", _CAPABILITY_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, f"capability {capability}:\n{result.stdout}\n{result.stderr}"
+    assert result.stdout.strip().endswith("ok")
+
+
+# ---------------------------------------------------------------- argument errors
+
+F32, F64, I64 = torch.float32, torch.float64, torch.int64
+X, W, B = (2, 4, 7, 7), (6, 4, 3, 3), (6,)
+
+
+def bad(name, match, x=X, w=W, b=B, dtypes=(F32, F32, F32), **kwargs):
+    return pytest.param(x, w, b, dtypes, kwargs, match, id=name)
+
+
+BAD_ARGUMENTS = [
+    bad("input-3d", "input", x=(4, 7, 7)),
+    bad("input-5d", "input", x=(1, 2, 4, 7, 7)),
+    bad("weight-3d", "weight", w=(6, 4, 3)),
+    bad("weight-5d", "weight", w=(6, 4, 3, 3, 1)),
+    bad("input-int64", "input", dtypes=(I64, I64, I64)),
+    bad("channels", "channels", x=(2, 5, 7, 7)),
+    bad("channels-grouped", "channels", w=(6, 4, 3, 3), groups=2),
+    bad(
+        "groups-not-dividing-input",
+        "channels|groups",
+        x=(2, 6, 7, 7),
+        w=(4, 1, 3, 3),
+        b=(4,),
+        groups=4,
+    ),
+    bad("groups-not-dividing-output", "groups", w=(5, 2, 3, 3), b=(5,), groups=2),
+    bad("groups-0", "groups", groups=0),
+    bad("groups-negative", "groups", groups=-2),
+    bad("stride-0", "stride", stride=0),
+    bad("stride-pair-0", "stride", stride=(1, 0)),
+    bad("stride-negative", "stride", stride=-1),
+    bad("dilation-0", "dilation", dilation=0),
+    bad("dilation-pair-0", "dilation", dilation=(2, 0)),
+    bad("dilation-negative", "dilation", dilation=-3),
+    bad("padding-negative", "padding", padding=-1),
+    bad("padding-pair-negative", "padding", padding=(0, -2)),
+    bad("kernel-taller-than-input", "height", x=(2, 4, 3, 9), w=(6, 4, 5, 3)),
+    bad("kernel-wider-than-padded-input", "width", x=(2, 4, 9, 3), w=(6, 4, 3, 7), padding=1),
+    bad("dilated-kernel-taller", "height", dilation=(4, 1)),
+    bad("dilated-kernel-wider-valid", "width", dilation=(1, 4), padding="valid"),
+    bad("bias-length", "bias", b=(5,)),
+    bad("bias-2d", "bias", b=(6, 1)),
+    bad("bias-0d", "bias", b=()),
+    bad("weight-dtype", "weight.*dtype|dtype.*weight", dtypes=(F32, F64, F32)),
+    bad("bias-dtype", "bias.*dtype|dtype.*bias", dtypes=(F32, F32, F64)),
+    bad("activation-unknown", "activation", activation="tanh"),
+    bad("activation-uppercase", "activation", activation="ReLU"),
+    bad("activation-empty", "activation", activation=""),
+    bad("same-with-stride", "same.*stride|stride.*same", padding="same", stride=2),
+    bad("same-with-stride-pair", "same.*stride|stride.*same", padding="same", stride=(1, 2)),
+    bad("padding-string-unknown", "padding", padding="full"),
+    bad("padding-string-case", "padding", padding="SAME"),
+]
+
+
+def make_bad(x_shape, w_shape, b_shape, dtypes, device, requires_grad=False):
+    tensors = [
+        torch.ones(s, dtype=d, device=device)
+        for s, d in zip((x_shape, w_shape, b_shape), dtypes, strict=True)
+    ]
+    if requires_grad:
+        for t in tensors:
+            if t.is_floating_point():
+                t.requires_grad_()
+    return tensors
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("x_shape,w_shape,b_shape,dtypes,kwargs,match", BAD_ARGUMENTS)
+def test_bad_arguments_name_the_argument(
+    device, x_shape, w_shape, b_shape, dtypes, kwargs, match, requires_grad
+):
+    x, w, b = make_bad(x_shape, w_shape, b_shape, dtypes, device, requires_grad)
+    with pytest.raises(RuntimeError, match=match):
+        torch_ext.dilated_conv2d(x, w, b, **kwargs)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,b_shape,dtypes,kwargs,match", BAD_ARGUMENTS)
+def test_bad_arguments_are_caught_by_the_meta_kernels(
+    x_shape, w_shape, b_shape, dtypes, kwargs, match
+):
+    """The Meta kernels (what torch.compile traces with) check the same things."""
+    x, w, b = make_bad(x_shape, w_shape, b_shape, dtypes, "meta")
+    with pytest.raises(RuntimeError, match=match):
+        torch_ext.dilated_conv2d(x, w, b, **kwargs)
+
+
+@pytest.mark.parametrize("bad_padding", [[-1, 0, 0, 0], [0, 0, 0, -2]])
+def test_forward_op_rejects_negative_padding(device, bad_padding):
+    x, w, b = make_bad(X, W, B, (F32, F32, F32), device)
+    with pytest.raises(RuntimeError, match="padding"):
+        ops._dilated_conv2d_forward(x, w, b, [1, 1], bad_padding, [1, 1], 1, "none", False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+@pytest.mark.parametrize("moved", ["weight", "bias", "input"])
+def test_devices_differ(moved):
+    tensors = dict(
+        zip(("input", "weight", "bias"), make_bad(X, W, B, (F32, F32, F32), "cuda"), strict=True)
+    )
+    tensors[moved] = tensors[moved].cpu()
+    with pytest.raises(RuntimeError, match="device"):
+        torch_ext.dilated_conv2d(tensors["input"], tensors["weight"], tensors["bias"])
