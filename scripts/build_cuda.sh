@@ -12,9 +12,10 @@ if ! command -v nvcc >/dev/null; then
 fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
-if ! "$PY" -c "import torch, sys, numpy, pytest, expecttest, torchmetrics; sys.exit(not (torch.__version__.startswith('$TORCH_CUDA_VERSION') and torch.version.cuda))" 2>/dev/null; then
+if ! "$PY" -c "import torch, sys, numpy, pytest, expecttest, torchmetrics, transformers; sys.exit(not (torch.__version__.startswith('$TORCH_CUDA_VERSION') and torch.version.cuda))" 2>/dev/null; then
   echo "[cuda] installing torch==$TORCH_CUDA_VERSION (CUDA build) and cmake"
-  "$VENV/bin/pip" install -q "torch==$TORCH_CUDA_VERSION" numpy pytest expecttest torchmetrics 2>&1 | { grep -v "^WARNING: Location" || true; }
+  "$VENV/bin/pip" install -q "torch==$TORCH_CUDA_VERSION" numpy pytest expecttest torchmetrics \
+    transformers 2>&1 | { grep -v "^WARNING: Location" || true; }
 fi
 # CMake >= 3.28 knows nvcc's C++20 dialect, which torch >= 2.14 needs.
 [ -x "$VENV/bin/cmake" ] || "$VENV/bin/pip" install -q "cmake>=3.28" 2>&1 | { grep -v "^WARNING: Location" || true; }
@@ -29,7 +30,8 @@ info = torch_ext.build_info()
 assert "CUDA" in info["backends"], info
 for op in ("_spp_forward", "_spp_backward", "sppf", "_sppf_backward", "confusion_matrix",
            "_confusion_matrix_accumulate", "_dilated_conv2d_forward", "_dilated_conv2d_backward",
-           "_dilated_conv2d_route"):
+           "_dilated_conv2d_route", "_unpad_plan", "index_first_axis", "index_put_first_axis",
+           "cu_seqlens_from_position_ids"):
     assert torch_ext.has_kernel(op, "CUDA"), op
 print(f"[cuda] linked and loaded: {info['path']}: torch {info['torch']}, CUDA {info['cuda']}, "
       f"architectures {info['cuda_architectures']}; CUDA kernels registered")

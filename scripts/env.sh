@@ -23,8 +23,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-TOOLS="numpy pytest expecttest matplotlib setuptools torchmetrics"
-if ! "$PY" -c "import torch, sys, numpy, pytest, expecttest, matplotlib, setuptools, torchmetrics; \
+TOOLS="numpy pytest expecttest matplotlib setuptools torchmetrics transformers"
+if ! "$PY" -c "import torch, sys, numpy, pytest, expecttest, matplotlib, setuptools, torchmetrics, \
+transformers; \
 sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
   echo "[env] installing torch==$TORCH_VERSION and the test/benchmark tools ($TOOLS)"
   # shellcheck disable=SC2086

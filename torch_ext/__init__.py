@@ -12,10 +12,18 @@ from torch_ext import _library
 
 _BUILD_INFO = _library.load()
 
-from torch_ext import checkpoint, conv, metrics, nn, patch  # noqa: E402  (after the library is loaded)
+from torch_ext import checkpoint, conv, metrics, nn, patch, varlen  # noqa: E402  (after loading)
 from torch_ext.conv import dilated_conv2d  # noqa: E402
 from torch_ext.metrics import confusion_matrix, segmentation_metrics  # noqa: E402
 from torch_ext.spp import spp, sppf  # noqa: E402
+from torch_ext.varlen import (  # noqa: E402
+    cu_seqlens_from_position_ids,
+    index_first_axis,
+    index_put_first_axis,
+    pad_input,
+    plan_packing,
+    unpad_input,
+)
 
 __version__: str = _BUILD_INFO["version"]
 
@@ -67,4 +75,11 @@ __all__ = [
     "segmentation_metrics",
     "spp",
     "sppf",
+    "varlen",
+    "cu_seqlens_from_position_ids",
+    "index_first_axis",
+    "index_put_first_axis",
+    "pad_input",
+    "plan_packing",
+    "unpad_input",
 ]

@@ -9,6 +9,7 @@
 #include "torch_ext/conv.h"
 #include "torch_ext/metrics.h"
 #include "torch_ext/spp.h"
+#include "torch_ext/varlen.h"
 
 namespace torch_ext::detail {
 [[maybe_unused]] inline const int link_anchor_value = link_anchor();

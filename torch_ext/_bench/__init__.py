@@ -23,6 +23,7 @@ from torch_ext._bench import checkpoint as _checkpoint_family  # noqa: F401  (re
 from torch_ext._bench import conv as _conv_family  # noqa: F401  (registers "conv")
 from torch_ext._bench import metrics as _metrics_family  # noqa: F401  (registers "metrics")
 from torch_ext._bench import spp as _spp_family  # noqa: F401  (registers "spp")
+from torch_ext._bench import varlen as _varlen_family  # noqa: F401  (registers "varlen")
 from torch_ext._bench.registry import Case, CheckResult, Family, families
 from torch_ext._bench.timing import (
     Stats,
@@ -149,6 +150,8 @@ def _step_maker(case: Case, inputs: tuple) -> Callable:
 
 def _compile_baseline(case: Case, make_step: Callable, budget: CompileBudget):
     """(the compiled baseline's step, already compiled and run once, or None; a note)."""
+    if not case.compile_reference:
+        return None, "n/a: not compiled for this case"
     refusal = budget.refusal()
     if refusal:
         return None, f"n/a: {refusal}"

@@ -41,9 +41,11 @@ class Case:
     inputs and return one tensor. ``traffic`` gives the bytes the computation must read and write
     at the least (None where bandwidth says nothing useful, e.g. compute-bound ops).
 
-    ``peer`` is the same computation by a peer library (e.g. torchmetrics), timed beside the
-    others when given; ``peer_name`` names the library, and ``peer_note`` says why there is no
-    peer timing when ``peer`` is None (e.g. "n/a: torchmetrics is not installed").
+    ``compile_reference=False`` skips the compiled baseline (its compile would take longer than
+    the case is worth). ``peer`` is the same computation by a peer library (e.g.
+    torchmetrics), timed beside the others when given; ``peer_name`` names the library, and
+    ``peer_note`` says why there is no peer timing when ``peer`` is None (e.g. "n/a:
+    torchmetrics is not installed").
     """
 
     family: str
@@ -61,6 +63,7 @@ class Case:
     peer: Callable[..., torch.Tensor] | None = None
     peer_name: str = ""
     peer_note: str = ""
+    compile_reference: bool = True  # False: no torch.compile baseline (e.g. a whole HF model)
 
     @property
     def direction(self) -> str:

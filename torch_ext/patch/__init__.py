@@ -9,6 +9,10 @@ back the very objects it replaced, and raises ValueError when it finds nothing t
 ``swap_convs(model)`` replaces a model's dilated ``nn.Conv2d`` modules (and, with
 ``depthwise=True``, its depthwise ones) by ``torch_ext.nn.DilatedConv2d`` sharing their
 parameters; ``undo_swap_convs(model)`` puts the original convs back.
+
+``apply_rmpad(model)`` makes a Hugging Face Llama/Qwen2/Qwen3 causal LM remove padding once and
+run every layer on real tokens only (varlen attention over the global cu_seqlens);
+``undo_rmpad(model)`` restores it.
 """
 
 from torch_ext.patch.checkpointing import (
@@ -17,12 +21,16 @@ from torch_ext.patch.checkpointing import (
     undo_checkpointing,
 )
 from torch_ext.patch.convs import SwapConvsHandle, swap_convs, undo_swap_convs
+from torch_ext.patch.rmpad import RmpadHandle, apply_rmpad, undo_rmpad
 
 __all__ = [
     "CheckpointingHandle",
+    "RmpadHandle",
     "SwapConvsHandle",
     "apply_checkpointing",
+    "apply_rmpad",
     "swap_convs",
     "undo_checkpointing",
+    "undo_rmpad",
     "undo_swap_convs",
 ]

@@ -1,0 +1,77 @@
+// Autograd of the row gather and scatter: each one's backward is the other (the indices are
+// unique, so the scatter needs no atomics and padded rows get exactly zero gradient).
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+namespace torch_ext::varlen_impl {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor gather_rows(const at::Tensor& input, const at::Tensor& indices) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_ext::index_first_axis", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(input, indices);
+}
+
+at::Tensor scatter_rows(const at::Tensor& values, const at::Tensor& indices,
+                        c10::SymInt first_axis_dim) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_ext::index_put_first_axis", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>();
+  return op.call(values, indices, std::move(first_axis_dim));
+}
+
+class IndexFirstAxis : public torch::autograd::Function<IndexFirstAxis> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
+                            const at::Tensor& indices) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({indices});
+    ctx->saved_data["rows"] = input.sym_size(0);
+    return gather_rows(input, indices);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
+    const auto indices = ctx->get_saved_variables()[0];
+    return {scatter_rows(grads[0], indices, ctx->saved_data["rows"].toSymInt()), at::Tensor()};
+  }
+};
+
+class IndexPutFirstAxis : public torch::autograd::Function<IndexPutFirstAxis> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& values,
+                            const at::Tensor& indices, c10::SymInt first_axis_dim) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({indices});
+    return scatter_rows(values, indices, std::move(first_axis_dim));
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto indices = ctx->get_saved_variables()[0];
+    return {gather_rows(grads[0], indices), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor index_first_axis_autograd(const at::Tensor& input, const at::Tensor& indices) {
+  return IndexFirstAxis::apply(input, indices);
+}
+
+at::Tensor index_put_first_axis_autograd(const at::Tensor& values, const at::Tensor& indices,
+                                         c10::SymInt first_axis_dim) {
+  return IndexPutFirstAxis::apply(values, indices, std::move(first_axis_dim));
+}
+
+}  // namespace
+}  // namespace torch_ext::varlen_impl
+
+TORCH_LIBRARY_IMPL(torch_ext, Autograd, m) {
+  m.impl("index_first_axis", torch_ext::varlen_impl::index_first_axis_autograd);
+  m.impl("index_put_first_axis", torch_ext::varlen_impl::index_put_first_axis_autograd);
+}

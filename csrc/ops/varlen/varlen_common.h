@@ -1,0 +1,39 @@
+#pragma once
+
+// Argument checks shared by the varlen kernels of every backend.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "common/dispatch.h"
+
+namespace torch_ext::varlen_impl {
+
+// attention_mask: 2-D [B, S], bool or an integer type.
+void check_mask(const char* op, const at::Tensor& mask);
+
+// indices: 1-D int64 on input's device; input at least 1-D.
+void check_indices(const char* op, const at::Tensor& input, const at::Tensor& indices);
+
+// index_put_first_axis's arguments (indices as above, one per row of values, a first axis
+// size >= 0); returns first_axis_dim.
+int64_t check_scatter_args(const at::Tensor& values, const at::Tensor& indices,
+                           const c10::SymInt& first_axis_dim);
+
+// position_ids: 2-D integer.
+void check_position_ids(const at::Tensor& position_ids);
+
+// Rows of [rows, ...]: the product of the trailing dimensions (1 for a 1-D tensor).
+int64_t row_size(const at::Tensor& t);
+
+// Calls f(tag) with a value of the attention mask's C++ type (bool or an integer type).
+template <class F>
+void dispatch_mask_types(c10::ScalarType dtype, F&& f) {
+  if (dtype == c10::ScalarType::Bool) return f(bool{});
+  if (dtype == c10::ScalarType::Char) return f(int8_t{});
+  dispatch_label_types(dtype, "attention_mask", std::forward<F>(f));
+}
+
+}  // namespace torch_ext::varlen_impl

@@ -1,0 +1,237 @@
+// CUDA kernels of the varlen family.
+//
+// unpad plan: one block per row counts its real tokens; one thread turns the counts into
+// cu_seqlens and (total, longest); one block per row then writes the row's token positions (a
+// block-wide exclusive scan over per-thread chunks keeps the row-major order). The only
+// device-to-host transfer is (total, longest) together, and it is skipped when the caller gives
+// total_tokens. Row gathers/scatters copy whole rows in the widest unit (up to 16 bytes) the
+// row size and alignment allow; the scatter writes into zeros (indices are unique: no atomics).
+// An out-of-range index trips a device-side assert, as in PyTorch's own index ops.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "common/dispatch.h"
+#include "ops/varlen/varlen_common.h"
+
+namespace torch_ext::varlen_impl {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <class M>
+__global__ void count_rows(const M* __restrict__ mask, int64_t seqlen,
+                           int32_t* __restrict__ seqused) {
+  __shared__ int32_t partial[kThreads];
+  const M* row = mask + blockIdx.x * seqlen;
+  int32_t count = 0;
+  for (int64_t s = threadIdx.x; s < seqlen; s += kThreads) count += row[s] != M(0);
+  partial[threadIdx.x] = count;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) seqused[blockIdx.x] = partial[0];
+}
+
+// cu_seqlens from the counts, and stats = (total, longest).
+__global__ void prefix_rows(const int32_t* __restrict__ seqused, int64_t batch,
+                            int32_t* __restrict__ cu, int64_t* __restrict__ stats) {
+  int64_t total = 0, longest = 0;
+  cu[0] = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    total += seqused[b];
+    longest = seqused[b] > longest ? seqused[b] : longest;
+    cu[b + 1] = static_cast<int32_t>(total);
+  }
+  stats[0] = total;
+  stats[1] = longest;
+}
+
+// Positions of the real tokens of row blockIdx.x, from cu[b] on; never past `limit` entries.
+template <class M>
+__global__ void row_positions(const M* __restrict__ mask, int64_t seqlen,
+                              const int32_t* __restrict__ cu, int64_t limit,
+                              int64_t* __restrict__ indices) {
+  __shared__ int64_t offsets[kThreads];
+  const int64_t b = blockIdx.x;
+  const M* row = mask + b * seqlen;
+  const int64_t chunk = (seqlen + kThreads - 1) / kThreads;
+  const int64_t first = static_cast<int64_t>(threadIdx.x) * chunk;
+  const int64_t begin = first < seqlen ? first : seqlen;
+  const int64_t end = begin + chunk < seqlen ? begin + chunk : seqlen;
+  int64_t count = 0;
+  for (int64_t s = begin; s < end; ++s) count += row[s] != M(0);
+  offsets[threadIdx.x] = count;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t running = 0;
+    for (int t = 0; t < kThreads; ++t) {
+      const int64_t c = offsets[t];
+      offsets[t] = running;
+      running += c;
+    }
+  }
+  __syncthreads();
+  int64_t out = cu[b] + offsets[threadIdx.x];
+  for (int64_t s = begin; s < end; ++s) {
+    if (row[s] != M(0)) {
+      if (out < limit) indices[out] = b * seqlen + s;
+      ++out;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, c10::SymInt, at::Tensor> unpad_plan_cuda(
+    const at::Tensor& mask_, std::optional<c10::SymInt> total_tokens,
+    std::optional<c10::SymInt> max_seqlen) {
+  check_mask("unpad_input", mask_);
+  const c10::cuda::CUDAGuard guard(mask_.device());
+  const auto mask = mask_.contiguous();
+  const int64_t batch = mask.size(0), seqlen = mask.size(1);
+  auto int_options = mask.options().dtype(at::kInt);
+  auto cu_seqlens = at::empty({batch + 1}, int_options);
+  auto seqused = at::empty({batch}, int_options);
+  auto stats = at::empty({2}, mask.options().dtype(at::kLong));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_mask_types(mask.scalar_type(), [&](auto tag) {
+    using M = decltype(tag);
+    if (batch > 0) {
+      count_rows<M><<<batch, kThreads, 0, stream>>>(mask.const_data_ptr<M>(), seqlen,
+                                                    seqused.mutable_data_ptr<int32_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    prefix_rows<<<1, 1, 0, stream>>>(seqused.const_data_ptr<int32_t>(), batch,
+                                     cu_seqlens.mutable_data_ptr<int32_t>(),
+                                     stats.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  int64_t total, longest = seqlen;
+  if (total_tokens.has_value()) {
+    total = total_tokens->expect_int();  // the caller's word: no transfer
+    TORCH_CHECK(total >= 0, "unpad_input(): total_tokens must be >= 0, got ", total);
+  } else {
+    const auto host = stats.cpu();  // the one device-to-host transfer: (total, longest)
+    total = host.const_data_ptr<int64_t>()[0];
+    longest = host.const_data_ptr<int64_t>()[1];
+  }
+  auto indices = at::empty({total}, mask.options().dtype(at::kLong));
+  if (batch > 0 && total > 0) {
+    dispatch_mask_types(mask.scalar_type(), [&](auto tag) {
+      using M = decltype(tag);
+      row_positions<M><<<batch, kThreads, 0, stream>>>(mask.const_data_ptr<M>(), seqlen,
+                                                       cu_seqlens.const_data_ptr<int32_t>(), total,
+                                                       indices.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  const int64_t reported = max_seqlen.has_value() ? max_seqlen->expect_int() : longest;
+  return {indices, cu_seqlens, c10::SymInt(reported), seqused};
+}
+
+// ---------------------------------------------------------------- row copies
+
+// dst row i <- src row idx[i] (gather) or dst row idx[i] <- src row i (scatter), in units U.
+template <class U, bool kScatter>
+__global__ void copy_rows(const U* __restrict__ src, U* __restrict__ dst,
+                          const int64_t* __restrict__ idx, int64_t rows, int64_t units,
+                          int64_t limit) {
+  const int64_t total = rows * units;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = e / units, u = e % units;
+    const int64_t target = idx[r];
+    CUDA_KERNEL_ASSERT(target >= 0 && target < limit);
+    if (kScatter) {
+      dst[target * units + u] = src[e];
+    } else {
+      dst[e] = src[target * units + u];
+    }
+  }
+}
+
+template <bool kScatter>
+void launch_copy_rows(const void* src, void* dst, const int64_t* idx, int64_t rows,
+                      int64_t row_bytes, int64_t limit) {
+  if (rows == 0 || row_bytes == 0) return;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto aligned = [&](int64_t unit) {
+    return row_bytes % unit == 0 && reinterpret_cast<uintptr_t>(src) % unit == 0 &&
+           reinterpret_cast<uintptr_t>(dst) % unit == 0;
+  };
+  auto launch = [&](auto tag) {
+    using U = decltype(tag);
+    const int64_t units = row_bytes / static_cast<int64_t>(sizeof(U));
+    const int64_t blocks = std::min<int64_t>((rows * units + kThreads - 1) / kThreads, 1 << 20);
+    copy_rows<U, kScatter><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const U*>(src), static_cast<U*>(dst), idx, rows, units, limit);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (aligned(16)) return launch(uint4{});
+  if (aligned(8)) return launch(uint2{});
+  if (aligned(4)) return launch(uint32_t{});
+  if (aligned(2)) return launch(uint16_t{});
+  launch(uint8_t{});
+}
+
+at::Tensor index_first_axis_cuda(const at::Tensor& input_, const at::Tensor& indices_) {
+  check_indices("index_first_axis", input_, indices_);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const auto input = input_.contiguous();
+  const auto indices = indices_.contiguous();
+  auto shape = input.sizes().vec();
+  shape[0] = indices.size(0);
+  auto output = at::empty(shape, input.options());
+  launch_copy_rows<false>(input.const_data_ptr(), output.mutable_data_ptr(),
+                          indices.const_data_ptr<int64_t>(), indices.size(0),
+                          row_size(input) * input.element_size(), input.size(0));
+  return output;
+}
+
+at::Tensor index_put_first_axis_cuda(const at::Tensor& values_, const at::Tensor& indices_,
+                                     c10::SymInt first_axis_dim_) {
+  const int64_t first_axis_dim = check_scatter_args(values_, indices_, first_axis_dim_);
+  const c10::cuda::CUDAGuard guard(values_.device());
+  const auto values = values_.contiguous();
+  const auto indices = indices_.contiguous();
+  auto shape = values.sizes().vec();
+  shape[0] = first_axis_dim;
+  auto output = at::zeros(shape, values.options());
+  launch_copy_rows<true>(values.const_data_ptr(), output.mutable_data_ptr(),
+                         indices.const_data_ptr<int64_t>(), indices.size(0),
+                         row_size(values) * values.element_size(), first_axis_dim);
+  return output;
+}
+
+// Position ids come from the data loader; one transfer to the host, the CPU kernel, and the
+// (small) result back.
+std::tuple<at::Tensor, c10::SymInt> cu_seqlens_from_position_ids_cuda(
+    const at::Tensor& position_ids) {
+  check_position_ids(position_ids);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_ext::cu_seqlens_from_position_ids", "")
+                       .typed<std::tuple<at::Tensor, c10::SymInt>(const at::Tensor&)>();
+  auto [cu, longest] = op.call(position_ids.cpu());
+  return {cu.to(position_ids.device(), /*non_blocking=*/true), longest};
+}
+
+}  // namespace
+}  // namespace torch_ext::varlen_impl
+
+TORCH_LIBRARY_IMPL(torch_ext, CUDA, m) {
+  m.impl("_unpad_plan", torch_ext::varlen_impl::unpad_plan_cuda);
+  m.impl("index_first_axis", torch_ext::varlen_impl::index_first_axis_cuda);
+  m.impl("index_put_first_axis", torch_ext::varlen_impl::index_put_first_axis_cuda);
+  m.impl("cu_seqlens_from_position_ids", torch_ext::varlen_impl::cu_seqlens_from_position_ids_cuda);
+}

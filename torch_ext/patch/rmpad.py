@@ -1,0 +1,255 @@
+"""Remove padding once for a whole Hugging Face decoder model: ``apply_rmpad(model)``.
+
+The patched model's forward unpads the batch once, before the embedding, runs the unchanged
+decoder (embedding, every layer's norms, projections, rotary embeddings and MLP, the final norm
+and the LM head) on the real tokens only, as one ``[1, nnz]`` row, and pads the logits back once
+(the loss is computed on the real tokens). Attention is ``torch_ext.varlen.attention`` over the
+global ``cu_seqlens``, registered in transformers' ``AttentionInterface``, so no token attends
+across sequences. Right padding, left padding, holes and packed rows (``position_ids`` restarting
+at 0, no ``attention_mask``) all work.
+
+Supported: transformers >= 4.56 with the Llama, Qwen2 and Qwen3 causal-LM classes, full
+attention (no sliding window), training and scoring (no generation cache). Anything else gets a
+ValueError naming what is not supported, never a silent no-op. Only the given model instance
+changes (its ``forward`` attribute and ``config._attn_implementation``); ``undo()`` restores both.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torch_ext import varlen
+
+__all__ = ["ATTENTION_NAME", "RmpadHandle", "apply_rmpad", "undo_rmpad"]
+
+ATTENTION_NAME = "torch_ext_varlen"
+SUPPORTED_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+MIN_TRANSFORMERS = (4, 56)
+
+# Set on a patched model: (original _attn_implementation, the handle).
+_STATE = "_torch_ext_rmpad"
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ValueError("apply_rmpad: transformers is not installed") from error
+    version = tuple(int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit())
+    if version < MIN_TRANSFORMERS:
+        raise ValueError(
+            f"apply_rmpad: transformers {transformers.__version__} is not supported; it needs "
+            f">= {'.'.join(map(str, MIN_TRANSFORMERS))} (AttentionInterface, mask-free custom "
+            "attention and the cu_seq_lens kwargs)"
+        )
+    return transformers
+
+
+def _varlen_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
+):
+    """transformers' attention-function signature over our varlen attention.
+
+    query/key/value ``[1, heads, tokens, head_dim]`` (the unpadded row); returns
+    ``([1, tokens, heads, head_dim], None)`` like transformers' sdpa function.
+    """
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None or query.shape[0] != 1:
+        raise ValueError(
+            f"the {ATTENTION_NAME!r} attention runs only inside a model patched by "
+            "torch_ext.patch.apply_rmpad (it needs the global cu_seqlens)"
+        )
+    if dropout:
+        raise ValueError(f"apply_rmpad: attention dropout is not supported, got {dropout}")
+    out = varlen.attention(
+        query[0].transpose(0, 1),
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        cu_seqlens,
+        kwargs["max_length_q"],
+        causal=True,
+        scale=scaling,
+    )
+    return out.unsqueeze(0), None
+
+
+def _register_attention(transformers) -> None:
+    interface = transformers.AttentionInterface
+    if ATTENTION_NAME not in interface._global_mapping:
+        interface.register(ATTENTION_NAME, _varlen_attention)
+
+
+def _check_model(model: nn.Module) -> None:
+    name = type(model).__name__
+    if name not in SUPPORTED_CLASSES or not hasattr(model, "config"):
+        raise ValueError(
+            f"apply_rmpad: {name} is not supported; supported: {', '.join(SUPPORTED_CLASSES)}"
+        )
+    config = model.config
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "use_sliding_window", False) or any(
+        t != "full_attention" for t in layer_types
+    ):
+        raise ValueError("apply_rmpad: sliding-window attention is not supported")
+    if getattr(config, "attention_dropout", 0.0):
+        raise ValueError(
+            f"apply_rmpad: attention dropout is not supported, config.attention_dropout="
+            f"{config.attention_dropout}"
+        )
+    if hasattr(model, _STATE):
+        raise ValueError(f"apply_rmpad: this {name} is already patched (undo_rmpad(model) first)")
+
+
+class RmpadHandle:
+    """What ``apply_rmpad`` did; ``undo()`` restores the model's forward and attention."""
+
+    def __init__(self, model: nn.Module, original_attention: str) -> None:
+        self.model = model
+        self.original_attention = original_attention
+
+    @property
+    def active(self) -> bool:
+        return (
+            getattr(self.model, _STATE, None) is not None and self.model._torch_ext_rmpad[1] is self
+        )
+
+    def undo(self) -> None:
+        """Restores the class's forward and the original attention implementation."""
+        if not self.active:
+            raise ValueError("undo: this apply_rmpad patch is no longer in place")
+        undo_rmpad(self.model)
+
+    def __enter__(self) -> RmpadHandle:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.active:
+            self.undo()
+
+    def __repr__(self) -> str:
+        return f"RmpadHandle({type(self.model).__name__}, active={self.active})"
+
+
+def _plan(input_like: torch.Tensor, attention_mask, position_ids):
+    """(indices, cu_seqlens, max_seqlen, positions of the real tokens) for a [B, S] batch."""
+    batch, seqlen = input_like.shape[:2]
+    device = input_like.device
+    if attention_mask is None and position_ids is not None:  # packed rows: every token is real
+        cu_seqlens, max_seqlen = varlen.cu_seqlens_from_position_ids(position_ids)
+        indices = torch.arange(batch * seqlen, device=device)
+        return indices, cu_seqlens.to(device), max_seqlen, position_ids.reshape(-1)
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, seqlen, dtype=torch.bool, device=device)
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, seqlen):
+        raise ValueError(
+            f"apply_rmpad: attention_mask must be 2-D {(batch, seqlen)}, got "
+            f"{tuple(attention_mask.shape)}"
+        )
+    indices, cu_seqlens, max_seqlen, _ = torch.ops.torch_ext._unpad_plan(attention_mask)
+    if position_ids is None:  # the unpatched model's default: 0 .. S - 1 in every row
+        position_ids = torch.arange(seqlen, device=device).expand(batch, seqlen)
+    positions = position_ids.reshape(-1).index_select(0, indices)
+    return indices, cu_seqlens, max_seqlen, positions
+
+
+def _patched_forward(model: nn.Module, original):
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    def forward(
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        for unsupported in ("cache", "past_key_values"):
+            if kwargs.get(unsupported) is not None:
+                raise ValueError(
+                    f"apply_rmpad: {unsupported} is not supported (training and scoring only; "
+                    "undo the patch to generate)"
+                )
+        if use_cache:
+            raise ValueError("apply_rmpad: use_cache=True is not supported (no generation cache)")
+        if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError("apply_rmpad: logits_to_keep is not supported")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("apply_rmpad: pass exactly one of input_ids and inputs_embeds")
+        source = input_ids if input_ids is not None else inputs_embeds
+        batch, seqlen = source.shape[:2]
+        indices, cu_seqlens, max_seqlen, positions = _plan(source, attention_mask, position_ids)
+        tokens = varlen.index_first_axis(source.reshape(batch * seqlen, *source.shape[2:]), indices)
+        outputs = original(
+            input_ids=tokens[None] if input_ids is not None else None,
+            inputs_embeds=tokens[None] if inputs_embeds is not None else None,
+            attention_mask=None,
+            position_ids=positions[None],
+            use_cache=False,
+            cu_seq_lens_q=cu_seqlens,
+            cu_seq_lens_k=cu_seqlens,
+            max_length_q=max_seqlen,
+            max_length_k=max_seqlen,
+            **kwargs,
+        )
+        logits = outputs.logits[0]  # [nnz, vocab]
+        loss = None
+        if labels is not None:
+            # Shift within each row of the padded batch (as the unpatched loss does), then keep
+            # the real tokens: no label crosses from one sequence into the next.
+            shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).index_select(0, indices)
+            loss_kwargs = {
+                key: kwargs[key] for key in ("num_items_in_batch", "ignore_index") if key in kwargs
+            }
+            loss = model.loss_function(
+                logits=logits[None],
+                labels=None,
+                vocab_size=model.config.vocab_size,
+                shift_labels=shifted[None],
+                **loss_kwargs,
+            )
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=varlen.pad_input(logits, indices, batch, seqlen),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    return forward
+
+
+def apply_rmpad(model: nn.Module) -> RmpadHandle:
+    """Patches ``model`` (a Llama/Qwen2/Qwen3 causal LM) to run on real tokens only.
+
+    Returns a handle whose ``undo()`` (or ``undo_rmpad(model)``) restores the model. Logits,
+    loss and gradients equal the unpatched model's on real tokens (padded positions get zero
+    logits); tokens never attend across sequences.
+
+    Raises:
+        ValueError: an unsupported model class, transformers version or configuration
+            (sliding window, attention dropout), or a model already patched.
+    """
+    transformers = _transformers()
+    _check_model(model)
+    _register_attention(transformers)
+    original_attention = model.config._attn_implementation
+    handle = RmpadHandle(model, original_attention)
+    original_forward = model.forward  # the class's forward, bound to this model
+    model.forward = _patched_forward(model, original_forward)
+    model.config._attn_implementation = ATTENTION_NAME
+    object.__setattr__(model, _STATE, (original_attention, handle))
+    return handle
+
+
+def undo_rmpad(model: nn.Module) -> None:
+    """Restores a model patched by ``apply_rmpad``; ValueError when it is not patched."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError(f"undo_rmpad: this {type(model).__name__} is not patched by apply_rmpad")
+    original_attention, _ = state
+    del model.forward  # the instance attribute; the class's forward shows again
+    model.config._attn_implementation = original_attention
+    object.__delattr__(model, _STATE)
