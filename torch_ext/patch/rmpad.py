@@ -8,10 +8,13 @@ global ``cu_seqlens``, registered in transformers' ``AttentionInterface``, so no
 across sequences. Right padding, left padding, holes and packed rows (``position_ids`` restarting
 at 0, no ``attention_mask``) all work.
 
-Supported: transformers >= 4.56 with the Llama, Qwen2 and Qwen3 causal-LM classes, full
-attention (no sliding window), training and scoring (no generation cache). Anything else gets a
-ValueError naming what is not supported, never a silent no-op. Only the given model instance
-changes (its ``forward`` attribute and ``config._attn_implementation``); ``undo()`` restores both.
+Supported: transformers >= 4.56 with the Llama, Qwen2 and Qwen3 causal-LM classes (and their
+subclasses), full attention (no sliding window), training and scoring (no generation cache).
+A ``PackingCollator`` batch can be passed as is (``model(**batch)``): a sequence starts at each
+row's first real token and at every position id 0, with or without an attention mask.
+Anything else gets a ValueError naming what is not supported, never a silent no-op. Only the
+given model instance changes (its ``forward`` attribute and ``config._attn_implementation``);
+``undo()`` restores both.
 """
 
 from __future__ import annotations
@@ -83,7 +86,8 @@ def _register_attention(transformers) -> None:
 
 def _check_model(model: nn.Module) -> None:
     name = type(model).__name__
-    if name not in SUPPORTED_CLASSES or not hasattr(model, "config"):
+    family = [cls.__name__ for cls in type(model).__mro__ if cls.__name__ in SUPPORTED_CLASSES]
+    if not family or not hasattr(model, "config"):
         raise ValueError(
             f"apply_rmpad: {name} is not supported; supported: {', '.join(SUPPORTED_CLASSES)}"
         )
@@ -93,11 +97,6 @@ def _check_model(model: nn.Module) -> None:
         t != "full_attention" for t in layer_types
     ):
         raise ValueError("apply_rmpad: sliding-window attention is not supported")
-    if getattr(config, "attention_dropout", 0.0):
-        raise ValueError(
-            f"apply_rmpad: attention dropout is not supported, config.attention_dropout="
-            f"{config.attention_dropout}"
-        )
     if hasattr(model, _STATE):
         raise ValueError(f"apply_rmpad: this {name} is already patched (undo_rmpad(model) first)")
 
@@ -133,7 +132,11 @@ class RmpadHandle:
 
 
 def _plan(input_like: torch.Tensor, attention_mask, position_ids):
-    """(indices, cu_seqlens, max_seqlen, positions of the real tokens) for a [B, S] batch."""
+    """(indices, cu_seqlens, max_seqlen, positions of the real tokens) for a [B, S] batch.
+
+    A sequence starts at each row's first real token and, when position_ids are given, at every
+    real token whose position id is 0 (packed rows, with or without an attention mask).
+    """
     batch, seqlen = input_like.shape[:2]
     device = input_like.device
     if attention_mask is None and position_ids is not None:  # packed rows: every token is real
@@ -150,7 +153,14 @@ def _plan(input_like: torch.Tensor, attention_mask, position_ids):
     indices, cu_seqlens, max_seqlen, _ = torch.ops.torch_ext._unpad_plan(attention_mask)
     if position_ids is None:  # the unpatched model's default: 0 .. S - 1 in every row
         position_ids = torch.arange(seqlen, device=device).expand(batch, seqlen)
+        return indices, cu_seqlens, max_seqlen, position_ids.reshape(-1).index_select(0, indices)
     positions = position_ids.reshape(-1).index_select(0, indices)
+    starts = positions == 0
+    starts[cu_seqlens[:-1][cu_seqlens[:-1] < cu_seqlens[1:]].long()] = True  # rows' first tokens
+    bounds = torch.nonzero(starts).flatten()
+    cu_seqlens = torch.cat([bounds, bounds.new_tensor([positions.numel()])]).to(torch.int32)
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    max_seqlen = int(lengths.max()) if lengths.numel() else 0
     return indices, cu_seqlens, max_seqlen, positions
 
 
@@ -167,6 +177,10 @@ def _patched_forward(model: nn.Module, original):
         logits_to_keep=0,
         **kwargs,
     ):
+        # A PackingCollator batch's own boundaries: the same ones _plan derives from the mask and
+        # the position ids.
+        kwargs.pop("cu_seqlens", None)
+        kwargs.pop("max_seqlen", None)
         for unsupported in ("cache", "past_key_values"):
             if kwargs.get(unsupported) is not None:
                 raise ValueError(
@@ -211,10 +225,15 @@ def _patched_forward(model: nn.Module, original):
                 shift_labels=shifted[None],
                 **loss_kwargs,
             )
+        hidden_states = outputs.hidden_states
+        if hidden_states is not None:  # [1, nnz, H] each -> [B, S, H]
+            hidden_states = tuple(
+                varlen.pad_input(h[0], indices, batch, seqlen) for h in hidden_states
+            )
         return CausalLMOutputWithPast(
             loss=loss,
             logits=varlen.pad_input(logits, indices, batch, seqlen),
-            hidden_states=outputs.hidden_states,
+            hidden_states=hidden_states,
             attentions=outputs.attentions,
         )
 
