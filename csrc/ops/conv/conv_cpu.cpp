@@ -20,6 +20,7 @@
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
@@ -83,11 +84,16 @@ bool is_pointwise(const ConvGeometry& g) {
 }
 
 // Runs body(begin, end) over [0, items): spread over the threads when there are enough items,
-// else in one call (whose steps then parallelize inside).
+// else in one call (whose steps then parallelize inside). The body calls ATen ops (GEMMs), so
+// the workers take the caller's thread-local state (below autograd, grad mode, ...).
 template <class F>
 void for_items(int64_t items, F&& body) {
   if (items >= at::get_num_threads() && at::get_num_threads() > 1 && !at::in_parallel_region()) {
-    at::parallel_for(0, items, 1, body);
+    const at::ThreadLocalState state;
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard guard(state);
+      body(begin, end);
+    });
   } else {
     body(0, items);
   }

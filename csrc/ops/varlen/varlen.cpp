@@ -34,16 +34,14 @@ void check_indices(const char* op, const at::Tensor& input, const at::Tensor& in
               " like the input, got ", indices.device());
 }
 
-int64_t check_scatter_args(const at::Tensor& values, const at::Tensor& indices,
-                           const c10::SymInt& first_axis_dim_) {
+void check_scatter_args(const at::Tensor& values, const at::Tensor& indices,
+                        const c10::SymInt& first_axis_dim) {
   check_indices("index_put_first_axis", values, indices);
-  const int64_t first_axis_dim = first_axis_dim_.expect_int();
-  TORCH_CHECK(first_axis_dim >= 0, "index_put_first_axis(): first_axis_dim must be >= 0, got ",
-              first_axis_dim);
-  TORCH_CHECK(indices.size(0) == values.size(0), "index_put_first_axis(): indices (",
-              indices.size(0), " entries) must have one entry per row of values (", values.size(0),
-              ")");
-  return first_axis_dim;
+  TORCH_SYM_CHECK(first_axis_dim.sym_ge(0),
+                  "index_put_first_axis(): first_axis_dim must be >= 0, got ", first_axis_dim);
+  TORCH_SYM_CHECK(indices.sym_size(0).sym_eq(values.sym_size(0)),
+                  "index_put_first_axis(): indices (", indices.sym_size(0),
+                  " entries) must have one entry per row of values (", values.sym_size(0), ")");
 }
 
 void check_position_ids(const at::Tensor& position_ids) {
@@ -77,7 +75,7 @@ at::Tensor index_first_axis_meta(const at::Tensor& input, const at::Tensor& indi
 
 at::Tensor index_put_first_axis_meta(const at::Tensor& values, const at::Tensor& indices,
                                      c10::SymInt first_axis_dim) {
-  check_indices("index_put_first_axis", values, indices);
+  check_scatter_args(values, indices, first_axis_dim);
   return at::empty_symint(with_first(std::move(first_axis_dim), values), values.options());
 }
 

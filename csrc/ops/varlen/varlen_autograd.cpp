@@ -5,6 +5,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "ops/varlen/varlen_common.h"
+
 namespace torch_ext::varlen_impl {
 namespace {
 
@@ -60,11 +62,13 @@ class IndexPutFirstAxis : public torch::autograd::Function<IndexPutFirstAxis> {
 };
 
 at::Tensor index_first_axis_autograd(const at::Tensor& input, const at::Tensor& indices) {
+  check_indices("index_first_axis", input, indices);  // before the Function reads input's sizes
   return IndexFirstAxis::apply(input, indices);
 }
 
 at::Tensor index_put_first_axis_autograd(const at::Tensor& values, const at::Tensor& indices,
                                          c10::SymInt first_axis_dim) {
+  check_scatter_args(values, indices, first_axis_dim);
   return IndexPutFirstAxis::apply(values, indices, std::move(first_axis_dim));
 }
 

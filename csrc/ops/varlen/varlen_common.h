@@ -18,9 +18,9 @@ void check_mask(const char* op, const at::Tensor& mask);
 void check_indices(const char* op, const at::Tensor& input, const at::Tensor& indices);
 
 // index_put_first_axis's arguments (indices as above, one per row of values, a first axis
-// size >= 0); returns first_axis_dim.
-int64_t check_scatter_args(const at::Tensor& values, const at::Tensor& indices,
-                           const c10::SymInt& first_axis_dim);
+// size >= 0); symbolic sizes allowed (Meta).
+void check_scatter_args(const at::Tensor& values, const at::Tensor& indices,
+                        const c10::SymInt& first_axis_dim);
 
 // position_ids: 2-D integer.
 void check_position_ids(const at::Tensor& position_ids);

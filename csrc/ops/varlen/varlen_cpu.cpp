@@ -111,7 +111,8 @@ at::Tensor index_first_axis_cpu(const at::Tensor& input_, const at::Tensor& indi
 
 at::Tensor index_put_first_axis_cpu(const at::Tensor& values_, const at::Tensor& indices_,
                                     c10::SymInt first_axis_dim_) {
-  const int64_t first_axis_dim = check_scatter_args(values_, indices_, first_axis_dim_);
+  check_scatter_args(values_, indices_, first_axis_dim_);
+  const int64_t first_axis_dim = first_axis_dim_.expect_int();
   const auto values = values_.contiguous();
   const auto indices = indices_.contiguous();
   check_index_range("index_put_first_axis", indices, first_axis_dim);

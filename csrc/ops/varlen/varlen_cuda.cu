@@ -201,7 +201,8 @@ at::Tensor index_first_axis_cuda(const at::Tensor& input_, const at::Tensor& ind
 
 at::Tensor index_put_first_axis_cuda(const at::Tensor& values_, const at::Tensor& indices_,
                                      c10::SymInt first_axis_dim_) {
-  const int64_t first_axis_dim = check_scatter_args(values_, indices_, first_axis_dim_);
+  check_scatter_args(values_, indices_, first_axis_dim_);
+  const int64_t first_axis_dim = first_axis_dim_.expect_int();
   const c10::cuda::CUDAGuard guard(values_.device());
   const auto values = values_.contiguous();
   const auto indices = indices_.contiguous();
