@@ -10,6 +10,7 @@ echo "[test] pytest"
 echo "[test] C++ tests (ctest)"
 BUILD="$REPO/build/cpp-tests"
 cmake -S "$REPO" -B "$BUILD" -G Ninja -DTORCH_EXT_BUILD_TESTS=ON -DTORCH_EXT_CUDA=OFF \
+  -DTORCH_EXT_PYTHON="$PY" \
   -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
 cmake --build "$BUILD" -j "${MAX_JOBS:-$(nproc)}"
 ctest --test-dir "$BUILD" --output-on-failure
