@@ -39,3 +39,23 @@ PY
 # The same library's CPU paths under this torch (CUDA cases skip: no GPU here).
 echo "[cuda] pytest with the CUDA-enabled library under torch $("$PY" -c 'import torch; print(torch.__version__)')"
 TORCH_EXT_LIBRARY="$BUILD/libtorch_ext.so" PYTHONPATH="$REPO" "$PY" -m pytest -q -p no:cacheprovider "$REPO/tests/python"
+# A C++ consumer of this CUDA build (torch 2.14.1) that finds another torch (the CPU venv's) must
+# get a clear configure error, not a link failure or a crash.
+CPU_VENV="${TORCH_EXT_CPU_VENV:-$REPO/.venv}"
+if [ -x "$CPU_VENV/bin/python" ]; then
+  other_prefix="$("$CPU_VENV/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+  scratch="$BUILD/torch-mismatch"
+  rm -rf "$scratch"
+  "$VENV/bin/cmake" --install "$BUILD" --prefix "$scratch/prefix" >/dev/null
+  if CMAKE_PREFIX_PATH="$scratch/prefix:$other_prefix" "$VENV/bin/cmake" -S "$REPO/tests/cpp/consumer" \
+      -B "$scratch/build" -G Ninja >"$scratch/log" 2>&1; then
+    echo "[cuda] FAILED: a consumer finding another torch configured without error" >&2
+    exit 1
+  fi
+  # CMake wraps the message: join the lines before looking for it.
+  tr -s ' \n' ' ' <"$scratch/log" | grep -q "was built against torch" \
+    || { cat "$scratch/log" >&2; exit 1; }
+  echo "[cuda] find_package(TorchExt) refuses another torch (built against $TORCH_CUDA_VERSION, found the CPU venv's): ok"
+else
+  echo "[cuda] note: no CPU venv at $CPU_VENV; the torch-mismatch check of find_package(TorchExt) is skipped"
+fi

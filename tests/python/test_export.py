@@ -115,3 +115,32 @@ def test_export_conv_family_with_dynamic_batch_and_size():
     )
     targets = {str(node.target) for node in program.graph.nodes}
     assert any("torch_ext.dilated_conv2d" in t for t in targets), targets
+
+
+class UnpadMLP(nn.Module):
+    """Remove padding once, an MLP on the real tokens, pad back: the varlen family."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 6))
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        tokens, indices, _, _, _ = torch_ext.unpad_input(hidden, mask)
+        return torch_ext.pad_input(self.mlp(tokens), indices, hidden.shape[0], hidden.shape[1])
+
+
+def test_export_varlen_family_with_dynamic_batch_and_length():
+    gen = torch.Generator().manual_seed(0)
+    model = UnpadMLP().eval()
+    hidden, mask = torch.randn(3, 10, 6, generator=gen), torch.rand(3, 10, generator=gen) > 0.3
+    other = torch.randn(5, 7, 6, generator=gen), torch.rand(5, 7, generator=gen) > 0.5
+    batch, length = Dim("batch", min=2, max=64), Dim("length", min=2, max=4096)
+    program = export_and_compare(
+        model, (hidden, mask), ({0: batch, 1: length}, {0: batch, 1: length}), other
+    )
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert any("torch_ext.unpad_input" in t or "torch_ext._unpad_plan" in t for t in targets)
+    assert any("torch_ext.pad_input" in t or "torch_ext.index_put" in t for t in targets)
+    # Padded positions come out exactly zero from the exported program too.
+    out = program.module()(*other)
+    assert torch.equal(out[~other[1]], torch.zeros_like(out[~other[1]]))
