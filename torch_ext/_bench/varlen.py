@@ -93,14 +93,16 @@ def checks(device: torch.device, quick: bool) -> list[CheckResult]:
     return results
 
 
-def round_trip_case(device: torch.device, quick: bool, backward: bool) -> Case:
+def round_trip_case(
+    device: torch.device, quick: bool, backward: bool, dtype: torch.dtype = torch.float32
+) -> Case:
     batch, seqlen, width = SHAPE[quick]
 
     def make_inputs():
         generator = torch.Generator().manual_seed(1)
         mask = random_mask(batch, seqlen, device, generator)
-        hidden = torch.randn(batch, seqlen, width, device=device, requires_grad=backward)
-        return hidden, mask
+        hidden = torch.randn(batch, seqlen, width, device=device, dtype=dtype)
+        return hidden.requires_grad_(backward), mask
 
     def traffic(inputs):
         hidden, mask = inputs
@@ -118,7 +120,7 @@ def round_trip_case(device: torch.device, quick: bool, backward: bool) -> Case:
         label=f"unpad+pad {direction}",
         device=str(device),
         shape=f"{batch}x{seqlen}x{width}",
-        dtype="float32",
+        dtype=str(dtype).removeprefix("torch."),
         layout="right padding, lengths U[0.3S, S]",
         backward=backward,
         make_inputs=make_inputs,
@@ -190,6 +192,10 @@ def llama_case(device: torch.device, quick: bool) -> Case | None:
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     result = [round_trip_case(device, quick, False), round_trip_case(device, quick, True)]
+    if device.type == "cuda":  # the GPU goal is stated in bfloat16
+        result += [
+            round_trip_case(device, quick, backward, torch.bfloat16) for backward in (False, True)
+        ]
     llama = llama_case(device, quick)
     return result + ([llama] if llama is not None else [])
 
