@@ -284,12 +284,57 @@ class ASPP(nn.Module):
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self.project(torch.cat([branch(input) for branch in self.convs], dim=1))
+        if self.training:
+            return self.project(torch.cat([branch(input) for branch in self.convs], dim=1))
+        # Inference: each conv -> BatchNorm -> ReLU is one op, the BatchNorm folded into the
+        # conv's weight and bias and the ReLU fused into its epilogue (same result, two fewer
+        # passes over every branch's output).
+        branches = [_conv_bn_relu(branch, input) for branch in self.convs[:-1]]
+        merged = torch.cat([*branches, self.convs[-1](input)], dim=1)
+        return self.project[3](_conv_bn_relu(self.project, merged))
 
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, out_channels={self.out_channels}, rates={self.rates}"
         )
+
+
+def _conv_bn_relu(block: nn.Sequential, input: torch.Tensor) -> torch.Tensor:
+    """``block[2](block[1](block[0](input)))`` for a DilatedConv2d -> BatchNorm2d (running
+    statistics, eval) -> ReLU block, as one convolution with the BatchNorm folded in and the
+    ReLU fused; any other block runs as it is."""
+    conv, bn, relu = block[0], block[1], block[2]
+    foldable = (
+        isinstance(conv, DilatedConv2d)
+        and conv.padding_mode == "zeros"
+        and conv.activation == "none"
+        and isinstance(bn, nn.BatchNorm2d)
+        and not bn.training
+        and bn.running_mean is not None
+        and isinstance(relu, nn.ReLU)
+    )
+    if not foldable:
+        return relu(bn(conv(input)))
+    from torch_ext.conv import dilated_conv2d
+
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    return dilated_conv2d(
+        input,
+        conv.weight * scale[:, None, None, None],
+        shift,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        activation="relu",
+    )
 
 
 def receptive_field(
