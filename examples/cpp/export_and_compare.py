@@ -112,23 +112,30 @@ def check_errors(runner: Path, work: Path) -> None:
 
 
 def latency(runner: Path, work: Path, repeat: int) -> dict:
+    """Median latencies: Python eager (timed in blocks before, between and after the runner's
+    runs, so that drifts of the machine hit both sides) and the C++ runner per format."""
     torch.manual_seed(0)
     model = SegNet().eval()
     x = torch.randn(1, 3, 512, 512)
-    with torch.no_grad():
-        for _ in range(3):
+    eager: list[float] = []
+
+    def time_eager() -> None:
+        with torch.no_grad():
             model(x)
-        times = []
-        for _ in range(repeat):
-            begin = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - begin) * 1e3)
-    result = {"threads": torch.get_num_threads(), "python_eager_ms": statistics.median(times)}
+            for _ in range(repeat):
+                begin = time.perf_counter()
+                model(x)
+                eager.append((time.perf_counter() - begin) * 1e3)
+
+    result: dict = {"threads": torch.get_num_threads()}
     for kind, path in export_all(model, x, work, "segnet512").items():
+        time_eager()
         done, _ = run_runner(runner, path, x, work, repeat=repeat)
         expect(done.returncode == 0, f"{kind} runner at 512x512 ({done.stderr.strip()[-300:]})")
         line = next(line for line in done.stdout.splitlines() if line.startswith("latency_ms"))
         result[f"cpp_{kind}_ms"] = float(line.split()[1])
+    time_eager()
+    result["python_eager_ms"] = statistics.median(eager)
     for kind in ("torchscript", "aoti"):
         result[f"cpp_{kind}_vs_python"] = result[f"cpp_{kind}_ms"] / result["python_eager_ms"]
     print(json.dumps(result, indent=2))

@@ -76,8 +76,11 @@ __device__ __forceinline__ A activate(A v, int act) {
   }
 }
 
+// Blocks of a grid-stride launch over `work` items: at least one (a launch of zero blocks is an
+// error; the kernels' loops simply do nothing for zero items).
 int blocks_for(int64_t work) {
-  return static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, int64_t{1} << 20));
+  return static_cast<int>(
+      std::clamp<int64_t>((work + kThreads - 1) / kThreads, 1, int64_t{1} << 20));
 }
 
 // ---------------------------------------------------------------- depthwise
@@ -93,13 +96,13 @@ __host__ __device__ inline int64_t patch_cols(const Geo& g) {
 template <class T>
 __global__ void depthwise_forward_tiled(const T* __restrict__ x, const T* __restrict__ w,
                                         const T* __restrict__ b, T* __restrict__ y,
-                                        T* __restrict__ pre, Geo g, int act) {
+                                        T* __restrict__ pre, Geo g, int act, int64_t plane0) {
   using A = at::opmath_type<T>;
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   A* patch = reinterpret_cast<A*>(smem_raw);
   const int64_t prow = patch_rows(g), pcol = patch_cols(g), taps = g.kh * g.kw;
   A* wsh = patch + prow * pcol;
-  const int64_t plane = blockIdx.z;  // n * c_out + co
+  const int64_t plane = plane0 + blockIdx.z;  // n * c_out + co
   const int64_t co = plane % g.c_out, n = plane / g.c_out;
   const int64_t ci = co / (g.c_out / g.c_in);
   const int64_t oh0 = int64_t(blockIdx.y) * kTileH, ow0 = int64_t(blockIdx.x) * kTileW;
@@ -338,14 +341,18 @@ std::tuple<at::Tensor, at::Tensor> conv_forward_cuda(
       T* pp = with_preact ? pre.mutable_data_ptr<T>() : nullptr;
       if (cg.depthwise()) {
         const int64_t smem = (patch_rows(g) * patch_cols(g) + g.kh * g.kw) * sizeof(A);
-        if (smem <= kMaxSharedBytes) {
-          const dim3 grid((g.ow + kTileW - 1) / kTileW, (g.oh + kTileH - 1) / kTileH,
-                          g.n * g.c_out);
-          TORCH_CHECK(g.n * g.c_out <= 65535 && grid.y <= 65535,
-                      "dilated_conv2d: too many planes for one launch");
-          depthwise_forward_tiled<T><<<grid, dim3(kTileW, kTileH), smem, stream>>>(
-              x.const_data_ptr<T>(), w.const_data_ptr<T>(), bp, out.mutable_data_ptr<T>(), pp, g,
-              static_cast<int>(act));
+        const int64_t row_tiles = (g.oh + kTileH - 1) / kTileH;
+        if (smem <= kMaxSharedBytes && row_tiles <= 65535) {
+          // Planes go on grid.z, at most 65535 per launch.
+          const int64_t planes = g.n * g.c_out;
+          for (int64_t plane0 = 0; plane0 < planes; plane0 += 65535) {
+            const dim3 grid((g.ow + kTileW - 1) / kTileW, row_tiles,
+                            std::min<int64_t>(65535, planes - plane0));
+            depthwise_forward_tiled<T><<<grid, dim3(kTileW, kTileH), smem, stream>>>(
+                x.const_data_ptr<T>(), w.const_data_ptr<T>(), bp, out.mutable_data_ptr<T>(), pp, g,
+                static_cast<int>(act), plane0);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
         } else {
           depthwise_forward_direct<T><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
               x.const_data_ptr<T>(), w.const_data_ptr<T>(), bp, out.mutable_data_ptr<T>(), pp, g,
@@ -398,7 +405,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
         activation_backward(grad_output, saved, act), input, weight,
         std::vector<int64_t>{weight.size(0)}, stride, {padding4[0], padding4[1]}, dilation, false,
         {0, 0}, groups, output_mask);
-    return {output_mask[0] ? gi.contiguous(format) : none, output_mask[1] ? gw : none,
+    return {output_mask[0] ? gi.contiguous(format) : none, output_mask[1] ? gw.contiguous() : none,
             output_mask[2] ? gb : none};
   }
   const auto gy = activation_backward(grad_output, saved, act).contiguous();
@@ -407,10 +414,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
   at::Tensor gi = output_mask[0] ? at::empty_like(x) : at::Tensor();
   at::Tensor gw = output_mask[1] ? at::empty_like(w) : at::Tensor();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (gy.numel() == 0) {
+  if (gy.numel() == 0 || x.numel() == 0) {  // nothing to sum: zero gradients, as on the CPU
     if (gi.defined()) gi.zero_();
     if (gw.defined()) gw.zero_();
-  } else if (x.numel() > 0) {
+  } else {
     dispatch_float_types(x.scalar_type(), "dilated_conv2d backward", [&](auto tag) {
       using T = decltype(tag);
       if (cg.depthwise()) {
@@ -446,8 +453,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
             im2col_kernel<T><<<blocks_for(nb * K * P), kThreads, 0, stream>>>(
                 x.const_data_ptr<T>(), colb.mutable_data_ptr<T>(), g, n0, nb, grp);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
-            gw_acc[grp] +=
-                at::matmul(gyb, colb.transpose(1, 2)).sum(0, false, gw_acc.scalar_type());
+            // One GEMM over the chunk's nb * P columns (cuBLAS accumulates in float32): [cout, K].
+            const auto gy2 = gyb.permute({1, 0, 2}).reshape({cout, nb * P});
+            const auto col2 = colb.permute({1, 0, 2}).reshape({K, nb * P});
+            gw_acc[grp] += at::matmul(gy2, col2.t()).to(gw_acc.scalar_type());
           }
           if (gi.defined()) {
             const auto dcol = at::matmul(w3[grp].t(), gyb).contiguous();  // [nb, K, P]

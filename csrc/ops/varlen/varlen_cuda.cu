@@ -46,8 +46,11 @@ __global__ void count_rows(const M* __restrict__ mask, int64_t seqlen,
 }
 
 // cu_seqlens from the counts, and stats = (total, longest).
+// expected: the caller's total_tokens (or -1): a wrong one trips a device-side assert instead of
+// leaving indices unwritten or cut short.
 __global__ void prefix_rows(const int32_t* __restrict__ seqused, int64_t batch,
-                            int32_t* __restrict__ cu, int64_t* __restrict__ stats) {
+                            int32_t* __restrict__ cu, int64_t* __restrict__ stats,
+                            int64_t expected) {
   int64_t total = 0, longest = 0;
   cu[0] = 0;
   for (int64_t b = 0; b < batch; ++b) {
@@ -57,6 +60,8 @@ __global__ void prefix_rows(const int32_t* __restrict__ seqused, int64_t batch,
   }
   stats[0] = total;
   stats[1] = longest;
+  CUDA_KERNEL_ASSERT(total <= 2147483647 && "more than 2^31 - 1 real tokens do not fit int32");
+  CUDA_KERNEL_ASSERT((expected < 0 || total == expected) && "total_tokens != real tokens");
 }
 
 // Positions of the real tokens of row blockIdx.x, from cu[b] on; never past `limit` entries.
@@ -87,7 +92,7 @@ __global__ void row_positions(const M* __restrict__ mask, int64_t seqlen,
   int64_t out = cu[b] + offsets[threadIdx.x];
   for (int64_t s = begin; s < end; ++s) {
     if (row[s] != M(0)) {
-      if (out < limit) indices[out] = b * seqlen + s;
+      if (out >= 0 && out < limit) indices[out] = b * seqlen + s;
       ++out;
     }
   }
@@ -114,17 +119,21 @@ std::tuple<at::Tensor, at::Tensor, c10::SymInt, at::Tensor> unpad_plan_cuda(
     }
     prefix_rows<<<1, 1, 0, stream>>>(seqused.const_data_ptr<int32_t>(), batch,
                                      cu_seqlens.mutable_data_ptr<int32_t>(),
-                                     stats.mutable_data_ptr<int64_t>());
+                                     stats.mutable_data_ptr<int64_t>(),
+                                     total_tokens.has_value() ? total_tokens->expect_int() : -1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   int64_t total, longest = seqlen;
   if (total_tokens.has_value()) {
     total = total_tokens->expect_int();  // the caller's word: no transfer
-    TORCH_CHECK(total >= 0, "unpad_input(): total_tokens must be >= 0, got ", total);
+    TORCH_CHECK(total >= 0 && total <= std::numeric_limits<int32_t>::max(),
+                "unpad_input(): total_tokens must be in [0, 2^31 - 1], got ", total);
   } else {
     const auto host = stats.cpu();  // the one device-to-host transfer: (total, longest)
     total = host.const_data_ptr<int64_t>()[0];
     longest = host.const_data_ptr<int64_t>()[1];
+    TORCH_CHECK(total <= std::numeric_limits<int32_t>::max(),
+                "unpad_input(): more than 2^31 - 1 real tokens do not fit int32 cu_seqlens");
   }
   auto indices = at::empty({total}, mask.options().dtype(at::kLong));
   if (batch > 0 && total > 0) {
