@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dtype_tables import HALF_TOL, HALVES, REF_DTYPE
+from layouts import layout_tensor
 
 import torch_ext
 
@@ -91,27 +92,9 @@ def draw(shape, gen, scale: float = 1.0) -> torch.Tensor:
 
 
 def make_tensor(shape, layout, gen, *, device="cpu", dtype=torch.float64, scale=1.0):
-    """(base, view): the leaf `base` and `view(base)`, the 4-D tensor of `shape` in `layout`:
-    "contiguous", "channels_last", "transposed" (dims 2 and 3 swapped: neither layout) or
-    "sliced" (every other channel of a wider tensor, a column window)."""
-    a, b, h, w = shape
-    if layout == "contiguous":
-        base, view = draw(shape, gen, scale), lambda t: t
-    elif layout == "channels_last":
-        base = draw(shape, gen, scale).contiguous(memory_format=torch.channels_last)
-        view = lambda t: t
-    elif layout == "transposed":
-        base, view = draw((a, b, w, h), gen, scale), lambda t: t.transpose(2, 3)
-    elif layout == "sliced":
-        base = draw((a, 2 * b, h, w + 3), gen, scale)
-        view = lambda t: t[:, ::2, :, 1 : w + 1]
-    else:
-        raise ValueError(layout)
-    base = base.to(device=device, dtype=dtype)
-    if layout == "channels_last":
-        base = base.contiguous(memory_format=torch.channels_last)
-    assert view(base).shape == shape
-    return base, view
+    """(base, view): the leaf `base` and `view(base)`, the 4-D tensor of `shape` in `layout`
+    (see layouts.layout_tensor)."""
+    return layout_tensor(shape, layout, lambda s: draw(s, gen, scale), device=device, dtype=dtype)
 
 
 def make_conv(

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dtype_tables import FLOATS, HALF_TOL, HALVES, REF_DTYPE
+from layouts import layout_tensor
 
 import torch_ext
 from torch_ext.nn import SPPF, SpatialPyramidPooling
@@ -72,22 +73,10 @@ def make_input(shape, layout, gen, values="randn", *, device="cpu", dtype=torch.
     """(base, view): `base` is the leaf tensor, `view(base)` the [N, C, H, W] input of `shape`
     in `layout`: "contiguous", "channels_last", "transposed" (H and W strides swapped) or
     "sliced" (every other channel of a wider tensor, a column window)."""
-    n, c, h, w = shape
-    if layout == "contiguous":
-        base, view = draw(shape, gen, values), lambda t: t
-    elif layout == "channels_last":
-        base = draw(shape, gen, values).contiguous(memory_format=torch.channels_last)
-        view = lambda t: t
-    elif layout == "transposed":
-        base, view = draw((n, c, w, h), gen, values), lambda t: t.transpose(2, 3)
-    elif layout == "sliced":
-        base = draw((n, 2 * c, h, w + 3), gen, values)
-        view = lambda t: t[:, ::2, :, 1 : w + 1]
-    else:
-        raise ValueError(layout)
-    base = base.to(device=device, dtype=dtype)
+    base, view = layout_tensor(
+        shape, layout, lambda s: draw(s, gen, values), device=device, dtype=dtype
+    )
     x = view(base)
-    assert x.shape == shape
     if layout == "channels_last":
         assert x.is_contiguous(memory_format=torch.channels_last)
     elif layout in ("transposed", "sliced") and x.numel() > 1:

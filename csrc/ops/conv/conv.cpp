@@ -2,11 +2,14 @@
 // Backends: conv_cpu.cpp, conv_cuda.cu; autograd and autocast: conv_autograd.cpp.
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/gelu_backward.h>
 #include <ATen/ops/silu_backward.h>
 #include <ATen/ops/threshold_backward.h>
 #include <torch/library.h>
+
+#include <cstdlib>
 
 #include "ops/conv/conv_common.h"
 #include "torch_ext/conv.h"
@@ -206,6 +209,32 @@ at::Tensor activation_backward(const at::Tensor& grad_output, const at::Tensor& 
   }
 }
 
+ForcedRoute forced_route() {
+  const char* forced = std::getenv("TORCH_EXT_CONV_ROUTE");
+  if (forced == nullptr) return ForcedRoute::None;
+  const std::string_view value(forced);
+  if (value == "own") return ForcedRoute::Own;
+  if (value == "vendor") return ForcedRoute::Vendor;
+  return ForcedRoute::None;
+}
+
+bool symmetric_padding(at::IntArrayRef padding4) {
+  return padding4.size() == 4 && padding4[0] == padding4[2] && padding4[1] == padding4[3];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> vendor_conv_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& saved, at::IntArrayRef stride, at::IntArrayRef padding4,
+    at::IntArrayRef dilation, int64_t groups, Activation act, std::array<bool, 3> output_mask) {
+  auto [gi, gw, gb] = at::convolution_backward(activation_backward(grad_output, saved, act), input,
+                                               weight, std::vector<int64_t>{weight.size(0)}, stride,
+                                               {padding4[0], padding4[1]}, dilation, false, {0, 0},
+                                               groups, output_mask);
+  const auto none = at::empty({0}, input.options());
+  return {output_mask[0] ? gi.contiguous(conv_memory_format(input)) : none,
+          output_mask[1] ? gw.contiguous() : none, output_mask[2] ? gb : none};
+}
+
 namespace {
 
 // ---------------------------------------------------------------- Meta kernels
@@ -280,27 +309,18 @@ at::Tensor dilated_conv2d(const at::Tensor& input, const at::Tensor& weight,
                           const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                           std::string_view activation) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::dilated_conv2d", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                            at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
-                            std::string_view)>();
-  return op.call(input, weight, bias, stride, padding, dilation, groups, activation);
+  return conv_impl::call_dilated_conv2d(input, weight, bias, stride, padding, dilation, groups,
+                                        activation);
 }
 
 at::Tensor dilated_conv2d(const at::Tensor& input, const at::Tensor& weight,
                           const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                           ConvPadding padding, at::IntArrayRef dilation, int64_t groups,
                           std::string_view activation) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::dilated_conv2d", "padding")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                            at::IntArrayRef, std::string_view, at::IntArrayRef, int64_t,
-                            std::string_view)>();
-  return op.call(input, weight, bias, stride, padding == ConvPadding::Same ? "same" : "valid",
-                 dilation, groups, activation);
+  return conv_impl::call_dilated_conv2d(
+      input, weight, bias, stride,
+      std::string_view(padding == ConvPadding::Same ? "same" : "valid"), dilation, groups,
+      activation);
 }
 
 }  // namespace torch_ext

@@ -13,7 +13,6 @@
 #include <vector>
 
 #include "ops/conv/conv_common.h"
-#include "torch_ext/conv.h"
 
 namespace torch_ext::conv_impl {
 namespace {
@@ -126,36 +125,19 @@ at::Tensor conv_padding_autograd(const at::Tensor& input, const at::Tensor& weig
 
 // ---------------------------------------------------------------- autocast
 
-template <c10::DeviceType device, c10::DispatchKey key>
+// Both overloads (Padding: at::IntArrayRef or std::string_view): cast to the autocast dtype,
+// then the op again below autocast.
+template <c10::DeviceType device, c10::DispatchKey key, class Padding>
 at::Tensor conv_autocast(const at::Tensor& input, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                         Padding padding, at::IntArrayRef dilation, int64_t groups,
                          std::string_view activation) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
   const auto dtype = at::autocast::get_autocast_dtype(device);
-  return torch_ext::dilated_conv2d(at::autocast::cached_cast(dtype, input, device),
-                                   at::autocast::cached_cast(dtype, weight, device),
-                                   at::autocast::cached_cast(dtype, bias, device), stride, padding,
-                                   dilation, groups, activation);
-}
-
-template <c10::DeviceType device, c10::DispatchKey key>
-at::Tensor conv_padding_autocast(const at::Tensor& input, const at::Tensor& weight,
-                                 const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                 std::string_view padding, at::IntArrayRef dilation, int64_t groups,
-                                 std::string_view activation) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
-  const auto dtype = at::autocast::get_autocast_dtype(device);
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::dilated_conv2d", "padding")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                            at::IntArrayRef, std::string_view, at::IntArrayRef, int64_t,
-                            std::string_view)>();
-  return op.call(at::autocast::cached_cast(dtype, input, device),
-                 at::autocast::cached_cast(dtype, weight, device),
-                 at::autocast::cached_cast(dtype, bias, device), stride, padding, dilation, groups,
-                 activation);
+  return call_dilated_conv2d(at::autocast::cached_cast(dtype, input, device),
+                             at::autocast::cached_cast(dtype, weight, device),
+                             at::autocast::cached_cast(dtype, bias, device), stride, padding,
+                             dilation, groups, activation);
 }
 
 }  // namespace
@@ -168,16 +150,16 @@ TORCH_LIBRARY_IMPL(torch_ext, Autograd, m) {
 
 TORCH_LIBRARY_IMPL(torch_ext, AutocastCUDA, m) {
   using torch_ext::conv_impl::conv_autocast;
-  using torch_ext::conv_impl::conv_padding_autocast;
-  m.impl("dilated_conv2d", conv_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
-  m.impl("dilated_conv2d.padding",
-         conv_padding_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
+  constexpr auto cuda = c10::DeviceType::CUDA;
+  constexpr auto key = c10::DispatchKey::AutocastCUDA;
+  m.impl("dilated_conv2d", conv_autocast<cuda, key, at::IntArrayRef>);
+  m.impl("dilated_conv2d.padding", conv_autocast<cuda, key, std::string_view>);
 }
 
 TORCH_LIBRARY_IMPL(torch_ext, AutocastCPU, m) {
   using torch_ext::conv_impl::conv_autocast;
-  using torch_ext::conv_impl::conv_padding_autocast;
-  m.impl("dilated_conv2d", conv_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
-  m.impl("dilated_conv2d.padding",
-         conv_padding_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
+  constexpr auto cpu = c10::DeviceType::CPU;
+  constexpr auto key = c10::DispatchKey::AutocastCPU;
+  m.impl("dilated_conv2d", conv_autocast<cpu, key, at::IntArrayRef>);
+  m.impl("dilated_conv2d.padding", conv_autocast<cpu, key, std::string_view>);
 }

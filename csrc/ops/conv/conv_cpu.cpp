@@ -23,7 +23,6 @@
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution.h>
-#include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
@@ -68,12 +67,13 @@ int64_t tile_columns(const ConvGeometry& g, int64_t element_size) {
 enum class Route { Own, Vendor };
 
 Route cpu_route(const ConvGeometry& g, at::IntArrayRef padding4, at::ScalarType dtype) {
-  const bool symmetric = padding4[0] == padding4[2] && padding4[1] == padding4[3];
-  const char* forced = std::getenv("TORCH_EXT_CONV_ROUTE");
-  if (forced != nullptr && std::string_view(forced) == "own") return Route::Own;
+  const auto forced = forced_route();
+  if (forced == ForcedRoute::Own) return Route::Own;
   // The epilogue kernel takes float and double.
-  if (!symmetric || (dtype != at::kFloat && dtype != at::kDouble)) return Route::Own;
-  if (forced != nullptr && std::string_view(forced) == "vendor") return Route::Vendor;
+  if (!symmetric_padding(padding4) || (dtype != at::kFloat && dtype != at::kDouble)) {
+    return Route::Own;
+  }
+  if (forced == ForcedRoute::Vendor) return Route::Vendor;
   const bool onednn = at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
   return onednn && dtype == at::kFloat && !g.depthwise() ? Route::Vendor : Route::Own;
 }
@@ -261,13 +261,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
   const auto g = make_geometry(input, weight, stride, padding4, dilation, groups);
   const auto dtype = input.scalar_type(), cdtype = compute_dtype(dtype);
   if (cpu_route(g, padding4, dtype) == Route::Vendor) {
-    const auto gy = activation_backward(grad_output, saved, act);
-    auto [gi, gw, gb] = at::convolution_backward(
-        gy, input, weight, std::vector<int64_t>{weight.size(0)}, stride, {padding4[0], padding4[1]},
-        dilation, false, {0, 0}, groups, output_mask);
-    const auto none = at::empty({0}, input.options());
-    return {output_mask[0] ? gi.contiguous(conv_memory_format(input)) : none,
-            output_mask[1] ? gw : none, output_mask[2] ? gb : none};
+    return vendor_conv_backward(grad_output, input, weight, saved, stride, padding4, dilation,
+                                groups, act, output_mask);
   }
   const auto gy = activation_backward(grad_output, saved, act).to(cdtype).contiguous();
   const auto x = input.to(cdtype).contiguous();

@@ -20,7 +20,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution.h>
-#include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/gelu.h>
@@ -289,9 +288,9 @@ int64_t chunk_images(const Geo& g, int64_t element_size) {
   return std::clamp<int64_t>((int64_t{256} << 20) / per_image, 1, std::max<int64_t>(g.n, 1));
 }
 
-bool vendor_forced() {
-  const char* forced = std::getenv("TORCH_EXT_CONV_ROUTE");
-  return forced != nullptr && std::string_view(forced) == "vendor";
+// On CUDA every shape takes our kernels unless the vendor route is forced.
+bool vendor_route(at::IntArrayRef padding4) {
+  return forced_route() == ForcedRoute::Vendor && symmetric_padding(padding4);
 }
 
 at::Tensor activate_tensor(const at::Tensor& v, Activation act) {
@@ -320,8 +319,7 @@ std::tuple<at::Tensor, at::Tensor> conv_forward_cuda(
   const Geo g = to_geo(cg);
   const bool with_preact = save_preact && backward_needs_preact(act);
   const auto format = conv_memory_format(input);
-  const bool symmetric = padding4[0] == padding4[2] && padding4[1] == padding4[3];
-  if (vendor_forced() && symmetric) {
+  if (vendor_route(padding4)) {
     auto z = at::convolution(input, weight, bias, stride, {padding4[0], padding4[1]}, dilation,
                              false, {0, 0}, groups)
                  .contiguous(format);
@@ -399,14 +397,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
   const Geo g = to_geo(cg);
   const auto format = conv_memory_format(input);
   const auto none = at::empty({0}, input.options());
-  const bool symmetric = padding4[0] == padding4[2] && padding4[1] == padding4[3];
-  if (vendor_forced() && symmetric) {
-    auto [gi, gw, gb] = at::convolution_backward(
-        activation_backward(grad_output, saved, act), input, weight,
-        std::vector<int64_t>{weight.size(0)}, stride, {padding4[0], padding4[1]}, dilation, false,
-        {0, 0}, groups, output_mask);
-    return {output_mask[0] ? gi.contiguous(format) : none, output_mask[1] ? gw.contiguous() : none,
-            output_mask[2] ? gb : none};
+  if (vendor_route(padding4)) {
+    return vendor_conv_backward(grad_output, input, weight, saved, stride, padding4, dilation,
+                                groups, act, output_mask);
   }
   const auto gy = activation_backward(grad_output, saved, act).contiguous();
   const auto x = input.contiguous();
@@ -477,9 +470,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
 
 std::string conv_route_cuda(const at::Tensor& input, const at::Tensor& weight,
                             at::IntArrayRef padding4, int64_t groups) {
-  const bool symmetric =
-      padding4.size() == 4 && padding4[0] == padding4[2] && padding4[1] == padding4[3];
-  if (vendor_forced() && symmetric) return "vendor";
+  if (vendor_route(padding4)) return "vendor";
   const int64_t c_in = input.dim() >= 2 ? input.size(1) : 0;
   return groups == c_in && groups > 1 ? "depthwise" : "gemm";
 }
