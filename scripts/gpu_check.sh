@@ -29,6 +29,33 @@ echo "== tests"
 tail -5 "$OUT/pytest.log"
 echo "   tests done at $((SECONDS - start)) s"
 
+echo "== compute-sanitizer: memcheck, racecheck, initcheck over every CUDA kernel"
+# The fuzz test's valid calls on the GPU (tests/python/fuzz_cases.py, ids ending in @cuda): every
+# CUDA op forward and backward on small odd shapes, each result checked against its reference.
+if command -v compute-sanitizer >/dev/null; then
+  mapfile -t cuda_cases < <("$PY" -c "import sys; sys.path.insert(0, '$REPO/tests/python'); \
+import fuzz_cases; print('\n'.join(i for i in fuzz_cases.CASES if i.endswith('@cuda')))")
+  for tool in memcheck racecheck initcheck; do
+    log="$OUT/sanitizer-$tool.log"
+    compute-sanitizer --tool "$tool" --error-exitcode 99 "$PY" "$REPO/tests/python/fuzz_cases.py" \
+      "${cuda_cases[@]}" > "$log" 2>&1
+    code=$?
+    total=$(grep -c '"outcome"' "$log" | tr -d ' ')
+    bad=$(grep '"outcome"' "$log" | grep -vc '"outcome": "\(ok\|clean-error\)"')
+    if [ "$code" -ne 0 ] || [ "$bad" -ne 0 ]; then
+      status=1
+      echo "   $tool: FAILED (exit $code, $bad of $total cases not ok): $log"
+      grep -m 5 "=========\|\"outcome\"" "$log" | grep -v '"outcome": "ok"' | head -5
+    else
+      echo "   $tool: clean over $total CUDA calls"
+    fi
+  done
+else
+  echo "   compute-sanitizer not found: skipped (status set to failure)"
+  status=1
+fi
+echo "   compute-sanitizer done at $((SECONDS - start)) s"
+
 echo "== benchmarks (CUDA)"
 "$PY" "$REPO/benchmarks/run.py" --device cuda --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
 echo "   benchmarks done at $((SECONDS - start)) s"

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from torch_ext._args import int_arg
+
 __all__ = ["dilated_conv2d", "conv_route"]
 
 _IntOrPair = int | Sequence[int]
@@ -13,11 +15,12 @@ _IntOrPair = int | Sequence[int]
 
 def _pair(name: str, value: _IntOrPair) -> list[int]:
     if isinstance(value, int):
+        value = int_arg("dilated_conv2d", name, value)
         return [value, value]
     values = list(value)
     if len(values) not in (1, 2) or not all(isinstance(v, int) for v in values):
         raise TypeError(f"dilated_conv2d(): {name} must be an int or a pair of ints, got {value!r}")
-    return [values[0], values[-1]]
+    return [int_arg("dilated_conv2d", name, values[0]), int_arg("dilated_conv2d", name, values[-1])]
 
 
 def dilated_conv2d(
@@ -28,7 +31,7 @@ def dilated_conv2d(
     padding: _IntOrPair | str = 0,
     dilation: _IntOrPair = 1,
     groups: int = 1,
-    activation: str = "none",
+    activation: str | None = "none",
 ) -> torch.Tensor:
     """2-D convolution with ``torch.nn.functional.conv2d``'s semantics and a fused activation.
 
@@ -51,13 +54,16 @@ def dilated_conv2d(
         padding: int or pair ``>= 0``, or ``"valid"`` (none) or ``"same"`` (stride 1 only; an
             odd total padding puts the extra row/column at the bottom/right, like PyTorch).
         groups: ``>= 1``, dividing ``C_in`` and ``C_out``.
-        activation: ``"none"``, ``"relu"``, ``"silu"`` or ``"gelu"``.
+        activation: ``"none"`` (or None), ``"relu"``, ``"silu"`` or ``"gelu"``.
 
     Returns:
         ``[N, C_out, H_out, W_out]`` of the input's dtype. Differentiable with respect to input,
         weight and bias; half types accumulate in float32.
     """
     ops = torch.ops.torch_ext
+    if activation is None:
+        activation = "none"
+    groups = int_arg("dilated_conv2d", "groups", groups)
     if isinstance(padding, str):
         return ops.dilated_conv2d.padding(
             input,

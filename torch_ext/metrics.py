@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from torch_ext._args import int_arg, optional_int_arg
+
 __all__ = ["confusion_matrix", "segmentation_metrics", "MetricsResult", "SegmentationMetrics"]
 
 
@@ -38,6 +40,8 @@ def confusion_matrix(
 
     Counts are exact int64 and deterministic on every backend.
     """
+    num_classes = int_arg("confusion_matrix", "num_classes", num_classes)
+    ignore_index = optional_int_arg("confusion_matrix", "ignore_index", ignore_index)
     return torch.ops.torch_ext.confusion_matrix(pred, target, num_classes, ignore_index, validate)
 
 

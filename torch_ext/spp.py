@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from torch_ext._args import int_arg
+
 __all__ = ["spp", "sppf"]
 
 
@@ -32,7 +34,8 @@ def spp(input: torch.Tensor, levels: Sequence[int] = (1, 2, 4), mode: str = "max
     Returns:
         Tensor ``[N, C * sum(l * l for l in levels)]`` of the input's dtype.
     """
-    return torch.ops.torch_ext.spp(input, list(levels), mode)
+    levels = [int_arg("spp", "levels", level) for level in levels]
+    return torch.ops.torch_ext.spp(input, levels, mode)
 
 
 def sppf(input: torch.Tensor, kernel_size: int = 5, repeats: int = 3) -> torch.Tensor:
@@ -51,4 +54,6 @@ def sppf(input: torch.Tensor, kernel_size: int = 5, repeats: int = 3) -> torch.T
     Returns:
         Tensor ``[N, C * (repeats + 1), H, W]`` in the input's memory format.
     """
+    kernel_size = int_arg("sppf", "kernel_size", kernel_size)
+    repeats = int_arg("sppf", "repeats", repeats)
     return torch.ops.torch_ext.sppf(input, kernel_size, repeats)

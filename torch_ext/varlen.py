@@ -12,10 +12,13 @@ unpad -> layers -> pad without a graph break.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from torch_ext._args import int_arg, optional_int_arg
 
 __all__ = [
     "PackingCollator",
@@ -39,6 +42,17 @@ _ops = torch.ops.torch_ext
 def _unpad_plan_fake(attention_mask, total_tokens=None, max_seqlen=None):
     torch._check(attention_mask.dim() == 2, lambda: "attention_mask must be 2-D [batch, seqlen]")
     batch, seqlen = attention_mask.shape
+    if total_tokens is not None:
+        torch._check(
+            0 <= total_tokens <= min(batch * seqlen, 2**31 - 1),
+            lambda: f"unpad_input(): total_tokens must be in [0, min(batch * seqlen, 2^31 - 1)], "
+            f"got {total_tokens}",
+        )
+    if max_seqlen is not None:
+        torch._check(
+            0 <= max_seqlen <= seqlen,
+            lambda: f"unpad_input(): max_seqlen must be in [0, seqlen = {seqlen}], got {max_seqlen}",
+        )
     ctx = torch.library.get_ctx()
     nnz = total_tokens if total_tokens is not None else ctx.new_dynamic_size()
     if max_seqlen is not None:
@@ -56,6 +70,11 @@ def _unpad_plan_fake(attention_mask, total_tokens=None, max_seqlen=None):
 @torch.library.register_fake("torch_ext::cu_seqlens_from_position_ids")
 def _cu_seqlens_from_position_ids_fake(position_ids):
     torch._check(position_ids.dim() == 2, lambda: "position_ids must be 2-D [rows, seqlen]")
+    torch._check(
+        position_ids.shape[0] * position_ids.shape[1] <= 2**31 - 1,
+        lambda: "cu_seqlens_from_position_ids(): more tokens than int32 cu_seqlens can index "
+        "(2^31 - 1)",
+    )
     ctx = torch.library.get_ctx()
     entries = ctx.new_dynamic_size(min=1)  # sequences + 1
     return position_ids.new_empty(entries, dtype=torch.int32), ctx.new_dynamic_size()
@@ -90,6 +109,8 @@ def unpad_input(
         ``max_seqlen`` (int), ``seqused`` int32 ``[B]`` (tokens per row); a fully padded row
         repeats its ``cu_seqlens`` entry. Differentiable with respect to ``hidden``.
     """
+    total_tokens = optional_int_arg("unpad_input", "total_tokens", total_tokens)
+    max_seqlen = optional_int_arg("unpad_input", "max_seqlen", max_seqlen)
     return _ops.unpad_input(hidden, attention_mask, total_tokens, max_seqlen)
 
 
@@ -97,6 +118,8 @@ def pad_input(
     hidden_unpad: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int
 ) -> torch.Tensor:
     """Puts tokens back: ``[nnz, ...]`` -> ``[batch, seqlen, ...]``, zeros at padded slots."""
+    batch = int_arg("pad_input", "batch", batch)
+    seqlen = int_arg("pad_input", "seqlen", seqlen)
     return _ops.pad_input(hidden_unpad, indices, batch, seqlen)
 
 
@@ -110,6 +133,7 @@ def index_put_first_axis(
 ) -> torch.Tensor:
     """``zeros([first_axis_dim, ...])`` with rows ``indices`` set to ``values`` (unique
     indices); the backward gathers."""
+    first_axis_dim = int_arg("index_put_first_axis", "first_axis_dim", first_axis_dim)
     return _ops.index_put_first_axis(values, indices, first_axis_dim)
 
 
@@ -138,7 +162,18 @@ def plan_packing(
     tokens). O(n log n): a million sequences plan in well under a second.
     """
     if not isinstance(lengths, torch.Tensor):
-        lengths = torch.as_tensor(list(lengths), dtype=torch.long)
+        values = list(lengths)
+        for i, value in enumerate(values):
+            try:
+                if isinstance(value, bool):
+                    raise TypeError
+                values[i] = operator.index(value)  # ints, numpy integers, 0-d integer tensors
+            except TypeError:
+                raise TypeError(
+                    f"plan_packing(): lengths must be integers, got {value!r} at position {i}"
+                ) from None
+        lengths = torch.tensor(values, dtype=torch.long)
+    capacity = int_arg("plan_packing", "capacity", capacity)
     return _ops.plan_packing(lengths.cpu(), capacity, strategy, truncate)
 
 
@@ -252,10 +287,34 @@ def _check_attention_args(q, k, v, cu_seqlens) -> None:
         raise ValueError(
             f"attention(): q's {q.shape[1]} heads must be a multiple of k/v's {k.shape[1]}"
         )
-    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(
-            "attention(): cu_seqlens must be a 1-D int32 tensor, got "
+            "attention(): cu_seqlens must be a 1-D int32 tensor of at least one entry, got "
             f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != q.device:
+        raise ValueError(
+            f"attention(): cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}"
+        )
+
+
+def _cu_seqlens_valid(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
+    """A 0-d bool tensor on cu_seqlens' device: starts at >= 0, never decreases, ends <= tokens."""
+    steps = cu_seqlens[1:] >= cu_seqlens[:-1]
+    return steps.all() & (cu_seqlens[0] >= 0) & (cu_seqlens[-1] <= tokens)
+
+
+def _check_bounds(bounds: list[int], tokens: int, max_seqlen: int) -> None:
+    if bounds[0] < 0 or bounds[-1] > tokens or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(
+            "attention(): cu_seqlens must start at >= 0, never decrease and end at <= the "
+            f"{tokens} tokens of q, got {bounds}"
+        )
+    longest = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+    if max_seqlen < longest:
+        raise ValueError(
+            f"attention(): max_seqlen={max_seqlen} is below the longest sequence of cu_seqlens "
+            f"({longest} tokens)"
         )
 
 
@@ -319,10 +378,16 @@ def attention(
     ``F.scaled_dot_product_attention`` per sequence (correct on every device and dtype).
     """
     _check_attention_args(q, k, v, cu_seqlens)
+    if q.device.type == "cuda":  # checked on the device, without a transfer to the host
+        torch._assert_async(
+            _cu_seqlens_valid(cu_seqlens, q.shape[0]),
+            "attention(): cu_seqlens must start at >= 0, never decrease and end at <= q's tokens",
+        )
     fast = _flash_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
     if fast is not None:
         return fast
     bounds = cu_seqlens.tolist()
+    _check_bounds(bounds, q.shape[0], max_seqlen)
     groups = q.shape[1] // k.shape[1]
     outputs = []
     for begin, end in zip(bounds[:-1], bounds[1:], strict=True):

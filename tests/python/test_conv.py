@@ -831,6 +831,14 @@ BAD_ARGUMENTS = [
     bad("same-with-stride-pair", "same.*stride|stride.*same", padding="same", stride=(1, 2)),
     bad("padding-string-unknown", "padding", padding="full"),
     bad("padding-string-case", "padding", padding="SAME"),
+    # sizes at the int64 edge: an error, never a wrapped size or a crash
+    bad("no-input-channels", "at least one channel", x=(2, 0, 7, 7), w=(6, 0, 3, 3)),
+    bad("dilation-overflow", "dilated kernel.*64 bits", dilation=2**62),
+    bad("dilation-pair-overflow", "dilated kernel.*64 bits", dilation=(1, 2**62)),
+    bad("padding-overflow", "padding.*64 bits", padding=(2**62, 2**62)),
+    bad("padding-huge", "output.*64 bits", padding=2**40),
+    bad("same-dilation-overflow", "same.*64 bits", padding="same", dilation=2**62),
+    bad("groups-overflow", "groups.*64 bits", groups=2**62, w=(6, 4, 3, 3)),
 ]
 
 
@@ -882,3 +890,36 @@ def test_devices_differ(moved):
     tensors[moved] = tensors[moved].cpu()
     with pytest.raises(RuntimeError, match="device"):
         torch_ext.dilated_conv2d(tensors["input"], tensors["weight"], tensors["bias"])
+
+
+def test_activation_none_means_no_activation(device, gen):
+    x = torch.randn(2, 4, 7, 7, generator=gen).to(device)
+    w = torch.randn(6, 4, 3, 3, generator=gen).to(device)
+    out = torch_ext.dilated_conv2d(x, w, None, padding=2, dilation=2, activation=None)
+    expected = torch_ext.dilated_conv2d(x, w, None, padding=2, dilation=2, activation="none")
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("groups", [1, 4], ids=["dense", "depthwise"])
+def test_double_backward_is_refused_not_wrong(device, route, groups, gen):
+    """A backward with create_graph=True (gradient penalty) through the convolution: a clear
+    error on every route, never zeros or an unrelated error from inside a kernel."""
+    x = torch.randn(2, 4, 7, 7, generator=gen).to(device).requires_grad_()
+    w = torch.randn(4, 4 // groups, 3, 3, generator=gen).to(device).requires_grad_()
+    out = torch_ext.dilated_conv2d(x, w, None, padding=2, dilation=2, groups=groups)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)
+
+
+def test_raw_ops_refuse_inputs_that_require_grad(gen):
+    """The private forward has no derivative: called directly on a tensor that requires grad
+    it refuses, rather than returning a result autograd would treat as a constant."""
+    x = torch.randn(1, 2, 5, 5, generator=gen).requires_grad_()
+    w = torch.randn(2, 2, 3, 3, generator=gen)
+    with pytest.raises(RuntimeError, match="not differentiable.*input requires grad"):
+        ops._dilated_conv2d_forward(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, "none", False)
+    with torch.no_grad():
+        out, _ = ops._dilated_conv2d_forward(
+            x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, "none", False
+        )
+    torch.testing.assert_close(out, F.conv2d(x.detach(), w, None, 1, 1))

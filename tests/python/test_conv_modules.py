@@ -242,8 +242,8 @@ def test_extra_repr():
 def test_dilated_conv2d_bad_arguments():
     with pytest.raises(ValueError, match=r"activation must be one of .*'gelu'\), got 'tanh'"):
         DilatedConv2d(3, 4, 3, activation="tanh")
-    with pytest.raises(TypeError, match="activation must be a str.*got NoneType None"):
-        DilatedConv2d(3, 4, 3, activation=None)
+    with pytest.raises(TypeError, match="activation must be None or a str.*got int 1"):
+        DilatedConv2d(3, 4, 3, activation=1)
     with pytest.raises(TypeError, match="positional"):  # activation is keyword only
         DilatedConv2d(3, 4, 3, 1, 0, 1, 1, True, "zeros", None, None, "relu")
     # nn.Conv2d's own checks still apply.

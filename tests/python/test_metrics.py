@@ -681,6 +681,7 @@ def _scores(shape, dtype=torch.float32):
 BAD_ARGUMENTS = [
     ("num_classes-0", _labels((2, 3)), _labels((2, 3)), 0, "num_classes"),
     ("num_classes-negative", _labels((2, 3)), _labels((2, 3)), -3, "num_classes"),
+    ("num_classes-2^32", _labels((2, 3)), _labels((2, 3)), 2**32, "num_classes.*64 bits"),
     ("num_classes-0-scores", _scores((2, 0, 3)), _labels((2, 3)), 0, "num_classes"),
     ("float-target", _labels((2, 3)), _scores((2, 3)), 4, "target"),
     ("float-target-scores", _scores((2, 4, 3)), _scores((2, 3)), 4, "target"),

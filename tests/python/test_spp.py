@@ -623,6 +623,13 @@ BAD_ARGUMENTS = [
     ("sppf-kernel-negative", GOOD, F32, lambda x: torch_ext.sppf(x, -3), "kernel_size"),
     ("sppf-repeats-0", GOOD, F32, lambda x: torch_ext.sppf(x, 5, 0), "repeats"),
     ("sppf-repeats-negative", GOOD, F32, lambda x: torch_ext.sppf(x, 5, -1), "repeats"),
+    # sizes at the int64 edge: an error, never a wrapped (too small) output
+    ("level-2^32", GOOD, F32, lambda x: torch_ext.spp(x, (2**32,)), "bins.*64 bits"),
+    ("levels-2^32-and-1", GOOD, F32, lambda x: torch_ext.spp(x, (2**32, 1)), "bins.*64 bits"),
+    ("level-2^31", GOOD, F32, lambda x: torch_ext.spp(x, (2**31,)), "features.*64 bits"),
+    ("level-2^30", GOOD, F32, lambda x: torch_ext.spp(x, (2**30,)), "output.*64 bits"),
+    ("sppf-repeats-2^62", GOOD, F32, lambda x: torch_ext.sppf(x, 3, 2**62), "repeats"),
+    ("sppf-repeats-int64-max", GOOD, F32, lambda x: torch_ext.sppf(x, 3, 2**63 - 1), "repeats"),
 ]
 BAD_IDS = [case[0] for case in BAD_ARGUMENTS]
 BAD_CASES = [case[1:] for case in BAD_ARGUMENTS]
@@ -653,6 +660,117 @@ def test_meta_kernels_give_the_output_shapes():
     out = torch_ext.sppf(y, 5, 2)
     assert out.shape == (2, 9, 7, 5)
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_sppf_kernel_larger_than_the_map_is_a_global_window(device, gen):
+    """Windows reaching past the map on every side cover all of it, whatever their size."""
+    x = draw((2, 3, 5, 4), gen).to(device)
+    whole = sppf_reference(x, 9, 2)  # 2 * max(H, W) - 1
+    for kernel_size in (11, 2**31 + 1, 2**62 + 1):
+        torch.testing.assert_close(torch_ext.sppf(x, kernel_size, 2), whole, rtol=0, atol=0)
+
+
+RAW_BACKWARD_ERRORS = [
+    (
+        "spp-indices-out-of-range",
+        lambda: ops._spp_backward(
+            torch.ones(1, 1), torch.tensor([[10**9]]), [1, 1, 2, 2], [1], "max",
+            torch.contiguous_format,
+        ),
+        "indices must lie in",
+    ),
+    (
+        "spp-indices-negative",
+        lambda: ops._spp_backward(
+            torch.ones(1, 1), torch.tensor([[-1]]), [1, 1, 2, 2], [1], "max",
+            torch.contiguous_format,
+        ),
+        "indices must lie in",
+    ),
+    (
+        "spp-input-size-negative",
+        lambda: ops._spp_backward(
+            torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long), [1, -1, 2, 2], [1], "max",
+            torch.contiguous_format,
+        ),
+        "input_size",
+    ),
+    (
+        "spp-memory-format",
+        lambda: ops._spp_backward(
+            torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long), [1, 1, 2, 2], [1], "max",
+            torch.preserve_format,
+        ),
+        "memory_format",
+    ),
+    (
+        "spp-grad-int",
+        lambda: ops._spp_backward(
+            torch.ones(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+            [1, 1, 2, 2], [1], "avg", torch.contiguous_format,
+        ),
+        "grad_output",
+    ),
+    (
+        "sppf-kernel-negative",
+        lambda: ops._sppf_backward(torch.ones(1, 4, 3, 3), torch.ones(1, 4, 3, 3), -3, 1),
+        "kernel_size",
+    ),
+    (
+        "sppf-grad-dtype",
+        lambda: ops._sppf_backward(
+            torch.ones(1, 4, 3, 3, dtype=torch.float64), torch.ones(1, 4, 3, 3), 3, 1
+        ),
+        "grad_output.*dtype",
+    ),
+    (
+        "sppf-repeats-huge",
+        lambda: ops._sppf_backward(torch.ones(1, 4, 3, 3), torch.ones(1, 4, 3, 3), 3, 2**63 - 1),
+        "repeats",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "call,match", [c[1:] for c in RAW_BACKWARD_ERRORS], ids=[c[0] for c in RAW_BACKWARD_ERRORS]
+)
+def test_raw_backward_ops_validate_their_arguments(call, match):
+    """Users can call the private ops directly: they check what they are given."""
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+DOUBLE_BACKWARD_OPS = {
+    "spp-max": lambda x: torch_ext.spp(x, (1, 2), "max"),
+    "spp-avg": lambda x: torch_ext.spp(x, (1, 2), "avg"),
+    "sppf": lambda x: torch_ext.sppf(x, 3, 2),
+}
+
+
+@pytest.mark.parametrize("op", DOUBLE_BACKWARD_OPS.values(), ids=DOUBLE_BACKWARD_OPS.keys())
+def test_double_backward_is_refused_not_zero(device, op, gen):
+    """A gradient penalty differentiates the backward: a clear error, never zeros."""
+    x = draw((2, 3, 5, 5), gen).to(device).requires_grad_()
+    w = torch.randn(op(x).shape, generator=gen).to(device).requires_grad_()
+    # The gradient with respect to x depends on w through the backward op, which has no
+    # derivative of its own: refused where the graph would be built.
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad((op(x) * w).sum(), x, create_graph=True)
+
+
+def test_sppf_backward_on_maps_wider_than_float_can_count(gen):
+    """Column numbers above 2^24 are not exact in float lanes: the gradient must still land on
+    the right column (compared with autograd through the cascade)."""
+    width = 2**24 + 37
+    x = torch.zeros(1, 1, 1, width)
+    x[0, 0, 0, -5] = 1.0  # the maximum near the far end
+    x.requires_grad_()
+    grad_out = torch.zeros(1, 2, 1, width)
+    grad_out[0, 1, 0, -3:] = torch.tensor([1.0, 2.0, 4.0])
+    (ours,) = torch.autograd.grad(torch_ext.sppf(x, 5, 1), x, grad_out)
+    (ref,) = torch.autograd.grad(sppf_reference(x, 5, 1), x, grad_out)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    assert ours[0, 0, 0, -5:].sum() == 7.0  # all of it near the far end
 
 
 # ---------------------------------------------------------------- every compiled CPU copy

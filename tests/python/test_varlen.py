@@ -390,10 +390,13 @@ def test_total_tokens_path(device, kind, gen):
     check_unpad(fast, hidden, mask, max_seqlen=seqlen, what=kind)
     for a, b in zip(default[:3] + default[4:], fast[:3] + fast[4:], strict=True):
         assert torch.equal(a, b), kind
-    given = varlen.unpad_input(hidden, mask, total_tokens=total, max_seqlen=5)
-    check_unpad(given, hidden, mask, max_seqlen=5, what=kind)
-    by_position = varlen.unpad_input(hidden, mask, total, 6)
-    check_unpad(by_position, hidden, mask, max_seqlen=6, what=kind)
+    # A bound given is reported as given (it must hold: the CPU kernel checks that it does).
+    longest = int(mask.sum(1).max())
+    given = varlen.unpad_input(hidden, mask, total_tokens=total, max_seqlen=longest)
+    check_unpad(given, hidden, mask, max_seqlen=longest, what=kind)
+    loose = min(longest + 1, seqlen)
+    by_position = varlen.unpad_input(hidden, mask, total, loose)
+    check_unpad(by_position, hidden, mask, max_seqlen=loose, what=kind)
     restored = varlen.pad_input(fast[0], fast[1], batch, seqlen)
     assert torch.equal(restored.cpu(), masked_reference(hidden, mask)), kind
 
@@ -575,7 +578,7 @@ def opcheck_cases(device, gen):
         ("index_put_first_axis", ops.index_put_first_axis.default, (values, indices, 18)),
         ("unpad_plan", ops._unpad_plan.default, (mask,)),
         ("unpad_plan-total", ops._unpad_plan.default, (mask, total)),
-        ("unpad_plan-total-max", ops._unpad_plan.default, (mask, total, 4)),
+        ("unpad_plan-total-max", ops._unpad_plan.default, (mask, total, 6)),
         ("unpad_input", ops.unpad_input.default, (hidden, mask)),
         ("unpad_input-total", ops.unpad_input.default, (hidden, mask, total)),
         ("pad_input", ops.pad_input.default, (values, indices, 3, 6)),
@@ -1142,6 +1145,18 @@ def bad_calls(device):
             lambda: varlen.attention(q, torch.ones(6, 3, 4, device=device), q, cu, 4),
             "head",
         ),
+        ("unpad-max-seqlen-negative", lambda: varlen.unpad_input(x, mask, max_seqlen=-5), "max_seqlen"),
+        ("unpad-max-seqlen-past-seqlen", lambda: varlen.unpad_input(x, mask, max_seqlen=6), "max_seqlen"),
+        ("unpad-total-negative", lambda: varlen.unpad_input(x, mask, total_tokens=-1), "total_tokens"),
+        ("unpad-total-past-slots", lambda: varlen.unpad_input(x, mask, total_tokens=16), "total_tokens"),
+        ("attention-cu-empty", lambda: varlen.attention(q, q, q, cu[:0], 4), "cu_seqlens"),
+        (
+            "position-ids-past-int32",
+            lambda: varlen.cu_seqlens_from_position_ids(
+                torch.zeros(1, 1, dtype=torch.long, device=device).expand(1, 2**31)
+            ),
+            "2\\^31 - 1",
+        ),
         ("position-ids-1d", lambda: varlen.cu_seqlens_from_position_ids(cu.long()), "position_ids"),
         (
             "position-ids-3d",
@@ -1201,9 +1216,64 @@ def test_out_of_range_indices_on_cpu(case):
         OUT_OF_RANGE[case](torch.ones(6, 2))
 
 
+def test_unpad_max_seqlen_below_the_longest_row_is_refused_on_cpu():
+    """A bound below the real longest row would make attention kernels skip tokens; the CPU
+    kernel knows the rows and refuses it (a device kernel cannot check it without a sync)."""
+    x = torch.ones(2, 5, 3)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="max_seqlen=2 is below the longest row"):
+        varlen.unpad_input(x, mask, max_seqlen=2)
+    assert varlen.unpad_input(x, mask, max_seqlen=3)[3] == 3
+    assert varlen.unpad_input(x, mask, max_seqlen=5)[3] == 5  # a loose bound is a bound
+
+
+MALFORMED_CU_SEQLENS = {
+    "decreasing": ([0, 3, 2, 4], 4),
+    "past-the-tokens": ([0, 9], 9),
+    "negative-start": ([-1, 4], 5),
+    "max-seqlen-too-small": ([0, 3, 4], 2),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_CU_SEQLENS))
+def test_attention_refuses_malformed_cu_seqlens(case, gen):
+    bounds, max_seqlen = MALFORMED_CU_SEQLENS[case]
+    q = torch.randn(4, 2, 8, generator=gen)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens|max_seqlen"):
+        varlen.attention(q, q, q, cu, max_seqlen)
+
+
+def test_index_first_axis_repeated_indices_sum_their_gradients(device, gen):
+    """As for input[indices]: a row gathered twice gets both gradients."""
+    x = torch.randn(4, 3, generator=gen).to(device).requires_grad_()
+    indices = torch.tensor([1, 3, 1, 1], device=device)
+    grad_out = torch.randn(4, 3, generator=gen).to(device)
+    (ours,) = torch.autograd.grad(varlen.index_first_axis(x, indices), x, grad_out)
+    (ref,) = torch.autograd.grad(x[indices], x, grad_out)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(ours[1], grad_out[[0, 2, 3]].sum(0))
+
+
+def test_index_first_axis_reads_rows_in_place():
+    """An expanded (stride-0) or sliced first axis is read where it lies: gathering two rows
+    of a 2^40-row expansion would need 4 PiB if the input were made contiguous first."""
+    row = torch.arange(6.0).view(1, 2, 3)
+    expanded = row.expand(2**40, 2, 3)
+    out = varlen.index_first_axis(expanded, torch.tensor([5, 2**40 - 1]))
+    torch.testing.assert_close(out, row.expand(2, 2, 3))
+    base = torch.randn(10, 4)
+    sliced = base[::3]  # rows 0, 3, 6, 9: contiguous rows at a stride of 12 elements
+    torch.testing.assert_close(varlen.index_first_axis(sliced, torch.tensor([3, 0])), base[[9, 0]])
+    column = base[:, 1]  # a 1-D input at stride 4
+    torch.testing.assert_close(varlen.index_first_axis(column, torch.tensor([2, 2])), base[[2, 2], 1])
+
+
 @pytest.mark.parametrize(
     "call,match",
     [
+        (lambda: varlen.plan_packing([1.9, 2.9], 2), "integers.*1.9"),
+        (lambda: varlen.plan_packing([3, True], 4), "integers.*True"),
         (lambda: varlen.plan_packing([3, 1], 0), "capacity"),
         (lambda: varlen.plan_packing([3, 1], -5), "capacity"),
         (lambda: varlen.plan_packing([3, 1], 4, "wfd"), "strategy"),
@@ -1214,6 +1284,8 @@ def test_out_of_range_indices_on_cpu(case):
         (lambda: varlen.PackingCollator(8, strategy="nf"), "strategy"),
     ],
     ids=[
+        "float-lengths",
+        "bool-length",
         "capacity-0",
         "capacity-negative",
         "strategy-unknown",
@@ -1225,5 +1297,5 @@ def test_out_of_range_indices_on_cpu(case):
     ],
 )
 def test_bad_packing_arguments(call, match):
-    with pytest.raises((ValueError, RuntimeError), match=match):
+    with pytest.raises((ValueError, RuntimeError, TypeError), match=match):
         call()

@@ -16,9 +16,11 @@ _ACTIVATIONS = ("none", "relu", "silu", "gelu")
 
 
 def _check_activation(activation, where: str) -> str:
+    if activation is None:  # as users write "no activation"
+        return "none"
     if not isinstance(activation, str):
         raise TypeError(
-            f"{where}: activation must be a str, one of {_ACTIVATIONS}, got "
+            f"{where}: activation must be None or a str, one of {_ACTIVATIONS}, got "
             f"{type(activation).__name__} {activation!r}"
         )
     if activation not in _ACTIVATIONS:

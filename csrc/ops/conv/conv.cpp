@@ -9,8 +9,11 @@
 #include <ATen/ops/threshold_backward.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstdlib>
+#include <limits>
 
+#include "common/checked_size.h"
 #include "ops/conv/conv_common.h"
 #include "torch_ext/conv.h"
 
@@ -55,7 +58,8 @@ Padding4 padding4_from_string(const char* op, std::string_view padding, at::IntA
   const auto d = pair_arg(op, "dilation", dilation);
   Padding4 result{};
   for (int axis = 0; axis < 2; ++axis) {
-    const int64_t total = d[axis] * (weight.size(2 + axis) - 1);
+    const int64_t total =
+        checked_mul(op, "the \"same\" padding dilation * (k - 1)", d[axis], weight.size(2 + axis) - 1);
     result[axis] = total / 2;              // top / left
     result[axis + 2] = total - total / 2;  // bottom / right: the odd extra one
   }
@@ -69,6 +73,29 @@ c10::SymInt conv_output_size(const c10::SymInt& in, int64_t kernel, int64_t stri
   const auto span = in + pad_begin + pad_end - dilation * (kernel - 1) - 1;
   return span.sym_ge(0).guard_bool(__FILE__, __LINE__) ? span / stride + 1 : c10::SymInt(0);
 }
+
+namespace {
+
+// The output's bytes must be countable (sizes at the int64 edge otherwise wrap in the
+// allocator's arithmetic or in the kernels' index math).
+void check_output_size(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                       at::IntArrayRef stride, at::IntArrayRef padding4, at::IntArrayRef dilation) {
+  std::vector<int64_t> shape{0, 0, 0, 0};
+  const std::array<c10::SymInt, 4> sizes{
+      input.sym_size(0), weight.sym_size(0),
+      conv_output_size(input.sym_size(2), weight.size(2), stride[0], padding4[0], padding4[2],
+                       dilation[0]),
+      conv_output_size(input.sym_size(3), weight.size(3), stride[1], padding4[1], padding4[3],
+                       dilation[1])};
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    const auto concrete = sizes[d].maybe_as_int();
+    if (!concrete) return;
+    shape[d] = *concrete;
+  }
+  check_allocation(op, "the output", shape, input.element_size());
+}
+
+}  // namespace
 
 void check_conv_args(const char* op, const at::Tensor& input, const at::Tensor& weight,
                      const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -97,6 +124,12 @@ void check_conv_args(const char* op, const at::Tensor& input, const at::Tensor& 
   }
   const auto c_in = input.sym_size(1);
   const auto c_out = weight.sym_size(0);
+  // One channel at least: with none, ATen's routes disagree on the output's shape.
+  TORCH_SYM_CHECK(c_in.sym_ge(1), op, "(): input must have at least one channel, got shape ",
+                  input.sym_sizes());
+  if (const auto per_group = weight.sym_size(1).maybe_as_int()) {
+    checked_mul(op, "weight.size(1) * groups", *per_group, groups);
+  }
   TORCH_SYM_CHECK(c_in.sym_eq(weight.sym_size(1) * groups), op, "(): input has ", c_in,
                   " channels but weight of shape ", weight.sym_sizes(), " with groups=", groups,
                   " expects weight.size(1) * groups = ", weight.sym_size(1) * groups);
@@ -118,14 +151,24 @@ void check_conv_args(const char* op, const at::Tensor& input, const at::Tensor& 
   for (int axis = 0; axis < 2; ++axis) {
     const auto in = input.sym_size(2 + axis);
     const int64_t k = weight.size(2 + axis);
-    const auto padded = in + padding4[axis] + padding4[axis + 2];
-    const int64_t reach = dilation[axis] * (k - 1) + 1;
-    TORCH_SYM_CHECK(padded.sym_ge(reach), op, "(): the ", axis == 0 ? "height" : "width",
+    const char* side = axis == 0 ? "height" : "width";
+    const int64_t pad = checked_add(op, "the total padding", padding4[axis], padding4[axis + 2]);
+    const auto concrete_in = in.maybe_as_int();
+    const c10::SymInt padded =
+        concrete_in ? c10::SymInt(checked_add(op, "the padded input's size", *concrete_in, pad))
+                    : in + pad;
+    const int64_t reach =
+        checked_add(op, "the dilated kernel's extent dilation * (k - 1) + 1",
+                    checked_mul(op, "the dilated kernel's extent dilation * (k - 1) + 1",
+                                dilation[axis], k - 1),
+                    1);
+    TORCH_SYM_CHECK(padded.sym_ge(reach), op, "(): the ", side,
                     " of the padded input (", padded, ") is smaller than the dilated kernel (",
                     reach, " = dilation * (k - 1) + 1): the output would be empty; input shape ",
                     input.sym_sizes(), ", weight shape ", weight.sizes(), ", padding ", padding4,
                     ", dilation ", dilation);
   }
+  check_output_size(op, input, weight, stride, padding4, dilation);
 }
 
 ConvGeometry make_geometry(const at::Tensor& input, const at::Tensor& weight,
@@ -216,6 +259,20 @@ ForcedRoute forced_route() {
   if (value == "own") return ForcedRoute::Own;
   if (value == "vendor") return ForcedRoute::Vendor;
   return ForcedRoute::None;
+}
+
+void check_route_args(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef padding4,
+                      int64_t groups) {
+  const std::array<int64_t, 2> ones{1, 1};
+  check_conv_args("conv_route", input, weight, c10::nullopt, ones, padding4, ones, groups);
+}
+
+bool vendor_takes(const ConvGeometry& g) {
+  constexpr int64_t limit = std::numeric_limits<int32_t>::max();
+  for (const int64_t v : {g.stride_h, g.stride_w, g.dil_h, g.dil_w, g.pad_top, g.pad_left}) {
+    if (v > limit) return false;
+  }
+  return true;
 }
 
 bool symmetric_padding(at::IntArrayRef padding4) {

@@ -12,6 +12,7 @@
 #include <string_view>
 #include <vector>
 
+#include "common/non_differentiable.h"
 #include "ops/conv/conv_common.h"
 
 namespace torch_ext::conv_impl {
@@ -146,6 +147,8 @@ at::Tensor conv_autocast(const at::Tensor& input, const at::Tensor& weight,
 TORCH_LIBRARY_IMPL(torch_ext, Autograd, m) {
   m.impl("dilated_conv2d", torch_ext::conv_impl::conv_autograd);
   m.impl("dilated_conv2d.padding", torch_ext::conv_impl::conv_padding_autograd);
+  m.impl("_dilated_conv2d_forward", torch_ext::refusing_grad());
+  m.impl("_dilated_conv2d_backward", torch_ext::refusing_grad());
 }
 
 TORCH_LIBRARY_IMPL(torch_ext, AutocastCUDA, m) {

@@ -53,6 +53,11 @@ void check_conv_args(const char* op, const at::Tensor& input, const at::Tensor& 
                      const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                      at::IntArrayRef padding4, at::IntArrayRef dilation, int64_t groups);
 
+// The arguments of _dilated_conv2d_route: those of a convolution with stride and dilation 1
+// (which any valid call also satisfies).
+void check_route_args(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef padding4,
+                      int64_t groups);
+
 // The 4-entry padding of the int overload ({ph, pw} or {p}) and of the string overload
 // ("valid", or "same": total dilation * (k - 1), the odd extra row/column at the end).
 Padding4 padding4_from_ints(const char* op, at::IntArrayRef padding);
@@ -120,6 +125,10 @@ enum class ForcedRoute { None, Own, Vendor };
 ForcedRoute forced_route();
 
 bool symmetric_padding(at::IntArrayRef padding4);
+
+// Whether the vendor libraries take these values (oneDNN / cuDNN refuse strides, paddings and
+// dilations beyond 32 bits with internal errors; our kernels take them).
+bool vendor_takes(const ConvGeometry& g);
 
 // ATen's convolution_backward of the vendor route, after the activation's backward; gradients
 // in the layouts the Meta kernel promises, empty [0] tensors where output_mask is false.

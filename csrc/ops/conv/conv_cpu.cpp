@@ -70,7 +70,8 @@ Route cpu_route(const ConvGeometry& g, at::IntArrayRef padding4, at::ScalarType 
   const auto forced = forced_route();
   if (forced == ForcedRoute::Own) return Route::Own;
   // The epilogue kernel takes float and double.
-  if (!symmetric_padding(padding4) || (dtype != at::kFloat && dtype != at::kDouble)) {
+  if (!symmetric_padding(padding4) || (dtype != at::kFloat && dtype != at::kDouble) ||
+      !vendor_takes(g)) {
     return Route::Own;
   }
   if (forced == ForcedRoute::Vendor) return Route::Vendor;
@@ -298,6 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
 
 std::string conv_route_cpu(const at::Tensor& input, const at::Tensor& weight,
                            at::IntArrayRef padding4, int64_t groups) {
+  check_route_args(input, weight, padding4, groups);
   ConvGeometry g{};
   g.c_in = input.dim() >= 2 ? input.size(1) : 0;
   g.groups = groups;

@@ -470,6 +470,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
 
 std::string conv_route_cuda(const at::Tensor& input, const at::Tensor& weight,
                             at::IntArrayRef padding4, int64_t groups) {
+  check_route_args(input, weight, padding4, groups);
   if (vendor_route(padding4)) return "vendor";
   const int64_t c_in = input.dim() >= 2 ? input.size(1) : 0;
   return groups == c_in && groups > 1 ? "depthwise" : "gemm";

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "common/checked_size.h"
 #include "common/non_differentiable.h"
 #include "ops/metrics/metrics_common.h"
 #include "torch_ext/metrics.h"
@@ -36,6 +37,8 @@ bool is_score_dtype(at::ScalarType t) {
 
 bool check_confusion_args(const at::Tensor& pred, const at::Tensor& target, int64_t num_classes) {
   TORCH_CHECK(num_classes >= 1, "confusion_matrix(): num_classes must be >= 1, got ", num_classes);
+  check_allocation("confusion_matrix", "the [num_classes, num_classes] int64 matrix",
+                   {num_classes, num_classes}, sizeof(int64_t));
   TORCH_CHECK(is_label_dtype(target.scalar_type()),
               "confusion_matrix(): target must hold labels of dtype uint8, int16, int32 or int64, "
               "got ",

@@ -9,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "common/non_differentiable.h"
 #include "ops/spp/spp_common.h"
 
 namespace torch_ext::spp_impl {
@@ -122,4 +123,7 @@ at::Tensor sppf_autograd(const at::Tensor& input, int64_t kernel_size, int64_t r
 TORCH_LIBRARY_IMPL(torch_ext, Autograd, m) {
   m.impl("spp", torch_ext::spp_impl::spp_autograd);
   m.impl("sppf", torch_ext::spp_impl::sppf_autograd);
+  m.impl("_spp_forward", torch_ext::refusing_grad());
+  m.impl("_spp_backward", torch_ext::refusing_grad());
+  m.impl("_sppf_backward", torch_ext::refusing_grad());
 }

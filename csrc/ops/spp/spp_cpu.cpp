@@ -25,6 +25,15 @@ MapShape map_shape(const at::Tensor& t, c10::MemoryFormat format) {
   return {t.size(0), t.size(1), t.size(2), t.size(3), format == c10::MemoryFormat::ChannelsLast};
 }
 
+// The backward scatters through the indices: each must point into its H x W plane.
+void check_index_range(const at::Tensor& indices, int64_t plane) {
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < indices.numel(); ++i) {
+    TORCH_CHECK(idx[i] >= 0 && idx[i] < plane, "spp backward: indices must lie in [0, H * W = ",
+                plane, "), got ", idx[i], " at flat position ", i);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> spp_forward_cpu(const at::Tensor& input_, at::IntArrayRef levels,
                                                    std::string_view mode, bool need_indices) {
   check_spp_args(input_, levels, mode);
@@ -50,10 +59,11 @@ std::tuple<at::Tensor, at::Tensor> spp_forward_cpu(const at::Tensor& input_, at:
 at::Tensor spp_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& indices,
                             at::IntArrayRef input_size, at::IntArrayRef levels,
                             std::string_view mode, c10::MemoryFormat memory_format) {
-  check_spp_backward_args(grad_output_, indices, input_size, levels, mode);
+  check_spp_backward_args(grad_output_, indices, input_size, levels, mode, memory_format);
   const auto pool_mode = parse_mode(mode);
   const auto grad_output = grad_output_.contiguous();
   const auto indices_c = indices.contiguous();
+  if (pool_mode == PoolMode::Max) check_index_range(indices_c, input_size[2] * input_size[3]);
   auto grad_input = at::empty(input_size, grad_output.options().memory_format(memory_format));
   if (grad_input.numel() > 0) {
     spp_kernels().spp_backward(
@@ -74,7 +84,8 @@ at::Tensor sppf_cpu(const at::Tensor& input_, int64_t kernel_size, int64_t repea
                 input.options().memory_format(format));
   if (output.numel() > 0) {
     sppf_kernels().sppf_forward({input.scalar_type(), input.const_data_ptr(),
-                                 output.mutable_data_ptr(), map_shape(input, format), kernel_size,
+                                 output.mutable_data_ptr(), map_shape(input, format),
+                                 effective_kernel_size(kernel_size, input.size(2), input.size(3)),
                                  repeats});
   }
   return output;
@@ -82,7 +93,7 @@ at::Tensor sppf_cpu(const at::Tensor& input_, int64_t kernel_size, int64_t repea
 
 at::Tensor sppf_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& output_,
                              int64_t kernel_size, int64_t repeats) {
-  check_sppf_backward_args(grad_output_, output_, repeats);
+  check_sppf_backward_args(grad_output_, output_, kernel_size, repeats);
   const auto format = kernel_memory_format(output_);
   const auto output = output_.contiguous(format);
   const auto grad_output = grad_output_.contiguous(format);
@@ -92,7 +103,9 @@ at::Tensor sppf_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& o
   if (grad_input.numel() > 0) {
     sppf_kernels().sppf_backward({output.scalar_type(), grad_output.const_data_ptr(),
                                   output.const_data_ptr(), grad_input.mutable_data_ptr(),
-                                  map_shape(grad_input, format), kernel_size, repeats});
+                                  map_shape(grad_input, format),
+                                  effective_kernel_size(kernel_size, output.size(2), output.size(3)),
+                                  repeats});
   }
   return grad_input;
 }

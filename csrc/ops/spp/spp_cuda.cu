@@ -493,7 +493,7 @@ std::tuple<at::Tensor, at::Tensor> spp_forward_cuda(const at::Tensor& input_,
 at::Tensor spp_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& indices_,
                              at::IntArrayRef input_size, at::IntArrayRef levels,
                              std::string_view mode, c10::MemoryFormat memory_format) {
-  check_spp_backward_args(grad_output_, indices_, input_size, levels, mode);
+  check_spp_backward_args(grad_output_, indices_, input_size, levels, mode, memory_format);
   const c10::cuda::CUDAGuard guard(grad_output_.device());
   const bool is_max = parse_mode(mode) == PoolMode::Max;
   const Levels lv = make_levels(levels);
@@ -533,7 +533,7 @@ at::Tensor sppf_cuda(const at::Tensor& input_, int64_t kernel_size, int64_t repe
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   auto output = at::empty({N, C * (repeats + 1), H, W}, input.options().memory_format(format));
   if (output.numel() == 0) return output;
-  const int p = static_cast<int>(kernel_size / 2);
+  const int p = static_cast<int>(effective_kernel_size(kernel_size, H, W) / 2);
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_types(input.scalar_type(), "torch_ext spp CUDA kernels", [&](auto tag) {
     using T = decltype(tag);
@@ -572,7 +572,7 @@ at::Tensor sppf_cuda(const at::Tensor& input_, int64_t kernel_size, int64_t repe
 
 at::Tensor sppf_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& output_,
                               int64_t kernel_size, int64_t repeats) {
-  check_sppf_backward_args(grad_output_, output_, repeats);
+  check_sppf_backward_args(grad_output_, output_, kernel_size, repeats);
   const c10::cuda::CUDAGuard guard(output_.device());
   const auto format = kernel_memory_format(output_);
   const auto output = output_.contiguous(format);
@@ -582,7 +582,7 @@ at::Tensor sppf_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& 
   auto grad_input = at::empty({N, C, H, W}, output.options().memory_format(format));
   const int64_t total = grad_input.numel();
   if (total == 0) return grad_input;
-  const int p = static_cast<int>(kernel_size / 2);
+  const int p = static_cast<int>(effective_kernel_size(kernel_size, H, W) / 2);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto acc_dtype = output.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // Scratch in the enumeration order of d (plain contiguous tensors, indexed by MapDims).

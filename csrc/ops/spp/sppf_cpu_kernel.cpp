@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "common/dispatch.h"
@@ -186,7 +187,7 @@ void sppf_forward_typed(const SppfForwardArgs& a) {
 // maximum (last NaN with NaNs) that max_pool2d's scan finds. Scalar version for half types.
 template <class T>
 void window_argmax_scalar(const T* src, int64_t H, int64_t W, int64_t p, acc_t<T>* row_best,
-                          acc_t<T>* row_arg, int64_t* arg) {
+                          int64_t* row_arg, int64_t* arg) {
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t w = 0; w < W; ++w) {
       const int64_t w0 = std::max<int64_t>(0, w - p), w1 = std::min<int64_t>(W, w + p + 1);
@@ -200,7 +201,7 @@ void window_argmax_scalar(const T* src, int64_t H, int64_t W, int64_t p, acc_t<T
         }
       }
       row_best[h * W + w] = best;
-      row_arg[h * W + w] = static_cast<acc_t<T>>(best_w);
+      row_arg[h * W + w] = best_w;
     }
   }
   for (int64_t h = 0; h < H; ++h) {
@@ -215,18 +216,28 @@ void window_argmax_scalar(const T* src, int64_t H, int64_t W, int64_t p, acc_t<T
           best_h = r;
         }
       }
-      arg[h * W + w] = best_h * W + static_cast<int64_t>(row_arg[best_h * W + w]);
+      arg[h * W + w] = best_h * W + row_arg[best_h * W + w];
     }
   }
 }
 
-// The same for float and double, a vector of neighbouring windows at a time. Indices ride in
-// vectors of T (exact: plane sizes stay far below 2^24). `padded` holds a row with p slots of
-// -inf on each side, which never take over, so clipped windows come out right.
+// Whether row and column numbers of an H x W map (with p slots of padding) are exact in T.
+template <class T>
+bool indices_exact_in(int64_t H, int64_t W, int64_t p) {
+  const int64_t exact = int64_t{1} << std::numeric_limits<T>::digits;
+  return H + p < exact && W + 2 * p < exact;
+}
+
+// The same for float and double, a vector of neighbouring windows at a time. Row and column
+// numbers ride in vectors of T, so maps too large for T to count exactly (2^24 for float) take
+// the scalar version. `padded` holds a row with p slots of -inf on each side, which never take
+// over, so clipped windows come out right.
 template <class T>
 void window_argmax(const T* src, int64_t H, int64_t W, int64_t p, acc_t<T>* row_best,
-                   acc_t<T>* row_arg, int64_t* arg, T* padded) {
+                   int64_t* row_arg, int64_t* arg, T* padded) {
   if constexpr (!kVectorized<T>) {
+    window_argmax_scalar(src, H, W, p, row_best, row_arg, arg);
+  } else if (!indices_exact_in<T>(H, W, p)) {
     window_argmax_scalar(src, H, W, p, row_best, row_arg, arg);
   } else {
     using Vec = at::vec::Vectorized<T>;
@@ -249,7 +260,9 @@ void window_argmax(const T* src, int64_t H, int64_t W, int64_t p, acc_t<T>* row_
           best_w = Vec::blendv(best_w, Vec::arange(T(w + j - p), T(1)), take);
         }
         best.store(row_best + h * W + w, lanes);
-        best_w.store(row_arg + h * W + w, lanes);
+        alignas(64) T columns[Vec::size()];
+        best_w.store(columns);
+        for (int64_t l = 0; l < lanes; ++l) row_arg[h * W + w + l] = static_cast<int64_t>(columns[l]);
       }
     }
     for (int64_t h = 0; h < H; ++h) {
@@ -268,7 +281,7 @@ void window_argmax(const T* src, int64_t H, int64_t W, int64_t p, acc_t<T>* row_
         best_h.store(rows);
         for (int64_t l = 0; l < lanes; ++l) {
           const int64_t r = static_cast<int64_t>(rows[l]);
-          arg[h * W + w + l] = r * W + static_cast<int64_t>(row_arg[r * W + w + l]);
+          arg[h * W + w + l] = r * W + row_arg[r * W + w + l];
         }
       }
     }
@@ -279,8 +292,8 @@ void window_argmax(const T* src, int64_t H, int64_t W, int64_t p, acc_t<T>* row_
 template <class T>
 struct SppfBackwardScratch {
   std::vector<T> padded;
-  std::vector<acc_t<T>> row_best, row_arg, g_prev;
-  std::vector<int64_t> arg;
+  std::vector<acc_t<T>> row_best, g_prev;
+  std::vector<int64_t> row_arg, arg;
   SppfBackwardScratch(int64_t hw, int64_t w, int64_t p)
       : padded(w + 2 * p), row_best(hw), row_arg(hw), g_prev(hw), arg(hw) {}
 };

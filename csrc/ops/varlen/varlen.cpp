@@ -8,6 +8,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
+
+#include "common/checked_size.h"
 #include "common/non_differentiable.h"
 #include "ops/varlen/varlen_common.h"
 #include "torch_ext/varlen.h"
@@ -25,8 +29,28 @@ void check_mask(const char* op, const at::Tensor& mask) {
               dtype);
 }
 
-void check_indices(const char* op, const at::Tensor& input, const at::Tensor& indices) {
-  TORCH_CHECK(input.dim() >= 1, op, "(): input must have at least one dimension, got a 0-D tensor");
+void check_unpad_plan_args(const at::Tensor& mask, const std::optional<c10::SymInt>& total_tokens,
+                           const std::optional<c10::SymInt>& max_seqlen) {
+  check_mask("unpad_input", mask);
+  const int64_t batch = mask.size(0), seqlen = mask.size(1);
+  const int64_t slots = checked_mul("unpad_input", "batch * seqlen", batch, seqlen);
+  if (total_tokens.has_value()) {
+    const int64_t total = total_tokens->expect_int();
+    TORCH_CHECK(total >= 0 && total <= std::min<int64_t>(slots, std::numeric_limits<int32_t>::max()),
+                "unpad_input(): total_tokens must be in [0, min(batch * seqlen = ", slots,
+                ", 2^31 - 1)], got ", total);
+  }
+  if (max_seqlen.has_value()) {
+    const int64_t bound = max_seqlen->expect_int();
+    TORCH_CHECK(bound >= 0 && bound <= seqlen,
+                "unpad_input(): max_seqlen must be in [0, seqlen = ", seqlen, "], got ", bound);
+  }
+}
+
+void check_indices(const char* op, const at::Tensor& input, const at::Tensor& indices,
+                   const char* input_name) {
+  TORCH_CHECK(input.dim() >= 1, op, "(): ", input_name,
+              " must have at least one dimension, got a 0-D tensor");
   TORCH_CHECK(indices.dim() == 1 && indices.scalar_type() == at::kLong, op,
               "(): indices must be a 1-D int64 tensor, got ", indices.scalar_type(), " of shape ",
               indices.sym_sizes());
@@ -36,9 +60,19 @@ void check_indices(const char* op, const at::Tensor& input, const at::Tensor& in
 
 void check_scatter_args(const at::Tensor& values, const at::Tensor& indices,
                         const c10::SymInt& first_axis_dim) {
-  check_indices("index_put_first_axis", values, indices);
+  check_indices("index_put_first_axis", values, indices, "values");
   TORCH_SYM_CHECK(first_axis_dim.sym_ge(0),
                   "index_put_first_axis(): first_axis_dim must be >= 0, got ", first_axis_dim);
+  if (const auto rows = first_axis_dim.maybe_as_int()) {
+    std::vector<int64_t> shape{*rows};
+    for (int64_t d = 1; d < values.dim(); ++d) {
+      const auto size = values.sym_size(d).maybe_as_int();
+      if (!size) return;
+      shape.push_back(*size);
+    }
+    check_allocation("index_put_first_axis", "the output ([first_axis_dim, ...])", shape,
+                     values.element_size());
+  }
   TORCH_SYM_CHECK(indices.sym_size(0).sym_eq(values.sym_size(0)),
                   "index_put_first_axis(): indices (", indices.sym_size(0),
                   " entries) must have one entry per row of values (", values.sym_size(0), ")");
@@ -50,6 +84,15 @@ void check_position_ids(const at::Tensor& position_ids) {
               "cu_seqlens_from_position_ids(): position_ids must be a 2-D integer tensor "
               "[rows, seqlen], got ",
               position_ids.scalar_type(), " of shape ", position_ids.sym_sizes());
+  const auto rows = position_ids.sym_size(0).maybe_as_int();
+  const auto seqlen = position_ids.sym_size(1).maybe_as_int();
+  if (rows && seqlen) {
+    const int64_t tokens =
+        checked_mul("cu_seqlens_from_position_ids", "rows * seqlen", *rows, *seqlen);
+    TORCH_CHECK(tokens <= std::numeric_limits<int32_t>::max(),
+                "cu_seqlens_from_position_ids(): position_ids holds ", tokens,
+                " tokens, more than int32 cu_seqlens can index (2^31 - 1)");
+  }
 }
 
 int64_t row_size(const at::Tensor& t) {
@@ -140,6 +183,11 @@ at::Tensor pad_input_composite(const at::Tensor& hidden_unpad, const at::Tensor&
                                c10::SymInt batch, c10::SymInt seqlen) {
   TORCH_CHECK(hidden_unpad.dim() >= 1,
               "pad_input(): hidden_unpad must be [nnz, ...], got a 0-D tensor");
+  TORCH_SYM_CHECK(batch.sym_ge(0), "pad_input(): batch must be >= 0, got ", batch);
+  TORCH_SYM_CHECK(seqlen.sym_ge(0), "pad_input(): seqlen must be >= 0, got ", seqlen);
+  if (batch.maybe_as_int() && seqlen.maybe_as_int()) {
+    checked_mul("pad_input", "batch * seqlen", *batch.maybe_as_int(), *seqlen.maybe_as_int());
+  }
   auto flat = call_index_put_first_axis(hidden_unpad, indices, batch * seqlen);
   auto shape = with_first(batch, hidden_unpad);
   shape.insert(shape.begin() + 1, seqlen);

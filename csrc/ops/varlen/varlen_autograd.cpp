@@ -1,7 +1,11 @@
-// Autograd of the row gather and scatter: each one's backward is the other (the indices are
-// unique, so the scatter needs no atomics and padded rows get exactly zero gradient).
+// Autograd of the row gather and scatter. The gather's backward adds each gradient row into
+// the row it came from (repeated indices sum, as for input[indices]; ATen's index_add_, exact
+// for unique indices since each row then receives one term); the scatter's backward is the
+// gather (its forward requires unique indices).
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/index_add.h>
+#include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -41,7 +45,10 @@ class IndexFirstAxis : public torch::autograd::Function<IndexFirstAxis> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
     const auto indices = ctx->get_saved_variables()[0];
-    return {scatter_rows(grads[0], indices, ctx->saved_data["rows"].toSymInt()), at::Tensor()};
+    const auto& grad = grads[0];
+    std::vector<c10::SymInt> shape{ctx->saved_data["rows"].toSymInt()};
+    for (int64_t d = 1; d < grad.dim(); ++d) shape.push_back(grad.sym_size(d));
+    return {at::zeros_symint(shape, grad.options()).index_add_(0, indices, grad), at::Tensor()};
   }
 };
 

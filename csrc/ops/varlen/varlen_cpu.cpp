@@ -23,7 +23,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, c10::SymInt, at::Tensor> unpad_plan_cpu(
     const at::Tensor& mask_, std::optional<c10::SymInt> total_tokens,
     std::optional<c10::SymInt> max_seqlen) {
-  check_mask("unpad_input", mask_);
+  check_unpad_plan_args(mask_, total_tokens, max_seqlen);
   const auto mask = mask_.contiguous();
   const int64_t batch = mask.size(0), seqlen = mask.size(1);
   auto int_options = mask.options().dtype(at::kInt);
@@ -72,6 +72,11 @@ std::tuple<at::Tensor, at::Tensor, c10::SymInt, at::Tensor> unpad_plan_cpu(
       }
     });
   });
+  if (max_seqlen.has_value()) {
+    TORCH_CHECK(max_seqlen->expect_int() >= longest, "unpad_input(): max_seqlen=",
+                max_seqlen->expect_int(), " is below the longest row of attention_mask (", longest,
+                " real tokens)");
+  }
   // Without total_tokens the longest row is known exactly; with it, the caller's bound (or S).
   const int64_t reported = total_tokens.has_value()
                                ? (max_seqlen.has_value() ? max_seqlen->expect_int() : seqlen)
@@ -90,20 +95,24 @@ void check_index_range(const char* op, const at::Tensor& indices, int64_t limit)
 
 at::Tensor index_first_axis_cpu(const at::Tensor& input_, const at::Tensor& indices_) {
   check_indices("index_first_axis", input_, indices_);
-  const auto input = input_.contiguous();
+  // Rows are read at the input's own row stride when each row is contiguous in itself (an
+  // expanded or sliced first axis): only the gathered rows are read, nothing is copied first.
+  const bool rows_contiguous = input_.size(0) == 0 || input_.select(0, 0).is_contiguous();
+  const auto input = rows_contiguous ? input_ : input_.contiguous();
   const auto indices = indices_.contiguous();
   check_index_range("index_first_axis", indices, input.size(0));
   auto shape = input.sizes().vec();
   shape[0] = indices.size(0);
   auto output = at::empty(shape, input.options());
   const int64_t row_bytes = row_size(input) * input.element_size();
+  const int64_t src_row_bytes = input.stride(0) * input.element_size();
   const auto* src = static_cast<const char*>(input.const_data_ptr());
   auto* dst = static_cast<char*>(output.mutable_data_ptr());
   const int64_t* idx = indices.const_data_ptr<int64_t>();
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(row_bytes, 1));
   at::parallel_for(0, indices.size(0), grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      std::memcpy(dst + i * row_bytes, src + idx[i] * row_bytes, row_bytes);
+      std::memcpy(dst + i * row_bytes, src + idx[i] * src_row_bytes, row_bytes);
     }
   });
   return output;

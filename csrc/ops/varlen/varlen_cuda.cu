@@ -101,7 +101,7 @@ __global__ void row_positions(const M* __restrict__ mask, int64_t seqlen,
 std::tuple<at::Tensor, at::Tensor, c10::SymInt, at::Tensor> unpad_plan_cuda(
     const at::Tensor& mask_, std::optional<c10::SymInt> total_tokens,
     std::optional<c10::SymInt> max_seqlen) {
-  check_mask("unpad_input", mask_);
+  check_unpad_plan_args(mask_, total_tokens, max_seqlen);
   const c10::cuda::CUDAGuard guard(mask_.device());
   const auto mask = mask_.contiguous();
   const int64_t batch = mask.size(0), seqlen = mask.size(1);
