@@ -72,7 +72,7 @@ inline T dot(const T* a, const T* b, int64_t n) {
 // [0, size), among out columns.
 inline void tap_columns(int64_t offset, int64_t stride, int64_t size, int64_t out, int64_t& lo,
                         int64_t& hi) {
-  lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  lo = offset >= 0 ? 0 : (-offset - 1) / stride + 1;  // ceil(-offset / stride), no overflow
   hi = size - 1 - offset >= 0 ? std::min(out, (size - 1 - offset) / stride + 1) : 0;
   lo = std::min(lo, out);
   hi = std::max(hi, lo);
