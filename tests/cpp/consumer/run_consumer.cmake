@@ -15,3 +15,4 @@ run("${CMAKE_COMMAND}" -E env "CMAKE_PREFIX_PATH=${WORK}/prefix:${TORCH_PREFIX}"
     "${CMAKE_COMMAND}" -S "${CONSUMER_SOURCE}" -B "${WORK}/build" -G "${GENERATOR}")
 run("${CMAKE_COMMAND}" --build "${WORK}/build")
 run("${WORK}/build/torch_ext_consumer")
+run("${WORK}/build/torch_ext_consumer_by_name")
