@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 
 import torch
 from torch import nn
@@ -98,7 +99,10 @@ class CheckpointWrapper(nn.Module):
     module (``wrapper.self_attn``), as code around Hugging Face layers expects.
 
     Without grad mode (``torch.no_grad``, inference) the module runs directly: there is nothing
-    to save, so nothing to checkpoint.
+    to save, so nothing to checkpoint. With it, a Hugging Face KV cache handed to the module (a
+    ``transformers`` ``Cache`` in any keyword) is not passed on, and ``use_cache`` becomes False:
+    the recomputation would fill the cache a second time (transformers' own checkpointing turns
+    the cache off too).
     """
 
     def __init__(self, module: nn.Module, policy: str = "full", offload: bool = False) -> None:
@@ -121,6 +125,7 @@ class CheckpointWrapper(nn.Module):
     def forward(self, *args, **kwargs):
         if not torch.is_grad_enabled():
             return self.module(*args, **kwargs)
+        kwargs = _without_kv_cache(kwargs)
         # Keyword values travel as positional inputs of the checkpoint: so they are saved (and
         # offloaded) like the others, and their devices count when the RNG state is stashed
         # (a layer called as layer(hidden_states=x) must still replay CUDA dropout exactly).
@@ -164,6 +169,24 @@ class CheckpointWrapper(nn.Module):
 
     def extra_repr(self) -> str:
         return f"policy={self.policy!r}, offload={self.offload}"
+
+
+# Hugging Face layers take a KV cache that they fill in place (a transformers Cache, passed as
+# `cache`, `past_key_values` or `past_key_value` depending on the version). Filled inside a
+# checkpointed layer, it would be filled again by the recomputation; transformers' own gradient
+# checkpointing turns the cache off for the same reason.
+def _is_kv_cache(value) -> bool:
+    cache_utils = sys.modules.get("transformers.cache_utils")  # no transformers, no HF cache
+    return cache_utils is not None and isinstance(value, cache_utils.Cache)
+
+
+def _without_kv_cache(kwargs: dict) -> dict:
+    if not any(_is_kv_cache(value) for value in kwargs.values()):
+        return kwargs
+    cleared = {name: None if _is_kv_cache(value) else value for name, value in kwargs.items()}
+    if "use_cache" in cleared:
+        cleared["use_cache"] = False
+    return cleared
 
 
 def _check_options(policy, offload, caller: str) -> None:

@@ -112,8 +112,9 @@ def apply_checkpointing(
             ``every`` or ``policy``.
         TypeError: ``layer_types`` is not a class or a tuple of classes; ``offload`` not a bool.
 
-    With Hugging Face models, train with ``use_cache=False``: a KV cache filled inside a
-    checkpointed layer would be filled again by the recomputation.
+    With Hugging Face models, the wrapped layers get no KV cache while grad mode is on (the
+    recomputation would fill it twice; transformers' own checkpointing does the same), so a
+    training loop may call the model as it is, ``use_cache`` left at its default.
     """
     matches_type, description = _matcher(layer_types)
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
