@@ -2,7 +2,8 @@
 
     pip install --no-build-isolation .        # or -e . for an editable install
 
-The torch to build against is the one installed in the environment (hence no build isolation).
+The torch to build against is the one installed in the environment (hence no build isolation);
+the package's version and requirement name it (``0.1.0+torch213``, ``torch==2.13.0``).
 Environment knobs, passed on to CMake: TORCH_EXT_CUDA (AUTO/ON/OFF),
 TORCH_EXT_CUDA_ARCHITECTURES (e.g. "80;90"), CMAKE_ARGS (extra -D flags), MAX_JOBS.
 """
@@ -27,6 +28,33 @@ def read_version() -> str:
         if line.startswith("project(torch_ext VERSION"):
             return line.split("VERSION")[1].split()[0]
     raise RuntimeError("project version not found in CMakeLists.txt")
+
+
+def builds_cuda(torch) -> bool:
+    """CMake's TORCH_EXT_CUDA rule: AUTO builds CUDA kernels for a CUDA torch when nvcc exists."""
+    knob = os.environ.get("TORCH_EXT_CUDA", "AUTO").upper()
+    if knob in ("OFF", "0", "FALSE", "NO"):
+        return False
+    return knob in ("ON", "1", "TRUE", "YES") or (
+        torch.version.cuda is not None and shutil.which("nvcc") is not None
+    )
+
+
+def torch_pin() -> tuple[str, str]:
+    """(local version label, requirement) for the installed torch the library compiles against.
+
+    The library's C++ ABI is that torch's: the wheel says so in its version (``+torch213``,
+    ``+torch213cu130`` with CUDA kernels) and requires exactly that torch release, so pip
+    refuses to install it next to another instead of the import failing later.
+    """
+    import torch
+
+    release = torch.__version__.split("+")[0]
+    major, minor = release.split(".")[:2]
+    label = f"torch{major}{minor}"
+    if builds_cuda(torch) and torch.version.cuda:
+        label += "cu" + torch.version.cuda.replace(".", "")
+    return label, f"torch=={release}"
 
 
 class CMakeExtension(Extension):
@@ -72,14 +100,16 @@ class CMakeBuild(build_ext):
         )
 
 
+TORCH_LABEL, TORCH_REQUIREMENT = torch_pin()
+
 setup(
     name="torch_ext",
-    version=read_version(),
+    version=f"{read_version()}+{TORCH_LABEL}",
     description="PyTorch custom operators in C++/CUDA: SPP, dilated conv, varlen, metrics",
     packages=find_packages(include=["torch_ext", "torch_ext.*"]),
     ext_modules=[CMakeExtension(LIBRARY_EXT)],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
-    install_requires=["torch>=2.11"],
+    install_requires=[TORCH_REQUIREMENT],
     zip_safe=False,
 )

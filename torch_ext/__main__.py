@@ -27,7 +27,12 @@ PLANS = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m torch_ext", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m torch_ext",
+        description="The tour of torch_ext: each op family checked against its PyTorch reference "
+        "and timed against its baselines (eager, torch.compile, peer libraries), on the CPU and "
+        "on CUDA where a GPU is present.",
+    )
     parser.add_argument("--quick", action="store_true", help="small shapes, short timings")
     parser.add_argument(
         "--device",
@@ -35,7 +40,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="all",
         help="'all' (default): CPU, and CUDA when it works",
     )
-    parser.add_argument("--family", action="append", help="only this family (repeatable)")
+    names = [family.name for family in _bench.families()]
+    parser.add_argument(
+        "--family",
+        action="append",
+        choices=names,
+        help="only this family (repeatable; default: all of them)",
+    )
     parser.add_argument(
         "--out",
         type=Path,

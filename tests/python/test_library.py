@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,21 @@ def test_missing_library_is_a_clear_import_error(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXT_LIBRARY", str(tmp_path / "missing.so"))
     with pytest.raises(ImportError, match="TORCH_EXT_LIBRARY"):
         _library.load()
+
+
+def test_tour_help_lists_the_families_and_options():
+    out = subprocess.run(
+        [sys.executable, "-m", "torch_ext", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    listed = re.search(r"--family \{([^}]*)\}", out)
+    assert listed, out
+    assert set(listed.group(1).split(",")) == {"spp", "conv", "varlen", "metrics", "checkpoint"}
+    for option in ("--quick", "--device {cpu,cuda,all}", "--out", "--no-compile", "--threads"):
+        assert option in out, option
+
+
+def test_tour_refuses_an_unknown_family():
+    run = subprocess.run(
+        [sys.executable, "-m", "torch_ext", "--family", "nope"], capture_output=True, text=True
+    )
+    assert run.returncode == 2 and "invalid choice: 'nope'" in run.stderr, run.stderr
