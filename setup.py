@@ -20,6 +20,7 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
+SUPPORTED_TORCH = ((2, 11), (2, 14))  # the releases CI builds and tests against
 LIBRARY_EXT = "torch_ext.lib.libtorch_ext"
 
 
@@ -51,6 +52,11 @@ def torch_pin() -> tuple[str, str]:
 
     release = torch.__version__.split("+")[0]
     major, minor = release.split(".")[:2]
+    if not SUPPORTED_TORCH[0] <= (int(major), int(minor)) <= SUPPORTED_TORCH[1]:
+        low, high = (".".join(map(str, v)) for v in SUPPORTED_TORCH)
+        raise RuntimeError(
+            f"torch_ext supports torch {low} to {high}; the installed torch is {torch.__version__}"
+        )
     label = f"torch{major}{minor}"
     if builds_cuda(torch) and torch.version.cuda:
         label += "cu" + torch.version.cuda.replace(".", "")

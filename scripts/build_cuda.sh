@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# Compiles and links the CUDA kernels against a CUDA build of torch (2.14.1+cu130 by default) in
-# its own environment; no GPU needed. Then loads the CUDA-enabled library into that torch and
-# checks that the CUDA kernels registered. Used by CI; a GPU machine uses scripts/gpu_check.sh.
+# Compiles and links the CUDA kernels against a CUDA build of torch in its own environment; no
+# GPU needed. Then loads the CUDA-enabled library into that torch, checks that the CUDA kernels
+# registered, and runs the Python tests with it (the CPU cases; CUDA ones skip without a GPU).
+#   bash scripts/build_cuda.sh [TORCH_VERSION [ARCHITECTURES]]
+# TORCH_VERSION (or $TORCH_CUDA_VERSION): default 2.11.0, the oldest torch supported and exactly
+# the GPU machine's (2.11.0+cu130 from PyPI), so the library built here loads there:
+#   bash scripts/build_cuda.sh 2.11.0 90   ->  build/cuda-2.11.0/libtorch_ext.so (sm_90)
+# ARCHITECTURES (or $TORCH_EXT_CUDA_ARCHITECTURES): CMake syntax, default "80;90".
+# TORCH_EXT_CUDA_PYTEST=0: build and check the registration only. CI runs 2.11.0 in full and
+# 2.14.1 (the other end of the supported range) for sm_90 without the tests.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
-VENV="${TORCH_EXT_CUDA_VENV:-$REPO/.venv-cuda}"
-TORCH_CUDA_VERSION="${TORCH_CUDA_VERSION:-2.14.1}"
+TORCH_CUDA_VERSION="${1:-${TORCH_CUDA_VERSION:-2.11.0}}"
+TORCH_EXT_CUDA_ARCHITECTURES="${2:-${TORCH_EXT_CUDA_ARCHITECTURES:-}}"
+VENV="${TORCH_EXT_CUDA_VENV:-$REPO/.venv-cuda-$TORCH_CUDA_VERSION}"
 if ! command -v nvcc >/dev/null; then
   echo "[cuda] nvcc not found: cannot compile the CUDA kernels here" >&2
   exit 1
@@ -19,7 +27,7 @@ if ! "$PY" -c "import torch, sys, numpy, pytest, expecttest, torchmetrics, trans
 fi
 # CMake >= 3.28 knows nvcc's C++20 dialect, which torch >= 2.14 needs.
 [ -x "$VENV/bin/cmake" ] || "$VENV/bin/pip" install -q "cmake>=3.28" 2>&1 | { grep -v "^WARNING: Location" || true; }
-BUILD="$REPO/build/cuda"
+BUILD="$REPO/build/cuda-$TORCH_CUDA_VERSION"
 "$VENV/bin/cmake" -S "$REPO" -B "$BUILD" -G Ninja -DTORCH_EXT_CUDA=ON -DTORCH_EXT_BUILD_TESTS=OFF \
   -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
   ${TORCH_EXT_CUDA_ARCHITECTURES:+-DTORCH_EXT_CUDA_ARCHITECTURES=$TORCH_EXT_CUDA_ARCHITECTURES} | grep "torch_ext"
@@ -36,7 +44,11 @@ for op in ("_spp_forward", "_spp_backward", "sppf", "_sppf_backward", "confusion
 print(f"[cuda] linked and loaded: {info['path']}: torch {info['torch']}, CUDA {info['cuda']}, "
       f"architectures {info['cuda_architectures']}; CUDA kernels registered")
 PY
-# The same library's CPU paths under this torch (CUDA cases skip: no GPU here).
+# The same library's CPU paths under this torch (CUDA cases skip: no GPU here);
+# TORCH_EXT_CUDA_PYTEST=0 stops after the build and the registration check.
+if [ "${TORCH_EXT_CUDA_PYTEST:-1}" = 0 ]; then
+  exit 0
+fi
 echo "[cuda] pytest with the CUDA-enabled library under torch $("$PY" -c 'import torch; print(torch.__version__)')"
 TORCH_EXT_LIBRARY="$BUILD/libtorch_ext.so" PYTHONPATH="$REPO" "$PY" -m pytest -q -p no:cacheprovider "$REPO/tests/python"
 # A C++ consumer of this CUDA build (torch 2.14.1) that finds another torch (the CPU venv's) must

@@ -67,6 +67,12 @@ def _unpad_plan_fake(attention_mask, total_tokens=None, max_seqlen=None):
     return indices, cu_seqlens, longest, seqused
 
 
+# cu_seqlens has at least one entry. Before torch 2.13, Inductor fails to lower a slice of a
+# tensor whose unbacked length carries that lower bound (LoweringException: KeyError
+# 'unbacked_bindings' on cu_seqlens[1:] - cu_seqlens[:-1]), so the bound is stated from 2.13 on.
+_ENTRIES_BOUND = {"min": 1} if torch.__version__ >= (2, 13) else {}
+
+
 @torch.library.register_fake("torch_ext::cu_seqlens_from_position_ids")
 def _cu_seqlens_from_position_ids_fake(position_ids):
     torch._check(position_ids.dim() == 2, lambda: "position_ids must be 2-D [rows, seqlen]")
@@ -76,7 +82,7 @@ def _cu_seqlens_from_position_ids_fake(position_ids):
         "(2^31 - 1)",
     )
     ctx = torch.library.get_ctx()
-    entries = ctx.new_dynamic_size(min=1)  # sequences + 1
+    entries = ctx.new_dynamic_size(**_ENTRIES_BOUND)  # sequences + 1
     return position_ids.new_empty(entries, dtype=torch.int32), ctx.new_dynamic_size()
 
 
