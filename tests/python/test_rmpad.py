@@ -1,9 +1,14 @@
 """torch_ext.patch.apply_rmpad / undo_rmpad: padding-free training forward of Hugging Face causal
-LMs (Llama, Qwen2, Qwen3), against the very same model unpatched.
+LMs (Llama, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3, Phi-3, OLMo 2), against the very same model
+unpatched.
 
 Tiny random models (two layers, grouped-query attention, float32; configs built here, nothing is
-downloaded). For every family and every layout the reference is the unpatched model run first on
-the same data and labels:
+downloaded). Each family's config turns on what its attention passes to the attention function,
+small enough to change the result: a sliding window shorter than the sequences (Mistral, Phi-3,
+Gemma's sliding layers), a scaling other than 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar),
+attention and final logit softcapping (Gemma 2, whose reference runs transformers' eager
+attention: its sdpa has no softcapping). For every family and every layout the reference is the
+unpatched model run first on the same data and labels:
 
 * padded batches (right padding, left padding, a mask with holes, a fully padded row, explicit
   position ids with left padding, ``inputs_embeds``): logits at the real tokens, exactly zero
@@ -19,17 +24,24 @@ the same data and labels:
 * the loss: with labels -100 only at padding, the mean cross entropy of the predictions made at
   real tokens (F.cross_entropy here); with ``num_items_in_batch``, sum / items; float32 for a
   bfloat16 model; ``use_cache`` forced off (no cache returned);
-* undo (handle and ``undo_rmpad``): the class's forward and "sdpa" back, outputs bitwise equal to
-  the ones before the patch;
-* refusals: models that are not Llama/Qwen2/Qwen3 causal LMs (GPT-2, the base LlamaModel, plain
-  modules), applying twice, undoing an unpatched model (and a handle twice), sliding-window
-  configs, attention dropout in training (allowed in eval mode, where it does nothing), a cache;
-  a refused call leaves the model as it was.
+* the attention features: each one changes the unpatched model's result (so the tests above
+  see it), and the patched model matches with it off as well; sliding windows of every size
+  (one token, cutting only through holes in the mask, longer than every sequence: then the
+  flash-capable varlen path runs), Qwen's ``use_sliding_window``;
+* undo (handle and ``undo_rmpad``): the class's forward and the original attention back,
+  outputs bitwise equal to the ones before the patch;
+* refusals: models it does not know (GPT-2, BERT, the base LlamaModel, transformers models
+  derived from a supported class, plain modules: the error names the class and lists the
+  supported ones; a user's subclass of a supported class is accepted), bidirectional attention
+  (Gemma 3), applying twice, undoing an unpatched model (and a handle twice), attention dropout
+  in training (allowed in eval mode, where it does nothing), a cache; a refused call leaves the
+  model as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 
 import pytest
 import torch
@@ -39,18 +51,32 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from transformers import (  # noqa: E402  (after the importorskip)
+    BertConfig,
+    BertModel,
     DynamicCache,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    Gemma3TextModel,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaModel,
+    MistralConfig,
+    MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
 
+import torch_ext.patch.rmpad as rmpad_module  # noqa: E402
 from torch_ext.patch import RmpadHandle, apply_rmpad, undo_rmpad  # noqa: E402
 from torch_ext.varlen import PackingCollator  # noqa: E402
 
@@ -68,10 +94,33 @@ BASE_CONFIG = dict(
     initializer_range=0.1,  # larger than the default 0.02: peaked attention, logits of size ~1
     attn_implementation="sdpa",
 )
+TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # inside the tiny vocabulary
+WINDOW = 4  # shorter than most test sequences: the window cuts them
+GEMMA = dict(
+    head_dim=16,
+    query_pre_attn_scalar=24,  # scaling 24 ** -0.5, not head_dim ** -0.5
+    sliding_window=WINDOW,
+    layer_types=["sliding_attention", "full_attention"],
+    **TOKENS,
+)
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": WINDOW}),
+    "gemma2": (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        {
+            **GEMMA,
+            "attn_logit_softcapping": 2.0,  # small: it changes these models' attention
+            "final_logit_softcapping": 3.0,
+            "attn_implementation": "eager",  # transformers' sdpa refuses softcapping
+        },
+    ),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, GEMMA),
+    "phi3": (Phi3Config, Phi3ForCausalLM, {"sliding_window": WINDOW + 2, **TOKENS}),
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM, TOKENS),
 }
 
 # ---------------------------------------------------------------- helpers
@@ -138,10 +187,18 @@ def assert_patched(model: nn.Module) -> None:
     assert "torch_ext_varlen" in transformers.AttentionInterface._global_mapping
 
 
+def reference_attention(model: nn.Module) -> str:
+    """The attention implementation the test model was built with."""
+    for _, model_cls, extra in FAMILIES.values():
+        if isinstance(model, model_cls):
+            return extra.get("attn_implementation", BASE_CONFIG["attn_implementation"])
+    raise AssertionError(type(model))
+
+
 def assert_restored(model: nn.Module) -> None:
     assert "forward" not in vars(model)
     assert model.forward.__func__ is type(model).forward
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == reference_attention(model)
 
 
 # ---------------------------------------------------------------- padded batches
@@ -151,11 +208,21 @@ def assert_restored(model: nn.Module) -> None:
 @pytest.mark.parametrize("layout", ["right", "left", "holes"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_padded_batches_match_unpatched_model(family, layout, mode):
-    model = make_model(family).train(mode == "train")
+    check_padded(make_model(family).train(mode == "train"), layout)
+
+
+def padded_inputs(layout: str) -> tuple[torch.Tensor, dict]:
+    """(mask, model inputs) of check_padded's batch: junk ids at the padded slots, too."""
     mask = padding_mask(layout)
-    ids = random_ids((BATCH, SEQ), seed=1)  # junk ids at the padded slots, too
-    labels = safe_labels(ids, mask)
-    inputs = dict(input_ids=ids, attention_mask=mask.long(), labels=labels)
+    ids = random_ids((BATCH, SEQ), seed=1)
+    return mask, dict(input_ids=ids, attention_mask=mask.long(), labels=safe_labels(ids, mask))
+
+
+def check_padded(model: nn.Module, layout: str) -> torch.Tensor:
+    """The patched model against the unpatched one on a padded batch, then undo; returns the
+    reference logits."""
+    mask, inputs = padded_inputs(layout)
+    ids = inputs["input_ids"]
     ref_logits, ref_loss, ref_grads = run(model, **inputs, use_cache=False)
 
     handle = apply_rmpad(model)
@@ -177,6 +244,7 @@ def test_padded_batches_match_unpatched_model(family, layout, mode):
     assert_restored(model)
     again_logits, again_loss, _ = run(model, **inputs, use_cache=False)
     assert torch.equal(again_logits, ref_logits) and torch.equal(again_loss, ref_loss)
+    return ref_logits
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -472,6 +540,88 @@ def test_use_cache_is_forced_off():
     assert torch.equal(plain.logits, off.logits)
 
 
+# ---------------------------------------------------------------- attention features
+
+# Each feature of FAMILIES' configs, turned off (same weights: no parameter depends on it).
+FEATURES_OFF = {
+    "mistral-window": ("mistral", {"sliding_window": None}),
+    "phi3-window": ("phi3", {"sliding_window": None}),
+    "gemma2-window": ("gemma2", {"sliding_window": 4096}),
+    "gemma2-softcap": ("gemma2", {"attn_logit_softcapping": None}),
+    "gemma2-final-softcap": ("gemma2", {"final_logit_softcapping": None}),
+    "gemma2-scaling": ("gemma2", {"query_pre_attn_scalar": 16}),  # = head_dim
+    "gemma3-window": ("gemma3", {"sliding_window": 4096}),
+    "gemma3-scaling": ("gemma3", {"query_pre_attn_scalar": 16}),
+}
+
+
+@pytest.mark.parametrize("case", list(FEATURES_OFF))
+def test_each_attention_feature_matters(case):
+    """Without the feature the unpatched model's logits change (so the tests with FAMILIES'
+    configs see it), and the patched model matches the unpatched one without it as well."""
+    family, off = FEATURES_OFF[case]
+    with_feature, without = make_model(family), make_model(family, **off)
+    for (name, a), (_, b) in zip(
+        with_feature.named_parameters(), without.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    mask, inputs = padded_inputs("holes")
+    want = with_feature(**inputs, use_cache=False).logits
+    got = check_padded(without.train(), "holes")
+    assert not torch.allclose(got[mask], want[mask], **TOL)
+
+
+@pytest.mark.parametrize("window", [1, 9, 11, 12])
+def test_sliding_window_sizes(window, monkeypatch):
+    """The window counts slots of the padded row, as transformers' mask does. In the "holes"
+    batch no row has more than 9 real tokens, but two spread over all 12 slots: windows 9 to 11
+    cut them only through their holes. A window of 12 or more cuts no sequence: the varlen
+    (flash-capable) path runs; a shorter one, the masked path."""
+    masked_calls = []
+    masked = rmpad_module._masked_attention
+    monkeypatch.setattr(
+        rmpad_module, "_masked_attention", lambda *a: masked_calls.append(1) or masked(*a)
+    )
+    model = make_model("mistral", sliding_window=window)
+    assert int(padding_mask("holes").sum(1).max()) == 9
+    check_padded(model.train(), "holes")
+    assert bool(masked_calls) == (window < SEQ)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("max_window_layers", [0, 1])  # every layer / the second layer
+def test_qwen_sliding_window(family, max_window_layers):
+    model = make_model(
+        family, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=max_window_layers
+    )
+    assert "sliding_attention" in model.config.layer_types
+    mask, inputs = padded_inputs("left")
+    full = make_model(family)(**inputs, use_cache=False).logits
+    got = check_padded(model.train(), "left")
+    assert not torch.allclose(got[mask], full[mask], **TOL)  # the window matters
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_sliding_window_on_packed_rows_by_hand(family):
+    """Sequences longer than the window, packed: the window restarts with every sequence."""
+    model = make_model(family).train()
+    lengths = [[9, 3], [SEQ]]
+    sequences, segments, rows, positions = [], [], [], []
+    for row, row_lengths in enumerate(lengths):
+        start = 0
+        for n in row_lengths:
+            sequences.append(random_ids((n,), seed=50 + len(sequences)))
+            segments.append((row, start))
+            start += n
+        rows.append(torch.cat(sequences[-len(row_lengths) :]))
+        positions.append(torch.cat([torch.arange(n) for n in row_lengths]))
+    ids, position_ids = torch.stack(rows), torch.stack(positions)
+    labels = ids.clone()
+    for row, start in segments:
+        labels[row, start] = -100
+    check_packed(model, ids, position_ids, labels, segments, sequences)
+
+
 # ---------------------------------------------------------------- undo
 
 
@@ -509,20 +659,92 @@ def assert_untouched(model: nn.Module, attn: str | None = "sdpa") -> None:
 
 
 def test_unsupported_models():
+    listing = re.escape(", ".join(rmpad_module.SUPPORTED_CLASSES))
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
-    with pytest.raises(
-        (TypeError, ValueError), match=r"GPT2LMHeadModel is not supported.*LlamaForCausalLM"
-    ):
-        apply_rmpad(gpt2)
-    assert_untouched(gpt2, attn=None)
-    base = LlamaModel(LlamaConfig(**BASE_CONFIG))
-    with pytest.raises((TypeError, ValueError), match="LlamaModel is not supported"):
-        apply_rmpad(base)
-    assert_untouched(base)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    )
+    for model in (gpt2, bert):
+        name = type(model).__name__
+        with pytest.raises(ValueError, match=rf"{name} is not supported; supported: {listing}$"):
+            apply_rmpad(model)
+        assert_untouched(model, attn=None)
+    base_models = (
+        LlamaModel(LlamaConfig(**BASE_CONFIG)),
+        Gemma3TextModel(Gemma3TextConfig(**{**BASE_CONFIG, **GEMMA})),
+    )
+    for model in base_models:
+        with pytest.raises(ValueError, match=f"{type(model).__name__} is not supported"):
+            apply_rmpad(model)
+        assert_untouched(model)
     with pytest.raises((TypeError, ValueError), match="Linear is not supported"):
         apply_rmpad(nn.Linear(3, 3))
     with pytest.raises((TypeError, ValueError), match="dict is not supported"):
         apply_rmpad({})
+
+
+def test_supported_classes_are_these_families():
+    supported = set(rmpad_module.SUPPORTED_CLASSES)
+    assert supported == {cls.__name__ for _, cls, _ in FAMILIES.values()}
+
+
+class UserMistral(MistralForCausalLM):
+    """A user's subclass of a supported class: the same architecture."""
+
+
+def test_user_subclass_is_accepted():
+    config = MistralConfig(**{**BASE_CONFIG, **FAMILIES["mistral"][2]})
+    with seeded(0):
+        model = UserMistral(config).eval()
+    check_padded(model, "left")
+
+
+def test_transformers_model_derived_from_a_supported_class_is_refused():
+    """A transformers model built on a supported class is another architecture (modular
+    transformers derives models this way): refused, named."""
+    derived = type(
+        "Mistral9ForCausalLM",
+        (MistralForCausalLM,),
+        {"__module__": "transformers.models.mistral9.modeling_mistral9"},
+    )
+    model = derived(MistralConfig(**BASE_CONFIG))
+    with pytest.raises(
+        ValueError,
+        match=r"Mistral9ForCausalLM is not supported \(derived from MistralForCausalLM, but a "
+        r"different model\); supported: ",
+    ):
+        apply_rmpad(model)
+    assert_untouched(model)
+
+
+def test_bidirectional_attention_is_refused():
+    model = make_model("gemma3", use_bidirectional_attention=True)
+    with pytest.raises(
+        ValueError, match="Gemma3ForCausalLM with use_bidirectional_attention=True is not supported"
+    ):
+        apply_rmpad(model)
+    assert_untouched(model)
+    # A layer made bidirectional after the patch is refused at the forward.
+    model = make_model("gemma3")
+    handle = apply_rmpad(model)
+    model.model.layers[1].self_attn.is_causal = False
+    with pytest.raises(ValueError, match="Gemma3Attention is bidirectional"):
+        model(input_ids=random_ids((BATCH, SEQ), seed=16))
+    handle.undo()
+
+
+def test_unknown_layer_type_is_refused():
+    model = make_model("gemma3")
+    model.config.layer_types = ["chunked_attention", "full_attention"]
+    with pytest.raises(ValueError, match=r"layer types \['chunked_attention'\] are not supported"):
+        apply_rmpad(model)
+    assert_untouched(model)
 
 
 def test_apply_twice_and_undo_unpatched():
@@ -541,18 +763,6 @@ def test_apply_twice_and_undo_unpatched():
     with pytest.raises(ValueError, match="no longer in place"):
         handle.undo()
     assert_restored(model)
-
-
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-@pytest.mark.parametrize("max_window_layers", [0, 1])  # every layer / the second layer
-def test_sliding_window_is_refused(family, max_window_layers):
-    model = make_model(
-        family, use_sliding_window=True, sliding_window=4, max_window_layers=max_window_layers
-    )
-    assert "sliding_attention" in model.config.layer_types
-    with pytest.raises(ValueError, match="sliding-window attention is not supported"):
-        apply_rmpad(model)
-    assert_untouched(model)
 
 
 def dropout_model_and_inputs():

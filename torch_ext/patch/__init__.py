@@ -10,8 +10,9 @@ back the very objects it replaced, and raises ValueError when it finds nothing t
 ``depthwise=True``, its depthwise ones) by ``torch_ext.nn.DilatedConv2d`` sharing their
 parameters; ``undo_swap_convs(model)`` puts the original convs back.
 
-``apply_rmpad(model)`` makes a Hugging Face Llama/Qwen2/Qwen3 causal LM remove padding once and
-run every layer on real tokens only (varlen attention over the global cu_seqlens);
+``apply_rmpad(model)`` makes a Hugging Face causal LM (Llama, Qwen2/3, Mistral, Gemma 2/3, Phi-3,
+OLMo 2) remove padding once and run every layer on real tokens only (varlen attention over the
+global cu_seqlens);
 ``undo_rmpad(model)`` restores it.
 """
 

@@ -8,8 +8,18 @@ global ``cu_seqlens``, registered in transformers' ``AttentionInterface``, so no
 across sequences. Right padding, left padding, holes and packed rows (``position_ids`` restarting
 at 0, no ``attention_mask``) all work.
 
-Supported: transformers >= 4.56 with the Llama, Qwen2 and Qwen3 causal-LM classes (and their
-subclasses), full attention (no sliding window), training and scoring (no generation cache).
+Supported: transformers >= 4.56 with the causal-LM classes of Llama, Qwen2, Qwen3, Mistral,
+Gemma 2, Gemma 3 (text-only ``Gemma3ForCausalLM``), Phi-3 and OLMo 2 (and subclasses of them
+defined outside transformers; a transformers model derived from one is another architecture and
+is refused), training and scoring (no generation cache). What these families pass to the
+attention function is implemented exactly: their scaling (Gemma's ``query_pre_attn_scalar``),
+sliding windows (Mistral, Phi-3, Gemma, Qwen's ``use_sliding_window``: a query sees the keys at
+most ``window - 1`` slots of the padded row before it, as transformers' mask counts them, holes
+included) and attention logit softcapping (Gemma 2). A layer whose window cuts no sequence and
+that has no softcapping runs ``varlen.attention`` (flash-attention on CUDA); the others run
+attention per sequence with a boolean mask (``scaled_dot_product_attention``, or transformers'
+eager formula where softcapping is on). Bidirectional attention (Gemma's
+``use_bidirectional_attention``) and attention dropout in training are refused.
 A ``PackingCollator`` batch can be passed as is (``model(**batch)``): a sequence starts at each
 row's first real token and at every position id 0, with or without an attention mask.
 Anything else gets a ValueError naming what is not supported, never a silent no-op. Only the
@@ -28,11 +38,25 @@ from torch_ext import varlen
 __all__ = ["ATTENTION_NAME", "RmpadHandle", "apply_rmpad", "undo_rmpad"]
 
 ATTENTION_NAME = "torch_ext_varlen"
-SUPPORTED_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_CLASSES = (
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "MistralForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
+    "Olmo2ForCausalLM",
+)
+LAYER_TYPES = ("full_attention", "sliding_attention")
 MIN_TRANSFORMERS = (4, 56)
 
 # Set on a patched model: (original _attn_implementation, the handle).
 _STATE = "_torch_ext_rmpad"
+# Extra attention kwargs of a model with sliding windows: each token's slot in its padded row
+# (int64 [nnz]) and the longest slot span of a sequence (a window at least this long cuts none).
+_SLOTS = "torch_ext_slots"
+_SPAN = "torch_ext_window_span"
 
 
 def _transformers():
@@ -51,12 +75,23 @@ def _transformers():
 
 
 def _varlen_attention(
-    module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout=0.0,
+    scaling=None,
+    sliding_window=None,
+    softcap=None,
+    **kwargs,
 ):
     """transformers' attention-function signature over our varlen attention.
 
     query/key/value ``[1, heads, tokens, head_dim]`` (the unpadded row); returns
-    ``([1, tokens, heads, head_dim], None)`` like transformers' sdpa function.
+    ``([1, tokens, heads, head_dim], None)`` like transformers' sdpa function. Implements what
+    the supported families pass: ``scaling``, ``sliding_window`` and ``softcap``; refuses what
+    it cannot do exactly (dropout, bidirectional attention, attention sinks).
     """
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is None or query.shape[0] != 1:
@@ -66,16 +101,70 @@ def _varlen_attention(
         )
     if dropout:
         raise ValueError(f"apply_rmpad: attention dropout is not supported, got {dropout}")
-    out = varlen.attention(
-        query[0].transpose(0, 1),
-        key[0].transpose(0, 1),
-        value[0].transpose(0, 1),
-        cu_seqlens,
-        kwargs["max_length_q"],
-        causal=True,
-        scale=scaling,
-    )
+    if not getattr(module, "is_causal", True):
+        raise ValueError(
+            f"apply_rmpad: {type(module).__name__} is bidirectional (is_causal=False); only "
+            "causal attention is supported"
+        )
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(
+            f"apply_rmpad: {type(module).__name__}'s attention sinks are not supported"
+        )
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    if sliding_window is not None:
+        if kwargs.get(_SLOTS) is None:
+            raise ValueError(
+                f"apply_rmpad: {type(module).__name__} passes sliding_window={sliding_window} "
+                "but the model's config.sliding_window is None"
+            )
+        if sliding_window >= kwargs[_SPAN]:
+            sliding_window = None  # the window cuts no sequence: plain causal attention
+    if sliding_window is None and softcap is None:
+        max_seqlen = kwargs["max_length_q"]
+        out = varlen.attention(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=scaling)
+    else:
+        out = _masked_attention(
+            q, k, v, cu_seqlens, kwargs.get(_SLOTS), sliding_window, softcap, scaling
+        )
     return out.unsqueeze(0), None
+
+
+def _masked_attention(q, k, v, cu_seqlens, slots, window, softcap, scale):
+    """Causal attention per sequence with a sliding window and/or logit softcapping.
+
+    ``q [T, Hq, D]``, ``k``/``v`` ``[T, Hkv, D]``; ``slots [T]`` each token's slot in its padded
+    row: query ``i`` sees key ``j`` of its sequence when ``0 <= slots[i] - slots[j] < window``
+    (transformers' sliding-window mask). With ``softcap``, transformers' eager formula:
+    ``softmax(tanh(q k^T * scale / softcap) * softcap)`` in float32, cast back to q's dtype.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    groups = q.shape[1] // k.shape[1]
+    bounds = cu_seqlens.tolist()
+    outputs = [q.new_zeros(bounds[0], *q.shape[1:])]
+    for begin, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end <= begin:
+            continue
+        qs, ks, vs = (t[begin:end].transpose(0, 1) for t in (q, k, v))
+        if groups > 1:
+            ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
+        if slots is None:
+            distance = torch.arange(end - begin, device=q.device)
+        else:
+            distance = slots[begin:end]
+        distance = distance[:, None] - distance[None, :]
+        allowed = distance >= 0
+        if window is not None:
+            allowed &= distance < window
+        if softcap is None:
+            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
+        else:
+            scores = torch.tanh(torch.matmul(qs, ks.transpose(-1, -2)) * scale / softcap) * softcap
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            out = torch.matmul(probs, vs)
+        outputs.append(out.transpose(0, 1))
+    outputs.append(q.new_zeros(q.shape[0] - bounds[-1], *q.shape[1:]))
+    return torch.cat(outputs, 0)
 
 
 def _register_attention(transformers) -> None:
@@ -84,19 +173,39 @@ def _register_attention(transformers) -> None:
         interface.register(ATTENTION_NAME, _varlen_attention)
 
 
+def _transformers_class(model: nn.Module):
+    """The first class of the model's MRO defined in transformers, or None.
+
+    A user's subclass of a supported class is that class; a transformers model derived from one
+    is another architecture (another attention or extra token mixing) and is itself.
+    """
+    for cls in type(model).__mro__:
+        if cls.__module__.split(".")[0] == "transformers":
+            return cls
+    return None
+
+
 def _check_model(model: nn.Module) -> None:
     name = type(model).__name__
-    family = [cls.__name__ for cls in type(model).__mro__ if cls.__name__ in SUPPORTED_CLASSES]
-    if not family or not hasattr(model, "config"):
+    family = _transformers_class(model)
+    if family is None or family.__name__ not in SUPPORTED_CLASSES or not hasattr(model, "config"):
+        derived = [c.__name__ for c in type(model).__mro__[1:] if c.__name__ in SUPPORTED_CLASSES]
+        origin = f" (derived from {derived[0]}, but a different model)" if derived else ""
         raise ValueError(
-            f"apply_rmpad: {name} is not supported; supported: {', '.join(SUPPORTED_CLASSES)}"
+            f"apply_rmpad: {name} is not supported{origin}; supported: "
+            f"{', '.join(SUPPORTED_CLASSES)}"
         )
     config = model.config
-    layer_types = getattr(config, "layer_types", None) or []
-    if getattr(config, "use_sliding_window", False) or any(
-        t != "full_attention" for t in layer_types
-    ):
-        raise ValueError("apply_rmpad: sliding-window attention is not supported")
+    unknown = sorted(set(getattr(config, "layer_types", None) or ()) - set(LAYER_TYPES))
+    if unknown:
+        raise ValueError(
+            f"apply_rmpad: {name}'s layer types {unknown} are not supported (only {LAYER_TYPES})"
+        )
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError(
+            f"apply_rmpad: {name} with use_bidirectional_attention=True is not supported "
+            "(causal attention only)"
+        )
     if hasattr(model, _STATE):
         raise ValueError(f"apply_rmpad: this {name} is already patched (undo_rmpad(model) first)")
 
@@ -164,6 +273,18 @@ def _plan(input_like: torch.Tensor, attention_mask, position_ids):
     return indices, cu_seqlens, max_seqlen, positions
 
 
+def _window_kwargs(indices: torch.Tensor, cu_seqlens: torch.Tensor, seqlen: int) -> dict:
+    """The extra attention kwargs of a model with sliding windows: every token's slot in its
+    padded row and the longest slot span of a sequence (first to last token, holes included)."""
+    slots = indices % seqlen
+    tokens = slots.numel()
+    if tokens == 0:
+        return {_SLOTS: slots, _SPAN: 0}
+    starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+    spans = slots[(ends - 1).clamp(min=0)] - slots[starts.clamp(max=tokens - 1)] + 1
+    return {_SLOTS: slots, _SPAN: int(torch.where(ends > starts, spans, 0).max())}
+
+
 def _patched_forward(model: nn.Module, original):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -197,6 +318,8 @@ def _patched_forward(model: nn.Module, original):
         batch, seqlen = source.shape[:2]
         indices, cu_seqlens, max_seqlen, positions = _plan(source, attention_mask, position_ids)
         tokens = varlen.index_first_axis(source.reshape(batch * seqlen, *source.shape[2:]), indices)
+        if getattr(model.config, "sliding_window", None) is not None:
+            kwargs.update(_window_kwargs(indices, cu_seqlens, seqlen))
         outputs = original(
             input_ids=tokens[None] if input_ids is not None else None,
             inputs_embeds=tokens[None] if inputs_embeds is not None else None,
@@ -241,15 +364,18 @@ def _patched_forward(model: nn.Module, original):
 
 
 def apply_rmpad(model: nn.Module) -> RmpadHandle:
-    """Patches ``model`` (a Llama/Qwen2/Qwen3 causal LM) to run on real tokens only.
+    """Patches ``model`` (a causal LM of a family in ``SUPPORTED_CLASSES``) to run on real tokens
+    only.
 
     Returns a handle whose ``undo()`` (or ``undo_rmpad(model)``) restores the model. Logits,
     loss and gradients equal the unpatched model's on real tokens (padded positions get zero
     logits); tokens never attend across sequences.
 
     Raises:
-        ValueError: an unsupported model class, transformers version or configuration
-            (sliding window, attention dropout), or a model already patched.
+        ValueError: an unsupported model class (named, with the supported ones), transformers
+            version or configuration (bidirectional attention, layer types other than full and
+            sliding attention; attention dropout in training, at the forward), or a model
+            already patched.
     """
     transformers = _transformers()
     _check_model(model)
