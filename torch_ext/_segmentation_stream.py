@@ -3,7 +3,8 @@
 ``update`` adds a batch's counts on the device with no host synchronization (out-of-range labels
 are counted and located on the device too); ``compute`` reads one small report on the host, raises
 if any label was out of range, and returns the metrics of everything accumulated, summed over the
-processes of the default ``torch.distributed`` group when one is initialized.
+processes of the metric's ``process_group`` (by default the default ``torch.distributed`` group,
+when one is initialized).
 """
 
 from __future__ import annotations
@@ -24,12 +25,45 @@ __all__ = ["SegmentationMetrics"]
 _NO_KEY = 2**63 - 1
 
 
-def _distributed_world() -> int:
-    """The default process group's world size, or 1 where torch.distributed is not in use."""
+def _distributed_world(process_group=None) -> int:
+    """The number of processes in ``process_group`` (None: the default group), or 1 where
+    torch.distributed is not in use and no group was given."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise RuntimeError(
+                "SegmentationMetrics: a process_group was given but torch.distributed is not "
+                "initialized (any more)"
+            )
         return 1
-    return dist.get_world_size()
+    world = dist.get_world_size(process_group)
+    if world < 1:  # torch's answer for a group this process is not part of
+        raise ValueError(
+            f"SegmentationMetrics: this process (global rank {dist.get_rank()}) is not a member "
+            "of process_group; only the group's members may sync or compute over it"
+        )
+    return world
+
+
+def _check_process_group(process_group) -> None:
+    if process_group is None:
+        return
+    dist = torch.distributed
+    if dist.is_available() and isinstance(process_group, dist.ProcessGroup):
+        return
+    if dist.is_available() and process_group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(
+            "SegmentationMetrics: this process is not a member of process_group "
+            "(torch.distributed.new_group returned GroupMember.NON_GROUP_MEMBER here); only the "
+            "group's members may sync or compute over it"
+        )
+    hint = ""
+    if type(process_group).__name__ == "DeviceMesh":
+        hint = ' (for a DeviceMesh, pass the group of one of its dimensions: mesh.get_group("dp"))'
+    raise TypeError(
+        "SegmentationMetrics: process_group must be None or a torch.distributed ProcessGroup, "
+        f"got {type(process_group).__name__}{hint}"
+    )
 
 
 class SegmentationMetrics:
@@ -43,6 +77,11 @@ class SegmentationMetrics:
         result = metric.compute()  # MetricsResult: mean_iou, iou, ...; all ranks alike
         metric.reset()
 
+    Under a 2-D device mesh (data parallel x tensor/context parallel, say), where the ranks of
+    a "tp" group see the same batch, sync over the data-parallel group only, so that every
+    sample counts once: ``SegmentationMetrics(19, 255, device="cuda",
+    process_group=mesh.get_group("dp"))``.
+
     Args:
         num_classes: K >= 1; labels are in ``[0, K)``.
         ignore_index: pixels whose target equals it are skipped.
@@ -50,6 +89,11 @@ class SegmentationMetrics:
             device of the first ``update``'s target. In a distributed run where some rank may see
             no batch at all, pass it, so that every rank joins ``compute``'s collectives on a
             device its backend supports (CPU for gloo, CUDA for NCCL).
+        process_group: the ``torch.distributed`` group whose processes ``sync`` and ``compute``
+            sum over (their collectives run on it; every member must call them, other
+            processes must not). ``None`` (default): the default group when
+            ``torch.distributed`` is initialized, else no sync. A ``DeviceMesh`` dimension's
+            group is ``mesh.get_group("dp")``.
 
     State: an int64 ``[K, K]`` matrix (rows = ground truth, columns = prediction) and an int64
     ``[2]`` report (the number of out-of-range pixels, and the smallest key
@@ -61,6 +105,7 @@ class SegmentationMetrics:
         num_classes: int,
         ignore_index: int | None = None,
         device: torch.device | str | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
@@ -68,8 +113,10 @@ class SegmentationMetrics:
             isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
         ):
             raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
+        _check_process_group(process_group)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.process_group = process_group
         self._confmat: torch.Tensor | None = None
         self._report: torch.Tensor | None = None
         if device is not None:
@@ -142,34 +189,36 @@ class SegmentationMetrics:
     # Results
 
     def _synced_state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(matrix, report) summed over the default process group, in new tensors; the local
-        ones when torch.distributed is not initialized or has one process."""
+        """(matrix, report) summed over the metric's process group, in new tensors; the local
+        ones when torch.distributed is not initialized or the group has one process."""
         confmat, report = self._state()
-        if _distributed_world() == 1:
+        if _distributed_world(self.process_group) == 1:
             return confmat, report
         dist = torch.distributed
         k2 = self.num_classes * self.num_classes
         # One SUM for the matrix and the count, one MIN for the key.
         summed = torch.cat([confmat.reshape(-1), report[:1]])
         first_key = report[1:].clone()
-        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        dist.all_reduce(first_key, op=dist.ReduceOp.MIN)
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.process_group)
+        dist.all_reduce(first_key, op=dist.ReduceOp.MIN, group=self.process_group)
         synced_confmat = summed[:k2].reshape(self.num_classes, self.num_classes)
         return synced_confmat, torch.cat([summed[k2:], first_key])
 
     def sync(self) -> torch.Tensor:
-        """The int64 ``[K, K]`` matrix summed over the processes of the default process group.
+        """The int64 ``[K, K]`` matrix summed over the processes of the metric's process group
+        (``process_group``; by default the default group).
 
         A collective: in a distributed run every rank must call it (``compute`` does). The sums
         go into new tensors; this process's state is unchanged, so syncing (or computing) again
         does not count anything twice. Without an initialized process group (or with one
-        process) it returns a copy of the local matrix.
+        process in the group) it returns a copy of the local matrix.
         """
         confmat, _ = self._synced_state()
         return confmat.clone() if confmat is self._confmat else confmat
 
     def compute(self) -> MetricsResult:
-        """The metrics of everything accumulated, over all processes when distributed.
+        """The metrics of everything accumulated, over the processes of the metric's process
+        group when distributed (``process_group``; by default all of them).
 
         A collective in a distributed run (see ``sync``), then one host read of the report:
         raises ValueError if any pixel had a label outside ``[0, K)``. The state is unchanged:
@@ -183,7 +232,9 @@ class SegmentationMetrics:
 
     def _out_of_range_message(self, bad_pixels: int, first_key: int) -> str:
         where = "pred" if first_key % 2 else "target"
-        ranks = " (over all ranks)" if _distributed_world() > 1 else ""
+        ranks = ""
+        if _distributed_world(self.process_group) > 1:
+            ranks = " (over all ranks)" if self.process_group is None else " (over process_group)"
         aside = ""
         if self.ignore_index is not None:
             aside = f" (target pixels equal to ignore_index {self.ignore_index} aside)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -301,10 +302,22 @@ class ASPP(nn.Module):
         )
 
 
+def _is_dtensor(tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (without importing torch.distributed.tensor: no DTensor
+    exists before something else has imported it)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
 def _conv_bn_relu(block: nn.Sequential, input: torch.Tensor) -> torch.Tensor:
     """``block[2](block[1](block[0](input)))`` for a DilatedConv2d -> BatchNorm2d (running
     statistics, eval) -> ReLU block, as one convolution with the BatchNorm folded in and the
-    ReLU fused; any other block runs as it is."""
+    ReLU fused; any other block runs as it is.
+
+    The folding reads the conv's and the BatchNorm's parameters without calling the modules, so
+    it is skipped when one is a DTensor: a module that is an FSDP2 unit of its own
+    (``fully_shard(conv)``) holds its parameters sharded until its own forward gathers them.
+    """
     conv, bn, relu = block[0], block[1], block[2]
     foldable = (
         isinstance(conv, DilatedConv2d)
@@ -314,6 +327,7 @@ def _conv_bn_relu(block: nn.Sequential, input: torch.Tensor) -> torch.Tensor:
         and not bn.training
         and bn.running_mean is not None
         and isinstance(relu, nn.ReLU)
+        and not any(_is_dtensor(p) for p in (conv.weight, conv.bias, bn.weight, bn.bias))
     )
     if not foldable:
         return relu(bn(conv(input)))
