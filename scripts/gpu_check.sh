@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # On a GPU machine (torch with CUDA, nvcc, CMake, ninja, pytest; no network, no GoogleTest):
-# build for sm_90, run the tests (CUDA cases included), run the CUDA benchmarks, print a short
-# table last and write JSON into OUT_DIR.      bash scripts/gpu_check.sh OUT_DIR
+# run the tests (CUDA cases included), compute-sanitizer over every CUDA kernel and the CUDA
+# benchmarks, print a short table last and write JSON into OUT_DIR.
+#   bash scripts/gpu_check.sh OUT_DIR
+# The library: $TORCH_EXT_LIBRARY when it names an existing file (built elsewhere), else built
+# here for sm_90 (~55 s). To skip that build, build on the 2-core machine against the GPU
+# machine's torch (2.11.0+cu130 = `pip install torch==2.11.0`) and carry the file:
+#   bash scripts/build_cuda.sh 2.11.0 90     # -> build/cuda-2.11.0/libtorch_ext.so (~8 MB)
+#   device run, carry ["build/cuda-2.11.0"]:
+#   TORCH_EXT_LIBRARY=build/cuda-2.11.0/libtorch_ext.so bash scripts/gpu_check.sh "$OUT"
+# The tests run in parallel with pytest-xdist when it is installed (GPU_CHECK_JOBS, default 8).
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${1:-${OUT:-$REPO/gpu-out}}"
@@ -11,21 +19,29 @@ BUILD="$REPO/build/gpu"
 start=$SECONDS
 status=0
 
-echo "== build (sm_${TORCH_EXT_CUDA_ARCHITECTURES:-90})"
-cmake -S "$REPO" -B "$BUILD" -G Ninja -DTORCH_EXT_CUDA=ON -DTORCH_EXT_BUILD_TESTS=OFF \
-  -DTORCH_EXT_CUDA_ARCHITECTURES="${TORCH_EXT_CUDA_ARCHITECTURES:-90}" \
-  -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
-  > "$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; exit 1; }
-grep "backends compiled" "$OUT/configure.log"
-cmake --build "$BUILD" -j "$(nproc)" > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-echo "   built in $((SECONDS - start)) s"
-export TORCH_EXT_LIBRARY="$BUILD/libtorch_ext.so" PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+if [ -n "${TORCH_EXT_LIBRARY:-}" ] && [ -f "$TORCH_EXT_LIBRARY" ]; then
+  LIBRARY="$(cd "$(dirname "$TORCH_EXT_LIBRARY")" && pwd)/$(basename "$TORCH_EXT_LIBRARY")"
+  echo "== prebuilt library: $LIBRARY"
+else
+  echo "== build (sm_${TORCH_EXT_CUDA_ARCHITECTURES:-90})"
+  cmake -S "$REPO" -B "$BUILD" -G Ninja -DTORCH_EXT_CUDA=ON -DTORCH_EXT_BUILD_TESTS=OFF \
+    -DTORCH_EXT_CUDA_ARCHITECTURES="${TORCH_EXT_CUDA_ARCHITECTURES:-90}" \
+    -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+    > "$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; exit 1; }
+  grep "backends compiled" "$OUT/configure.log"
+  cmake --build "$BUILD" -j "$(nproc)" > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+  echo "   built in $((SECONDS - start)) s"
+  LIBRARY="$BUILD/libtorch_ext.so"
+fi
+export TORCH_EXT_LIBRARY="$LIBRARY" PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import torch, torch_ext; print('  ', torch_ext.build_info()); \
 print('   GPU:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none visible')"
 
 echo "== tests"
-"$PY" -m pytest -q -rfEs -p no:cacheprovider "$REPO/tests/python" --junitxml="$OUT/pytest.xml" \
-  > "$OUT/pytest.log" 2>&1 || status=1
+parallel=()
+"$PY" -c "import xdist" 2>/dev/null && parallel=(-n "${GPU_CHECK_JOBS:-8}")
+"$PY" -m pytest -q -rfEs -p no:cacheprovider "${parallel[@]}" "$REPO/tests/python" \
+  --junitxml="$OUT/pytest.xml" > "$OUT/pytest.log" 2>&1 || status=1
 tail -5 "$OUT/pytest.log"
 echo "   tests done at $((SECONDS - start)) s"
 
