@@ -394,26 +394,25 @@ def attention(
         return fast
     bounds = cu_seqlens.tolist()
     _check_bounds(bounds, q.shape[0], max_seqlen)
+
+    def attend(qs, ks, vs, begin, end):
+        return F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
+
+    return _per_sequence(q, k, v, bounds, attend)
+
+
+def _per_sequence(q, k, v, bounds: list[int], attend) -> torch.Tensor:
+    """``[T, Hq, D]``: ``attend(qs, ks, vs, begin, end)`` on every sequence ``[begin, end)`` of
+    ``bounds`` (cu_seqlens as a list), given ``[heads, length, D]`` slices with k/v heads repeated
+    to q's (grouped-query); zeros for tokens outside every sequence."""
     groups = q.shape[1] // k.shape[1]
-    outputs = []
+    outputs = [q.new_zeros(bounds[0], *q.shape[1:])]
     for begin, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end <= begin:
             continue
         qs, ks, vs = (t[begin:end].transpose(0, 1) for t in (q, k, v))
         if groups > 1:
             ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
-        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
-        outputs.append(out.transpose(0, 1))
-    if not outputs:
-        return q.new_zeros(q.shape)
-    result = torch.cat(outputs, 0)
-    if result.shape[0] != q.shape[0]:  # tokens outside every sequence (cu_seqlens[-1] < T)
-        result = torch.cat(
-            [
-                q.new_zeros(bounds[0], *q.shape[1:]),
-                result,
-                q.new_zeros(q.shape[0] - bounds[-1], *q.shape[1:]),
-            ],
-            0,
-        )
-    return result
+        outputs.append(attend(qs, ks, vs, begin, end).transpose(0, 1))
+    outputs.append(q.new_zeros(q.shape[0] - bounds[-1], *q.shape[1:]))
+    return torch.cat(outputs, 0)

@@ -439,15 +439,14 @@ def test_whole_packing_collator_batch_with_its_attention_mask(family):
         assert torch.equal(hidden[~real], torch.zeros_like(hidden[~real]))
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_packed_rows_by_hand(family):
-    model = make_model(family)
-    layout = [[4, 6, 2], [7, 5], [SEQ]]  # full rows, no padding tail
+def packed_rows(layout, seed: int):
+    """Rows packed by hand from random sequences of the given lengths per row:
+    (ids, position_ids, labels with -100 at each sequence's first token, segments, sequences)."""
     sequences, segments, rows, positions = [], [], [], []
     for row, lengths in enumerate(layout):
         start = 0
         for n in lengths:
-            sequences.append(random_ids((n,), seed=30 + len(sequences)))
+            sequences.append(random_ids((n,), seed=seed + len(sequences)))
             segments.append((row, start))
             start += n
         rows.append(torch.cat(sequences[-len(lengths) :]))
@@ -456,6 +455,14 @@ def test_packed_rows_by_hand(family):
     labels = ids.clone()
     for row, start in segments:
         labels[row, start] = -100
+    return ids, position_ids, labels, segments, sequences
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_packed_rows_by_hand(family):
+    model = make_model(family)
+    layout = [[4, 6, 2], [7, 5], [SEQ]]  # full rows, no padding tail
+    ids, position_ids, labels, segments, sequences = packed_rows(layout, seed=30)
     check_packed(model, ids, position_ids, labels, segments, sequences)
 
     # Plain labels: the last token of a sequence predicts the next sequence's first token,
@@ -605,21 +612,7 @@ def test_qwen_sliding_window(family, max_window_layers):
 def test_sliding_window_on_packed_rows_by_hand(family):
     """Sequences longer than the window, packed: the window restarts with every sequence."""
     model = make_model(family).train()
-    lengths = [[9, 3], [SEQ]]
-    sequences, segments, rows, positions = [], [], [], []
-    for row, row_lengths in enumerate(lengths):
-        start = 0
-        for n in row_lengths:
-            sequences.append(random_ids((n,), seed=50 + len(sequences)))
-            segments.append((row, start))
-            start += n
-        rows.append(torch.cat(sequences[-len(row_lengths) :]))
-        positions.append(torch.cat([torch.arange(n) for n in row_lengths]))
-    ids, position_ids = torch.stack(rows), torch.stack(positions)
-    labels = ids.clone()
-    for row, start in segments:
-        labels[row, start] = -100
-    check_packed(model, ids, position_ids, labels, segments, sequences)
+    check_packed(model, *packed_rows([[9, 3], [SEQ]], seed=50))
 
 
 # ---------------------------------------------------------------- undo

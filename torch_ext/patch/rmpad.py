@@ -138,15 +138,8 @@ def _masked_attention(q, k, v, cu_seqlens, slots, window, softcap, scale):
     ``softmax(tanh(q k^T * scale / softcap) * softcap)`` in float32, cast back to q's dtype.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    groups = q.shape[1] // k.shape[1]
-    bounds = cu_seqlens.tolist()
-    outputs = [q.new_zeros(bounds[0], *q.shape[1:])]
-    for begin, end in zip(bounds[:-1], bounds[1:], strict=True):
-        if end <= begin:
-            continue
-        qs, ks, vs = (t[begin:end].transpose(0, 1) for t in (q, k, v))
-        if groups > 1:
-            ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
+
+    def attend(qs, ks, vs, begin, end):
         if slots is None:
             distance = torch.arange(end - begin, device=q.device)
         else:
@@ -156,15 +149,13 @@ def _masked_attention(q, k, v, cu_seqlens, slots, window, softcap, scale):
         if window is not None:
             allowed &= distance < window
         if softcap is None:
-            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
-        else:
-            scores = torch.tanh(torch.matmul(qs, ks.transpose(-1, -2)) * scale / softcap) * softcap
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            out = torch.matmul(probs, vs)
-        outputs.append(out.transpose(0, 1))
-    outputs.append(q.new_zeros(q.shape[0] - bounds[-1], *q.shape[1:]))
-    return torch.cat(outputs, 0)
+            return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
+        scores = torch.tanh(torch.matmul(qs, ks.transpose(-1, -2)) * scale / softcap) * softcap
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, vs)
+
+    return varlen._per_sequence(q, k, v, cu_seqlens.tolist(), attend)
 
 
 def _register_attention(transformers) -> None:
