@@ -25,13 +25,17 @@ PoolMode parse_mode(std::string_view mode) {
 
 namespace {
 
+// `what` names the tensor after the op: "(): input" for the public ops, ": x" for backwards.
+void check_float_dtype(const char* op, const char* what, at::ScalarType dtype) {
+  TORCH_CHECK(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      op, what, " must be float32, float64, float16 or bfloat16, got ", dtype);
+}
+
 void check_pooling_input(const char* op, const at::Tensor& input) {
   TORCH_CHECK(input.dim() == 4, op, "(): input must be a 4-D tensor [N, C, H, W], got a ",
               input.dim(), "-D tensor of shape ", input.sym_sizes());
-  const auto dtype = input.scalar_type();
-  TORCH_CHECK(
-      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-      op, "(): input must be float32, float64, float16 or bfloat16, got ", dtype);
+  check_float_dtype(op, "(): input", input.scalar_type());
   TORCH_SYM_CHECK(input.sym_size(2).sym_ge(1), op,
                   "(): input's height must be at least 1, got shape ", input.sym_sizes());
   TORCH_SYM_CHECK(input.sym_size(3).sym_ge(1), op,
@@ -94,10 +98,7 @@ void check_spp_backward_args(const at::Tensor& grad_output, const at::Tensor& in
     TORCH_CHECK(level >= 1, "spp backward: every entry of levels must be >= 1, got levels=",
                 levels);
   }
-  const auto dtype = grad_output.scalar_type();
-  TORCH_CHECK(
-      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-      "spp backward: grad_output must be float32, float64, float16 or bfloat16, got ", dtype);
+  check_float_dtype("spp backward", ": grad_output", grad_output.scalar_type());
   const int64_t features =
       checked_mul("spp backward", "C * sum(level^2)", input_size[1], total_bins(levels));
   TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == input_size[0] &&
@@ -125,9 +126,7 @@ void check_sppf_backward_args(const at::Tensor& grad_output, const at::Tensor& o
   TORCH_CHECK(output.size(2) >= 1 && output.size(3) >= 1,
               "sppf backward: output's height and width must be >= 1, got ", output.sizes());
   const auto dtype = output.scalar_type();
-  TORCH_CHECK(
-      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-      "sppf backward: output must be float32, float64, float16 or bfloat16, got ", dtype);
+  check_float_dtype("sppf backward", ": output", dtype);
   TORCH_CHECK(grad_output.scalar_type() == dtype,
               "sppf backward: grad_output must have the output's dtype ", dtype, ", got ",
               grad_output.scalar_type());
