@@ -3,19 +3,16 @@
 // Helpers for the CPU kernel files (*_cpu_kernel.cpp), which CMake compiles once per CPU
 // capability. They live in the inline namespace CPU_CAPABILITY, like ATen's vector types, so
 // every copy gets its own.
-//
-// Max pooling follows PyTorch's update rule: a value takes the place of the current maximum
-// when it is strictly larger or NaN. So ties go to the first element scanned, NaN propagates,
-// and with NaNs the last NaN is the argmax (adaptive_max_pool2d and max_pool2d alike).
 
 #include <ATen/OpMathType.h>
 
-#include <limits>
 #include <type_traits>
 
 #ifndef CPU_CAPABILITY
 #error "include only from *_cpu_kernel.cpp files, which are compiled once per CPU capability"
 #endif
+
+#include "common/pooling_numerics.h"
 
 namespace torch_ext {
 inline namespace CPU_CAPABILITY {
@@ -27,25 +24,11 @@ using acc_t = at::opmath_type<T>;
 template <class T>
 constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
-template <class A>
-inline bool is_nan(A v) {
-  return v != v;
-}
-
-template <class A>
-inline bool takes_over(A value, A best) {
-  return value > best || is_nan(value);
-}
-
-template <class A>
-inline A max_nan(A a, A b) {
-  return (a > b || is_nan(a)) ? a : b;
-}
-
-template <class A>
-constexpr A neg_inf() {
-  return -std::numeric_limits<A>::infinity();
-}
+// Max pooling's NaN and tie rules, shared with the CUDA kernels (common/pooling_numerics.h).
+using numerics::is_nan;
+using numerics::max_nan;
+using numerics::neg_inf;
+using numerics::takes_over;
 }  // namespace CPU_CAPABILITY
 }  // namespace torch_ext
 

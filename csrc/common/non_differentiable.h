@@ -4,6 +4,7 @@
 // mutation of integer state): run the op below autograd. Registering this, rather than
 // nothing, is what PyTorch asks of such ops (torch.library.opcheck checks it).
 
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>

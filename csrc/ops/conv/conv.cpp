@@ -1,7 +1,6 @@
 // Dilated convolution: op schemas, the C++ API, argument checks and Meta kernels.
 // Backends: conv_cpu.cpp, conv_cuda.cu; autograd and autocast: conv_autograd.cpp.
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/gelu_backward.h>
@@ -15,6 +14,7 @@
 
 #include "common/checked_size.h"
 #include "ops/conv/conv_common.h"
+#include "ops/conv/conv_ops.h"
 #include "torch_ext/conv.h"
 
 namespace torch_ext {
@@ -223,19 +223,6 @@ void check_conv_backward_args(const at::Tensor& grad_output, const at::Tensor& i
                 backward_needs_preact(act) ? "pre-activation" : "output",
                 ") must have the output's shape ", expected, ", got ", saved.sym_sizes());
   }
-}
-
-std::tuple<at::Tensor, at::Tensor> call_conv_forward(
-    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    at::IntArrayRef stride, at::IntArrayRef padding4, at::IntArrayRef dilation, int64_t groups,
-    std::string_view activation, bool save_preact) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::_dilated_conv2d_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                           at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
-                           std::string_view, bool)>();
-  return op.call(input, weight, bias, stride, padding4, dilation, groups, activation, save_preact);
 }
 
 at::Tensor activation_backward(const at::Tensor& grad_output, const at::Tensor& saved,

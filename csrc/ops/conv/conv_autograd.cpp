@@ -3,7 +3,6 @@
 // aten::conv2d: under autocast the op runs in the autocast dtype (CUDA and CPU).
 
 #include <ATen/autocast_mode.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -14,27 +13,13 @@
 
 #include "common/non_differentiable.h"
 #include "ops/conv/conv_common.h"
+#include "ops/conv/conv_ops.h"
 
 namespace torch_ext::conv_impl {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& saved, at::IntArrayRef stride, at::IntArrayRef padding4,
-    at::IntArrayRef dilation, int64_t groups, std::string_view activation,
-    std::array<bool, 3> output_mask) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::_dilated_conv2d_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                           int64_t, std::string_view, std::array<bool, 3>)>();
-  return op.call(grad_output, input, weight, saved, stride, padding4, dilation, groups, activation,
-                 output_mask);
-}
 
 class DilatedConv2dFunction : public torch::autograd::Function<DilatedConv2dFunction> {
  public:
@@ -74,7 +59,7 @@ class DilatedConv2dFunction : public torch::autograd::Function<DilatedConv2dFunc
         ctx->needs_input_grad(0), ctx->needs_input_grad(1),
         ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
     const auto act_saved = saved[2].defined() ? saved[2] : at::empty({0}, grad.options());
-    auto [gi, gw, gb] = call_backward(
+    auto [gi, gw, gb] = call_conv_backward(
         grad, saved[0], saved[1], act_saved, ctx->saved_data["stride"].toIntVector(),
         ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
         ctx->saved_data["groups"].toInt(), ctx->saved_data["activation"].toStringRef(), mask);
@@ -149,6 +134,7 @@ TORCH_LIBRARY_IMPL(torch_ext, Autograd, m) {
   m.impl("dilated_conv2d.padding", torch_ext::conv_impl::conv_padding_autograd);
   m.impl("_dilated_conv2d_forward", torch_ext::refusing_grad());
   m.impl("_dilated_conv2d_backward", torch_ext::refusing_grad());
+  m.impl("_dilated_conv2d_route", torch_ext::non_differentiable());  // a string
 }
 
 TORCH_LIBRARY_IMPL(torch_ext, AutocastCUDA, m) {

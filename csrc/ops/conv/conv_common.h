@@ -4,14 +4,12 @@
 // and the argument checks (errors name the argument, the expectation and what arrived).
 
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Optional.h>
 
 #include <array>
 #include <cstdint>
 #include <string_view>
-#include <type_traits>
 
 namespace torch_ext::conv_impl {
 
@@ -84,31 +82,6 @@ void check_conv_backward_args(const at::Tensor& grad_output, const at::Tensor& i
                               const at::Tensor& weight, const at::Tensor& saved,
                               at::IntArrayRef stride, at::IntArrayRef padding4,
                               at::IntArrayRef dilation, int64_t groups, Activation act);
-
-// dilated_conv2d through the dispatcher: Padding = at::IntArrayRef (the int overload) or
-// std::string_view (the "padding" overload, "same" / "valid").
-template <class Padding>
-at::Tensor call_dilated_conv2d(const at::Tensor& input, const at::Tensor& weight,
-                               const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                               Padding padding, at::IntArrayRef dilation, int64_t groups,
-                               std::string_view activation) {
-  static_assert(std::is_same_v<Padding, at::IntArrayRef> ||
-                std::is_same_v<Padding, std::string_view>);
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::dilated_conv2d",
-                             std::is_same_v<Padding, std::string_view> ? "padding" : "")
-          .template typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                     const c10::optional<at::Tensor>&, at::IntArrayRef, Padding,
-                                     at::IntArrayRef, int64_t, std::string_view)>();
-  return op.call(input, weight, bias, stride, padding, dilation, groups, activation);
-}
-
-// _dilated_conv2d_forward through the dispatcher (padding in the 4-entry form).
-std::tuple<at::Tensor, at::Tensor> call_conv_forward(
-    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    at::IntArrayRef stride, at::IntArrayRef padding4, at::IntArrayRef dilation, int64_t groups,
-    std::string_view activation, bool save_preact);
 
 // The gradient reaching the convolution's output through the activation, from what the forward
 // saved (see backward_needs_preact); ATen's own activation backward ops, on any device.

@@ -39,6 +39,7 @@
 #include <string>
 #include <string_view>
 
+#include "common/cuda_launch.cuh"
 #include "common/dispatch.h"
 #include "ops/conv/conv_common.h"
 
@@ -47,7 +48,7 @@ namespace {
 
 constexpr int kTileH = 8;
 constexpr int kTileW = 32;
-constexpr int kThreads = 256;
+constexpr int kThreads = launch::kBlockThreads;
 constexpr int64_t kMaxSharedBytes = 48 * 1024;
 
 // The geometry, as plain fields usable on the device.
@@ -73,13 +74,6 @@ __device__ __forceinline__ A activate(A v, int act) {
     default:
       return v;
   }
-}
-
-// Blocks of a grid-stride launch over `work` items: at least one (a launch of zero blocks is an
-// error; the kernels' loops simply do nothing for zero items).
-int blocks_for(int64_t work) {
-  return static_cast<int>(
-      std::clamp<int64_t>((work + kThreads - 1) / kThreads, 1, int64_t{1} << 20));
 }
 
 // ---------------------------------------------------------------- depthwise
@@ -134,8 +128,8 @@ __global__ void depthwise_forward_direct(const T* __restrict__ x, const T* __res
                                          T* __restrict__ pre, Geo g, int act) {
   using A = at::opmath_type<T>;
   const int64_t total = g.n * g.c_out * g.oh * g.ow;
-  for (int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; o < total;
-       o += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t o = launch::grid_stride_first(); o < total;
+       o += launch::grid_stride_step()) {
     const int64_t ow = o % g.ow, oh = o / g.ow % g.oh, plane = o / (g.ow * g.oh);
     const int64_t co = plane % g.c_out, n = plane / g.c_out, ci = co / (g.c_out / g.c_in);
     const T* xp = x + (n * g.c_in + ci) * g.h * g.w;
@@ -169,8 +163,8 @@ __global__ void depthwise_backward_input(const T* __restrict__ gy, const T* __re
                                          T* __restrict__ gx, Geo g) {
   using A = at::opmath_type<T>;
   const int64_t mult = g.c_out / g.c_in, total = g.n * g.c_in * g.h * g.w;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
-       e += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t e = launch::grid_stride_first(); e < total;
+       e += launch::grid_stride_step()) {
     const int64_t iw = e % g.w, ih = e / g.w % g.h, plane = e / (g.w * g.h);
     const int64_t ci = plane % g.c_in, n = plane / g.c_in;
     A acc = 0;
@@ -227,8 +221,8 @@ __global__ void im2col_kernel(const T* __restrict__ x, T* __restrict__ col, Geo 
                               int64_t nb, int64_t grp) {
   const int64_t cin = g.c_in / g.groups, K = cin * g.kh * g.kw, P = g.oh * g.ow;
   const int64_t total = nb * K * P;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
-       e += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t e = launch::grid_stride_first(); e < total;
+       e += launch::grid_stride_step()) {
     const int64_t p = e % P, r = e / P % K, b = e / (P * K);
     const int64_t j = r % g.kw, i = r / g.kw % g.kh, ci = r / (g.kw * g.kh);
     const int64_t oh = p / g.ow, ow = p % g.ow;
@@ -245,8 +239,8 @@ __global__ void col2im_kernel(const T* __restrict__ dcol, T* __restrict__ gx, Ge
   using A = at::opmath_type<T>;
   const int64_t cin = g.c_in / g.groups, K = cin * g.kh * g.kw, P = g.oh * g.ow;
   const int64_t total = nb * cin * g.h * g.w;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
-       e += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t e = launch::grid_stride_first(); e < total;
+       e += launch::grid_stride_step()) {
     const int64_t iw = e % g.w, ih = e / g.w % g.h, ci = e / (g.w * g.h) % cin;
     const int64_t b = e / (g.w * g.h * cin);
     A acc = 0;
@@ -270,8 +264,8 @@ __global__ void epilogue_kernel(const T* __restrict__ ybuf, const T* __restrict_
                                 int64_t nb, int64_t grp, int act) {
   using A = at::opmath_type<T>;
   const int64_t cout = g.c_out / g.groups, P = g.oh * g.ow, total = nb * cout * P;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
-       e += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t e = launch::grid_stride_first(); e < total;
+       e += launch::grid_stride_step()) {
     const int64_t p = e % P, r = e / P % cout, b = e / (P * cout);
     const int64_t c = grp * cout + r;
     const A v = A(ybuf[e]) + (bias != nullptr ? A(bias[c]) : A(0));
@@ -352,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor> conv_forward_cuda(
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           }
         } else {
-          depthwise_forward_direct<T><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
+          depthwise_forward_direct<T><<<launch::grid_stride_blocks(out.numel()), kThreads, 0, stream>>>(
               x.const_data_ptr<T>(), w.const_data_ptr<T>(), bp, out.mutable_data_ptr<T>(), pp, g,
               static_cast<int>(act));
         }
@@ -368,11 +362,11 @@ std::tuple<at::Tensor, at::Tensor> conv_forward_cuda(
         const int64_t nb = std::min(chunk, g.n - n0);
         auto colb = col.narrow(0, 0, nb);
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          im2col_kernel<T><<<blocks_for(nb * K * P), kThreads, 0, stream>>>(
+          im2col_kernel<T><<<launch::grid_stride_blocks(nb * K * P), kThreads, 0, stream>>>(
               x.const_data_ptr<T>(), colb.mutable_data_ptr<T>(), g, n0, nb, grp);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           const auto ybuf = at::matmul(w3[grp], colb).contiguous();  // [nb, cout, P]
-          epilogue_kernel<T><<<blocks_for(ybuf.numel()), kThreads, 0, stream>>>(
+          epilogue_kernel<T><<<launch::grid_stride_blocks(ybuf.numel()), kThreads, 0, stream>>>(
               ybuf.const_data_ptr<T>(), bp, out.mutable_data_ptr<T>(), pp, g, n0, nb, grp,
               static_cast<int>(act));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -415,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
       using T = decltype(tag);
       if (cg.depthwise()) {
         if (gi.defined()) {
-          depthwise_backward_input<T><<<blocks_for(gi.numel()), kThreads, 0, stream>>>(
+          depthwise_backward_input<T><<<launch::grid_stride_blocks(gi.numel()), kThreads, 0, stream>>>(
               gy.const_data_ptr<T>(), w.const_data_ptr<T>(), gi.mutable_data_ptr<T>(), g);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
@@ -443,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           const auto gyb = gy3.narrow(0, n0, nb).narrow(1, grp * cout, cout);  // [nb, cout, P]
           if (gw.defined()) {
-            im2col_kernel<T><<<blocks_for(nb * K * P), kThreads, 0, stream>>>(
+            im2col_kernel<T><<<launch::grid_stride_blocks(nb * K * P), kThreads, 0, stream>>>(
                 x.const_data_ptr<T>(), colb.mutable_data_ptr<T>(), g, n0, nb, grp);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
             // One GEMM over the chunk's nb * P columns (cuBLAS accumulates in float32): [cout, K].
@@ -453,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
           }
           if (gi.defined()) {
             const auto dcol = at::matmul(w3[grp].t(), gyb).contiguous();  // [nb, K, P]
-            col2im_kernel<T><<<blocks_for(nb * cin * g.h * g.w), kThreads, 0, stream>>>(
+            col2im_kernel<T><<<launch::grid_stride_blocks(nb * cin * g.h * g.w), kThreads, 0, stream>>>(
                 dcol.const_data_ptr<T>(), gi.mutable_data_ptr<T>(), g, n0, nb, grp);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           }

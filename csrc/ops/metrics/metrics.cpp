@@ -1,9 +1,9 @@
 // Segmentation metrics: op schemas, argument checks, Meta kernels, the C++ API, the metrics of
 // a confusion matrix (composite), and the streaming accumulator.
-// Backends: metrics_cpu.cpp (+ metrics_cpu_kernel.cpp), metrics_cuda.cu.
+// Backends: metrics_cpu.cpp (+ metrics_cpu_kernel.cpp), metrics_cuda.cu; autograd:
+// metrics_autograd.cpp.
 
 #include <ATen/TensorOperators.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/nanmean.h>
@@ -17,8 +17,8 @@
 #include <vector>
 
 #include "common/checked_size.h"
-#include "common/non_differentiable.h"
 #include "ops/metrics/metrics_common.h"
+#include "ops/metrics/metrics_ops.h"
 #include "torch_ext/metrics.h"
 
 namespace torch_ext {
@@ -131,15 +131,6 @@ at::Tensor fresh_report(const at::TensorOptions& options) {
   return report;
 }
 
-void call_accumulate(at::Tensor& confmat, at::Tensor& report, const at::Tensor& pred,
-                     const at::Tensor& target, std::optional<int64_t> ignore_index) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::_confusion_matrix_accumulate", "")
-                       .typed<void(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   std::optional<int64_t>)>();
-  op.call(confmat, report, pred, target, ignore_index);
-}
-
 std::string format_index(int64_t flat, at::IntArrayRef shape) {
   std::vector<int64_t> index(shape.size());
   for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d) {
@@ -166,7 +157,7 @@ at::Tensor confusion_matrix_via_accumulate(const at::Tensor& pred, const at::Ten
   check_confusion_args(pred, target, num_classes);
   auto confmat = at::zeros({num_classes, num_classes}, target.options().dtype(at::kLong));
   auto report = fresh_report(target.options());
-  call_accumulate(confmat, report, pred, target, ignore_index);
+  call_confusion_matrix_accumulate(confmat, report, pred, target, ignore_index);
   if (!validate) return confmat;
   const auto host = report.cpu();  // the one synchronization validation needs
   const int64_t bad = host.const_data_ptr<int64_t>()[0];
@@ -231,19 +222,11 @@ segmentation_metrics_composite(const at::Tensor& confmat) {
 
 at::Tensor confusion_matrix(const at::Tensor& pred, const at::Tensor& target, int64_t num_classes,
                             std::optional<int64_t> ignore_index, bool validate) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::confusion_matrix", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t,
-                                         std::optional<int64_t>, bool)>();
-  return op.call(pred, target, num_classes, ignore_index, validate);
+  return metrics_impl::call_confusion_matrix(pred, target, num_classes, ignore_index, validate);
 }
 
 SegmentationMetrics segmentation_metrics(const at::Tensor& confmat) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::segmentation_metrics", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                         at::Tensor, at::Tensor>(const at::Tensor&)>();
-  auto [pa, mpa, iou, miou, fwiou, dice, mdice] = op.call(confmat);
+  auto [pa, mpa, iou, miou, fwiou, dice, mdice] = metrics_impl::call_segmentation_metrics(confmat);
   return {pa, mpa, iou, miou, fwiou, dice, mdice};
 }
 
@@ -259,7 +242,7 @@ SegmentationMetricsAccumulator::SegmentationMetricsAccumulator(int64_t num_class
 }
 
 void SegmentationMetricsAccumulator::update(const at::Tensor& pred, const at::Tensor& target) {
-  metrics_impl::call_accumulate(confmat_, report_, pred, target, ignore_index_);
+  metrics_impl::call_confusion_matrix_accumulate(confmat_, report_, pred, target, ignore_index_);
 }
 
 SegmentationMetrics SegmentationMetricsAccumulator::compute() const {
@@ -302,11 +285,6 @@ TORCH_LIBRARY_FRAGMENT(torch_ext, m) {
 TORCH_LIBRARY_IMPL(torch_ext, Meta, m) {
   m.impl("confusion_matrix", torch_ext::metrics_impl::confusion_matrix_meta);
   m.impl("_confusion_matrix_accumulate", torch_ext::metrics_impl::accumulate_meta);
-}
-
-TORCH_LIBRARY_IMPL(torch_ext, Autograd, m) {
-  m.impl("confusion_matrix", torch_ext::non_differentiable());
-  m.impl("_confusion_matrix_accumulate", torch_ext::non_differentiable());
 }
 
 TORCH_LIBRARY_IMPL(torch_ext, CompositeImplicitAutograd, m) {

@@ -16,13 +16,14 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/cuda_launch.cuh"
 #include "common/dispatch.h"
 #include "ops/metrics/metrics_common.h"
 
 namespace torch_ext::metrics_impl {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = launch::kBlockThreads;
 constexpr int64_t kMaxSharedCells = 12 * 1024;  // int32 counts: 48 KiB of shared memory
 
 struct Problem {
@@ -90,8 +91,8 @@ __global__ void labels_kernel(const P* __restrict__ pred, const T* __restrict__ 
   extern __shared__ int hist[];
   begin_block(hist, pb);
   BadPixels bad;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t i = launch::grid_stride_first(); i < total;
+       i += launch::grid_stride_step()) {
     tally(hist, pb, bad, i, static_cast<int64_t>(target[i]), static_cast<int64_t>(pred[i]));
   }
   end_block(hist, pb, bad);
@@ -108,8 +109,8 @@ __global__ void scores_kernel(const S* __restrict__ scores, const T* __restrict_
   begin_block(hist, pb);
   BadPixels bad;
   const int64_t total = batch * pixels;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t i = launch::grid_stride_first(); i < total;
+       i += launch::grid_stride_step()) {
     const S* s = scores + (i / pixels) * batch_stride + (i % pixels) * pixel_stride;
     acc best = static_cast<acc>(s[0]);
     int64_t arg = 0;
@@ -126,8 +127,7 @@ __global__ void scores_kernel(const S* __restrict__ scores, const T* __restrict_
 }
 
 unsigned int grid_for(int64_t total, int device) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int sms = launch::multiprocessor_count(device);
   const int64_t wanted = (total + kThreads - 1) / kThreads;
   // Enough blocks to fill the GPU, few enough that private histograms pay off, and at least
   // total / 2^30 so that no block's int32 count can overflow.

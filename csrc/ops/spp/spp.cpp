@@ -1,7 +1,6 @@
 // Spatial pyramid pooling: op schemas, the C++ API, argument checks and Meta kernels.
 // Backends: spp_cpu.cpp, spp_cuda.cu; autograd: spp_autograd.cpp.
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -12,6 +11,7 @@
 
 #include "common/checked_size.h"
 #include "ops/spp/spp_common.h"
+#include "ops/spp/spp_ops.h"
 #include "torch_ext/spp.h"
 
 namespace torch_ext {
@@ -216,11 +216,7 @@ at::Tensor sppf_backward_meta(const at::Tensor& grad_output, const at::Tensor& o
 
 // spp without autograd: the forward that skips the argmax bookkeeping.
 at::Tensor spp_composite(const at::Tensor& input, at::IntArrayRef levels, std::string_view mode) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::_spp_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::IntArrayRef,
-                                                                 std::string_view, bool)>();
-  return std::get<0>(op.call(input, levels, mode, /*need_indices=*/false));
+  return std::get<0>(call_spp_forward(input, levels, mode, /*need_indices=*/false));
 }
 
 }  // namespace
@@ -229,17 +225,11 @@ at::Tensor spp_composite(const at::Tensor& input, at::IntArrayRef levels, std::s
 // ---------------------------------------------------------------- C++ API
 
 at::Tensor spp(const at::Tensor& input, at::IntArrayRef levels, std::string_view mode) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::spp", "")
-                       .typed<at::Tensor(const at::Tensor&, at::IntArrayRef, std::string_view)>();
-  return op.call(input, levels, mode);
+  return spp_impl::call_spp(input, levels, mode);
 }
 
 at::Tensor sppf(const at::Tensor& input, int64_t kernel_size, int64_t repeats) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::sppf", "")
-                       .typed<at::Tensor(const at::Tensor&, int64_t, int64_t)>();
-  return op.call(input, kernel_size, repeats);
+  return spp_impl::call_sppf(input, kernel_size, repeats);
 }
 
 }  // namespace torch_ext

@@ -1,7 +1,6 @@
 // Autograd for spp and sppf: torch::autograd::Function subclasses whose backward calls the
 // backward ops, so C++ training, Python eager and AOTAutograd all see the same graph.
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -11,46 +10,13 @@
 
 #include "common/non_differentiable.h"
 #include "ops/spp/spp_common.h"
+#include "ops/spp/spp_ops.h"
 
 namespace torch_ext::spp_impl {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-std::tuple<at::Tensor, at::Tensor> call_spp_forward(const at::Tensor& input, at::IntArrayRef levels,
-                                                    std::string_view mode, bool need_indices) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::_spp_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::IntArrayRef,
-                                                                 std::string_view, bool)>();
-  return op.call(input, levels, mode, need_indices);
-}
-
-at::Tensor call_spp_backward(const at::Tensor& grad_output, const at::Tensor& indices,
-                             c10::SymIntArrayRef input_size, at::IntArrayRef levels,
-                             std::string_view mode, c10::MemoryFormat memory_format) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::_spp_backward", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
-                                         at::IntArrayRef, std::string_view, c10::MemoryFormat)>();
-  return op.call(grad_output, indices, input_size, levels, mode, memory_format);
-}
-
-at::Tensor call_sppf(const at::Tensor& input, int64_t kernel_size, int64_t repeats) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::sppf", "")
-                       .typed<at::Tensor(const at::Tensor&, int64_t, int64_t)>();
-  return op.call(input, kernel_size, repeats);
-}
-
-at::Tensor call_sppf_backward(const at::Tensor& grad_output, const at::Tensor& output,
-                              int64_t kernel_size, int64_t repeats) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::_sppf_backward", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
-  return op.call(grad_output, output, kernel_size, repeats);
-}
 
 class SppFunction : public torch::autograd::Function<SppFunction> {
  public:

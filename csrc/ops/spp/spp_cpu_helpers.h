@@ -13,12 +13,9 @@
 namespace torch_ext::spp_impl {
 inline namespace CPU_CAPABILITY {
 
-// Adaptive pooling bins (PyTorch's rule): bin i of `bins` over `size` spans
-// [floor(i * size / bins), ceil((i + 1) * size / bins)).
-inline int64_t bin_start(int64_t i, int64_t size, int64_t bins) { return (i * size) / bins; }
-inline int64_t bin_end(int64_t i, int64_t size, int64_t bins) {
-  return ((i + 1) * size + bins - 1) / bins;
-}
+// Adaptive pooling bins, shared with the CUDA kernels (common/pooling_numerics.h).
+using numerics::bin_end;
+using numerics::bin_start;
 
 // Pixel (h * W + w) of plane (n, c) sits at plane_offset + pixel * pixel_stride, in NCHW
 // (stride 1) and in NHWC (stride C) alike.

@@ -19,7 +19,9 @@
 #include <limits>
 #include <utility>
 
+#include "common/cuda_launch.cuh"
 #include "common/dispatch.h"
+#include "common/pooling_numerics.h"
 #include "ops/spp/spp_common.h"
 
 namespace torch_ext::spp_impl {
@@ -42,41 +44,14 @@ Strides4 strides_of(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-template <class A>
-__device__ __forceinline__ bool is_nan(A v) {
-  return v != v;
-}
-
-template <class A>
-__device__ __forceinline__ bool takes_over(A value, A best) {
-  return value > best || is_nan(value);
-}
-
-template <class A>
-__device__ __forceinline__ A max_nan(A a, A b) {
-  return (a > b || is_nan(a)) ? a : b;
-}
-
-template <class A>
-__device__ __forceinline__ A neg_inf() {
-  return -std::numeric_limits<A>::infinity();
-}
-
-// Which of two (value, index) candidates PyTorch's sequential scan would end on.
-template <class A>
-__device__ __forceinline__ bool prefer_b(A va, int64_t ia, A vb, int64_t ib) {
-  const bool na = is_nan(va), nb = is_nan(vb);
-  if (na || nb) return nb && (!na || ib > ia);  // the last NaN
-  if (va != vb) return vb > va;
-  return ib < ia;  // ties: the first
-}
-
-__device__ __forceinline__ int64_t bin_start(int64_t i, int64_t size, int64_t bins) {
-  return (i * size) / bins;
-}
-__device__ __forceinline__ int64_t bin_end(int64_t i, int64_t size, int64_t bins) {
-  return ((i + 1) * size + bins - 1) / bins;
-}
+// Max pooling's rules and adaptive bins, shared with the CPU kernels.
+using numerics::bin_end;
+using numerics::bin_start;
+using numerics::is_nan;
+using numerics::max_nan;
+using numerics::neg_inf;
+using numerics::scan_prefers_second;
+using numerics::takes_over;
 
 struct BinCoords {
   int64_t level_offset;  // sum of l * l over the earlier levels
@@ -169,7 +144,7 @@ __global__ void spp_forward_nchw_kernel(const T* __restrict__ input, T* __restri
       const int64_t other_index = __shfl_down_sync(0xffffffffu, index, offset);
       if (!is_max) {
         value += other;
-      } else if (prefer_b(value, index, other, other_index)) {
+      } else if (scan_prefers_second(value, index, other, other_index)) {
         value = other;
         index = other_index;
       }
@@ -224,8 +199,8 @@ __global__ void spp_backward_kernel(const T* __restrict__ grad_output,
                                     MapDims d, Strides4 gi, Levels levels, bool is_max) {
   using acc = at::opmath_type<T>;
   const int64_t C = d.C, H = d.H, W = d.W;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < d.numel();
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t e = launch::grid_stride_first(); e < d.numel();
+       e += launch::grid_stride_step()) {
     const auto [n, c, h, w] = d.unravel(e);
     const int64_t pos = h * W + w;
     acc sum = 0;
@@ -328,8 +303,8 @@ template <class T>
 __global__ void sppf_stage_kernel(T* __restrict__ output, MapDims d, Strides4 out_s, int p, int r) {
   using acc = at::opmath_type<T>;
   const int64_t C = d.C, H = d.H, W = d.W;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < d.numel();
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t e = launch::grid_stride_first(); e < d.numel();
+       e += launch::grid_stride_step()) {
     const auto [n, c, h, w] = d.unravel(e);
     const T* prev = output + n * out_s.n + ((r - 1) * C + c) * out_s.c;
     acc m = neg_inf<acc>();
@@ -345,8 +320,8 @@ __global__ void sppf_stage_kernel(T* __restrict__ output, MapDims d, Strides4 ou
 template <class T>
 __global__ void sppf_copy_input_kernel(const T* __restrict__ input, T* __restrict__ output,
                                        MapDims d, Strides4 in_s, Strides4 out_s) {
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < d.numel();
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t e = launch::grid_stride_first(); e < d.numel();
+       e += launch::grid_stride_step()) {
     const auto [n, c, h, w] = d.unravel(e);
     output[n * out_s.n + c * out_s.c + h * out_s.h + w * out_s.w] =
         input[n * in_s.n + c * in_s.c + h * in_s.h + w * in_s.w];
@@ -361,8 +336,8 @@ __global__ void sppf_argmax_kernel(const T* __restrict__ output, int64_t* __rest
                                    MapDims d, Strides4 out_s, int p, int r) {
   using acc = at::opmath_type<T>;
   const int64_t C = d.C, H = d.H, W = d.W;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < d.numel();
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t e = launch::grid_stride_first(); e < d.numel();
+       e += launch::grid_stride_step()) {
     const auto [n, c, h, w] = d.unravel(e);
     const T* prev = output + n * out_s.n + ((r - 1) * C + c) * out_s.c;
     const int64_t y0 = std::max<int64_t>(0, h - p), x0 = std::max<int64_t>(0, w - p);
@@ -392,8 +367,8 @@ __global__ void sppf_gather_kernel(const at::opmath_type<T>* __restrict__ g,
                                    Strides4 go_s, int p, int r) {
   using acc = at::opmath_type<T>;
   const int64_t C = d.C, H = d.H, W = d.W;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < d.numel();
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t e = launch::grid_stride_first(); e < d.numel();
+       e += launch::grid_stride_step()) {
     const auto [n, c, h, w] = d.unravel(e);
     const int64_t pos = h * W + w;
     acc sum = 0;
@@ -414,8 +389,8 @@ __global__ void sppf_load_last_grad_kernel(const T* __restrict__ grad_output,
                                            at::opmath_type<T>* __restrict__ g, MapDims d,
                                            Strides4 go_s, int repeats) {
   const int64_t C = d.C;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < d.numel();
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t e = launch::grid_stride_first(); e < d.numel();
+       e += launch::grid_stride_step()) {
     const auto [n, c, h, w] = d.unravel(e);
     g[e] = static_cast<at::opmath_type<T>>(
         grad_output[n * go_s.n + (repeats * C + c) * go_s.c + h * go_s.h + w * go_s.w]);
@@ -425,8 +400,8 @@ __global__ void sppf_load_last_grad_kernel(const T* __restrict__ grad_output,
 template <class T>
 __global__ void sppf_store_grad_kernel(const at::opmath_type<T>* __restrict__ g,
                                        T* __restrict__ grad_input, MapDims d, Strides4 gi_s) {
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < d.numel();
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t e = launch::grid_stride_first(); e < d.numel();
+       e += launch::grid_stride_step()) {
     const auto [n, c, h, w] = d.unravel(e);
     grad_input[n * gi_s.n + c * gi_s.c + h * gi_s.h + w * gi_s.w] = static_cast<T>(g[e]);
   }
@@ -434,13 +409,7 @@ __global__ void sppf_store_grad_kernel(const at::opmath_type<T>* __restrict__ g,
 
 // ------------------------------------------------------------------ host side
 
-constexpr int kElementwiseThreads = 256;
 
-// Grid for a grid-stride loop over `total` elements.
-unsigned int elementwise_blocks(int64_t total) {
-  const int64_t blocks = (total + kElementwiseThreads - 1) / kElementwiseThreads;
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 1 << 20)));
-}
 
 Levels make_levels(at::IntArrayRef levels) {
   TORCH_CHECK(static_cast<int64_t>(levels.size()) <= kMaxCudaLevels, "spp(): at most ",
@@ -505,7 +474,7 @@ at::Tensor spp_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& i
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_types(grad_output.scalar_type(), "torch_ext spp CUDA kernels", [&](auto tag) {
     using T = decltype(tag);
-    spp_backward_kernel<T><<<elementwise_blocks(total), kElementwiseThreads, 0, stream>>>(
+    spp_backward_kernel<T><<<launch::grid_stride_blocks(total), launch::kBlockThreads, 0, stream>>>(
         grad_output.const_data_ptr<T>(), is_max ? indices.const_data_ptr<int64_t>() : nullptr,
         grad_input.mutable_data_ptr<T>(),
         MapDims{input_size[0], input_size[1], input_size[2], input_size[3],
@@ -557,13 +526,13 @@ at::Tensor sppf_cuda(const at::Tensor& input_, int64_t kernel_size, int64_t repe
       return;
     }
     const MapDims d{N, C, H, W, channels_last};
-    const unsigned int blocks = elementwise_blocks(d.numel());
-    sppf_copy_input_kernel<T><<<blocks, kElementwiseThreads, 0, stream>>>(
+    const unsigned int blocks = launch::grid_stride_blocks(d.numel());
+    sppf_copy_input_kernel<T><<<blocks, launch::kBlockThreads, 0, stream>>>(
         in, out, d, strides_of(input), strides_of(output));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     for (int r = 1; r <= repeats; ++r) {
       sppf_stage_kernel<T>
-          <<<blocks, kElementwiseThreads, 0, stream>>>(out, d, strides_of(output), p, r);
+          <<<blocks, launch::kBlockThreads, 0, stream>>>(out, d, strides_of(output), p, r);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -590,26 +559,26 @@ at::Tensor sppf_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& 
   auto g = at::empty({total}, output.options().dtype(acc_dtype));
   auto g_prev = at::empty_like(g);
   auto arg = at::empty({total}, output.options().dtype(at::kLong));
-  const unsigned int blocks = elementwise_blocks(total);
+  const unsigned int blocks = launch::grid_stride_blocks(total);
   dispatch_float_types(output.scalar_type(), "torch_ext spp CUDA kernels", [&](auto tag) {
     using T = decltype(tag);
     using acc = at::opmath_type<T>;
     const Strides4 out_s = strides_of(output), go_s = strides_of(grad_output);
-    sppf_load_last_grad_kernel<T><<<blocks, kElementwiseThreads, 0, stream>>>(
+    sppf_load_last_grad_kernel<T><<<blocks, launch::kBlockThreads, 0, stream>>>(
         grad_output.const_data_ptr<T>(), g.mutable_data_ptr<acc>(), d, go_s,
         static_cast<int>(repeats));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     for (int r = static_cast<int>(repeats); r >= 1; --r) {
-      sppf_argmax_kernel<T><<<blocks, kElementwiseThreads, 0, stream>>>(
+      sppf_argmax_kernel<T><<<blocks, launch::kBlockThreads, 0, stream>>>(
           output.const_data_ptr<T>(), arg.mutable_data_ptr<int64_t>(), d, out_s, p, r);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      sppf_gather_kernel<T><<<blocks, kElementwiseThreads, 0, stream>>>(
+      sppf_gather_kernel<T><<<blocks, launch::kBlockThreads, 0, stream>>>(
           g.const_data_ptr<acc>(), arg.const_data_ptr<int64_t>(), grad_output.const_data_ptr<T>(),
           g_prev.mutable_data_ptr<acc>(), d, go_s, p, r);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       std::swap(g, g_prev);
     }
-    sppf_store_grad_kernel<T><<<blocks, kElementwiseThreads, 0, stream>>>(
+    sppf_store_grad_kernel<T><<<blocks, launch::kBlockThreads, 0, stream>>>(
         g.const_data_ptr<acc>(), grad_input.mutable_data_ptr<T>(), d, strides_of(grad_input));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

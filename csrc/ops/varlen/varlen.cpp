@@ -1,10 +1,9 @@
 // Variable-length sequences: op schemas, argument checks, Meta kernels, the composite ops
 // (unpad_input, pad_input) and the C++ API. Backends: varlen_cpu.cpp, varlen_cuda.cu;
-// autograd of the index ops: varlen_autograd.cpp. The fake (Meta) kernels of the ops whose
+// autograd (all of it): varlen_autograd.cpp. The fake (Meta) kernels of the ops whose
 // output size depends on the data (_unpad_plan, cu_seqlens_from_position_ids) are registered
 // in Python (torch_ext/varlen.py).
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -12,8 +11,8 @@
 #include <limits>
 
 #include "common/checked_size.h"
-#include "common/non_differentiable.h"
 #include "ops/varlen/varlen_common.h"
+#include "ops/varlen/varlen_ops.h"
 #include "torch_ext/varlen.h"
 
 namespace torch_ext {
@@ -131,34 +130,6 @@ at::Tensor plan_packing_meta(const at::Tensor& lengths, int64_t capacity, std::s
   return at::empty_symint(lengths.sym_sizes(), lengths.options().dtype(at::kLong));
 }
 
-// ---------------------------------------------------------------- through the dispatcher
-
-std::tuple<at::Tensor, at::Tensor, c10::SymInt, at::Tensor> call_unpad_plan(
-    const at::Tensor& mask, std::optional<c10::SymInt> total_tokens,
-    std::optional<c10::SymInt> max_seqlen) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::_unpad_plan", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, c10::SymInt, at::Tensor>(
-              const at::Tensor&, std::optional<c10::SymInt>, std::optional<c10::SymInt>)>();
-  return op.call(mask, std::move(total_tokens), std::move(max_seqlen));
-}
-
-at::Tensor call_index_first_axis(const at::Tensor& input, const at::Tensor& indices) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::index_first_axis", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
-  return op.call(input, indices);
-}
-
-at::Tensor call_index_put_first_axis(const at::Tensor& values, const at::Tensor& indices,
-                                     c10::SymInt first_axis_dim) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::index_put_first_axis", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>();
-  return op.call(values, indices, std::move(first_axis_dim));
-}
-
 // ---------------------------------------------------------------- composites
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::SymInt, at::Tensor> unpad_input_composite(
@@ -201,27 +172,17 @@ at::Tensor pad_input_composite(const at::Tensor& hidden_unpad, const at::Tensor&
 
 UnpadResult unpad_input(const at::Tensor& hidden, const at::Tensor& attention_mask,
                         std::optional<int64_t> total_tokens, std::optional<int64_t> max_seqlen) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::unpad_input", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::SymInt, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, std::optional<c10::SymInt>,
-              std::optional<c10::SymInt>)>();
   auto to_sym = [](std::optional<int64_t> v) {
     return v ? std::optional<c10::SymInt>(c10::SymInt(*v)) : std::nullopt;
   };
-  auto [tokens, indices, cu_seqlens, longest, seqused] =
-      op.call(hidden, attention_mask, to_sym(total_tokens), to_sym(max_seqlen));
+  auto [tokens, indices, cu_seqlens, longest, seqused] = varlen_impl::call_unpad_input(
+      hidden, attention_mask, to_sym(total_tokens), to_sym(max_seqlen));
   return {tokens, indices, cu_seqlens, longest.expect_int(), seqused};
 }
 
 at::Tensor pad_input(const at::Tensor& hidden_unpad, const at::Tensor& indices, int64_t batch,
                      int64_t seqlen) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::pad_input", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt, c10::SymInt)>();
-  return op.call(hidden_unpad, indices, batch, seqlen);
+  return varlen_impl::call_pad_input(hidden_unpad, indices, batch, seqlen);
 }
 
 at::Tensor index_first_axis(const at::Tensor& input, const at::Tensor& indices) {
@@ -234,19 +195,13 @@ at::Tensor index_put_first_axis(const at::Tensor& values, const at::Tensor& indi
 }
 
 std::tuple<at::Tensor, int64_t> cu_seqlens_from_position_ids(const at::Tensor& position_ids) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::cu_seqlens_from_position_ids", "")
-                       .typed<std::tuple<at::Tensor, c10::SymInt>(const at::Tensor&)>();
-  auto [cu_seqlens, longest] = op.call(position_ids);
+  auto [cu_seqlens, longest] = varlen_impl::call_cu_seqlens_from_position_ids(position_ids);
   return {cu_seqlens, longest.expect_int()};
 }
 
 at::Tensor plan_packing(const at::Tensor& lengths, int64_t capacity, std::string_view strategy,
                         bool truncate) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::plan_packing", "")
-                       .typed<at::Tensor(const at::Tensor&, int64_t, std::string_view, bool)>();
-  return op.call(lengths, capacity, strategy, truncate);
+  return varlen_impl::call_plan_packing(lengths, capacity, strategy, truncate);
 }
 
 }  // namespace torch_ext
@@ -282,10 +237,4 @@ TORCH_LIBRARY_IMPL(torch_ext, Meta, m) {
 TORCH_LIBRARY_IMPL(torch_ext, CompositeImplicitAutograd, m) {
   m.impl("unpad_input", torch_ext::varlen_impl::unpad_input_composite);
   m.impl("pad_input", torch_ext::varlen_impl::pad_input_composite);
-}
-
-TORCH_LIBRARY_IMPL(torch_ext, Autograd, m) {
-  m.impl("_unpad_plan", torch_ext::non_differentiable());
-  m.impl("cu_seqlens_from_position_ids", torch_ext::non_differentiable());
-  m.impl("plan_packing", torch_ext::non_differentiable());
 }

@@ -1,36 +1,23 @@
-// Autograd of the row gather and scatter. The gather's backward adds each gradient row into
-// the row it came from (repeated indices sum, as for input[indices]; ATen's index_add_, exact
-// for unique indices since each row then receives one term); the scatter's backward is the
-// gather (its forward requires unique indices).
+// Autograd of the varlen ops. The integer-valued ops (the unpad plan, cu_seqlens, packing
+// plans) are declared non-differentiable. The gather's backward adds each gradient row into the
+// row it came from (repeated indices sum, as for input[indices]; ATen's index_add_, exact for
+// unique indices since each row then receives one term); the scatter's backward is the gather
+// (its forward requires unique indices).
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/index_add.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "common/non_differentiable.h"
 #include "ops/varlen/varlen_common.h"
+#include "ops/varlen/varlen_ops.h"
 
 namespace torch_ext::varlen_impl {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-at::Tensor gather_rows(const at::Tensor& input, const at::Tensor& indices) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::index_first_axis", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
-  return op.call(input, indices);
-}
-
-at::Tensor scatter_rows(const at::Tensor& values, const at::Tensor& indices,
-                        c10::SymInt first_axis_dim) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::index_put_first_axis", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>();
-  return op.call(values, indices, std::move(first_axis_dim));
-}
 
 class IndexFirstAxis : public torch::autograd::Function<IndexFirstAxis> {
  public:
@@ -39,7 +26,7 @@ class IndexFirstAxis : public torch::autograd::Function<IndexFirstAxis> {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({indices});
     ctx->saved_data["rows"] = input.sym_size(0);
-    return gather_rows(input, indices);
+    return call_index_first_axis(input, indices);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -58,13 +45,13 @@ class IndexPutFirstAxis : public torch::autograd::Function<IndexPutFirstAxis> {
                             const at::Tensor& indices, c10::SymInt first_axis_dim) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({indices});
-    return scatter_rows(values, indices, std::move(first_axis_dim));
+    return call_index_put_first_axis(values, indices, std::move(first_axis_dim));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
     const auto indices = ctx->get_saved_variables()[0];
-    return {gather_rows(grads[0], indices), at::Tensor(), at::Tensor()};
+    return {call_index_first_axis(grads[0], indices), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -85,4 +72,8 @@ at::Tensor index_put_first_axis_autograd(const at::Tensor& values, const at::Ten
 TORCH_LIBRARY_IMPL(torch_ext, Autograd, m) {
   m.impl("index_first_axis", torch_ext::varlen_impl::index_first_axis_autograd);
   m.impl("index_put_first_axis", torch_ext::varlen_impl::index_put_first_axis_autograd);
+  // Integer results: no derivative.
+  m.impl("_unpad_plan", torch_ext::non_differentiable());
+  m.impl("cu_seqlens_from_position_ids", torch_ext::non_differentiable());
+  m.impl("plan_packing", torch_ext::non_differentiable());
 }

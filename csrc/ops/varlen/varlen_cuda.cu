@@ -20,14 +20,17 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <string_view>
 
+#include "common/cuda_launch.cuh"
 #include "common/dispatch.h"
 #include "ops/varlen/varlen_common.h"
+#include "ops/varlen/varlen_ops.h"
 
 namespace torch_ext::varlen_impl {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = launch::kBlockThreads;
 
 template <class M>
 __global__ void count_rows(const M* __restrict__ mask, int64_t seqlen,
@@ -157,8 +160,8 @@ __global__ void copy_rows(const U* __restrict__ src, U* __restrict__ dst,
                           const int64_t* __restrict__ idx, int64_t rows, int64_t units,
                           int64_t limit) {
   const int64_t total = rows * units;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
-       e += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t e = launch::grid_stride_first(); e < total;
+       e += launch::grid_stride_step()) {
     const int64_t r = e / units, u = e % units;
     const int64_t target = idx[r];
     CUDA_KERNEL_ASSERT(target >= 0 && target < limit);
@@ -179,19 +182,19 @@ void launch_copy_rows(const void* src, void* dst, const int64_t* idx, int64_t ro
     return row_bytes % unit == 0 && reinterpret_cast<uintptr_t>(src) % unit == 0 &&
            reinterpret_cast<uintptr_t>(dst) % unit == 0;
   };
-  auto launch = [&](auto tag) {
+  auto copy_in_units = [&](auto tag) {
     using U = decltype(tag);
     const int64_t units = row_bytes / static_cast<int64_t>(sizeof(U));
-    const int64_t blocks = std::min<int64_t>((rows * units + kThreads - 1) / kThreads, 1 << 20);
+    const unsigned int blocks = launch::grid_stride_blocks(rows * units, kThreads);
     copy_rows<U, kScatter><<<blocks, kThreads, 0, stream>>>(
         static_cast<const U*>(src), static_cast<U*>(dst), idx, rows, units, limit);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (aligned(16)) return launch(uint4{});
-  if (aligned(8)) return launch(uint2{});
-  if (aligned(4)) return launch(uint32_t{});
-  if (aligned(2)) return launch(uint16_t{});
-  launch(uint8_t{});
+  if (aligned(16)) return copy_in_units(uint4{});
+  if (aligned(8)) return copy_in_units(uint2{});
+  if (aligned(4)) return copy_in_units(uint32_t{});
+  if (aligned(2)) return copy_in_units(uint16_t{});
+  copy_in_units(uint8_t{});
 }
 
 at::Tensor index_first_axis_cuda(const at::Tensor& input_, const at::Tensor& indices_) {
@@ -229,11 +232,16 @@ at::Tensor index_put_first_axis_cuda(const at::Tensor& values_, const at::Tensor
 std::tuple<at::Tensor, c10::SymInt> cu_seqlens_from_position_ids_cuda(
     const at::Tensor& position_ids) {
   check_position_ids(position_ids);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::cu_seqlens_from_position_ids", "")
-                       .typed<std::tuple<at::Tensor, c10::SymInt>(const at::Tensor&)>();
-  auto [cu, longest] = op.call(position_ids.cpu());
+  auto [cu, longest] = call_cu_seqlens_from_position_ids(position_ids.cpu());
   return {cu.to(position_ids.device(), /*non_blocking=*/true), longest};
+}
+
+// Packing is a sequential host algorithm over one length per sequence: the lengths go to the
+// host, the CPU kernel plans, and the pack indices come back to the lengths' device.
+at::Tensor plan_packing_cuda(const at::Tensor& lengths, int64_t capacity,
+                             std::string_view strategy, bool truncate) {
+  const auto plan = call_plan_packing(lengths.cpu(), capacity, strategy, truncate);
+  return plan.to(lengths.device(), /*non_blocking=*/true);
 }
 
 }  // namespace
@@ -244,4 +252,5 @@ TORCH_LIBRARY_IMPL(torch_ext, CUDA, m) {
   m.impl("index_first_axis", torch_ext::varlen_impl::index_first_axis_cuda);
   m.impl("index_put_first_axis", torch_ext::varlen_impl::index_put_first_axis_cuda);
   m.impl("cu_seqlens_from_position_ids", torch_ext::varlen_impl::cu_seqlens_from_position_ids_cuda);
+  m.impl("plan_packing", torch_ext::varlen_impl::plan_packing_cuda);
 }
