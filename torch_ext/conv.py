@@ -116,3 +116,24 @@ def conv_route(
         p = _pair("padding", padding)
         pad4 = [p[0], p[1], p[0], p[1]]
     return torch.ops.torch_ext._dilated_conv2d_route(input, weight, pad4, groups)
+
+
+@torch.library.register_fake("torch_ext::_dilated_conv2d_route")
+def _conv_route_fake(input, weight, padding, groups):
+    """The route under FakeTensor (torch.compile, export): asked of the real kernel of the fake
+    tensors' device, on stand-ins of one element expanded to their sizes (the rule reads sizes,
+    dtypes and the device, never values). Symbolic sizes have no route to report."""
+    sizes = [*input.shape, *weight.shape]
+    if not all(isinstance(size, int) for size in sizes):
+        raise RuntimeError(
+            "conv_route(): the route of symbolic sizes is unknown; ask conv_route outside the "
+            f"compiled region, got input {tuple(input.shape)} and weight {tuple(weight.shape)}"
+        )
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        stand_ins = [
+            torch.empty(1, dtype=t.dtype, device=t.device).expand(t.shape) for t in (input, weight)
+        ]
+        return torch.ops.torch_ext._dilated_conv2d_route(*stand_ins, padding, groups)
+

@@ -13,9 +13,6 @@ import torch
 import torch_ext
 from torch_ext import _library
 
-OPS = ["spp", "_spp_forward", "_spp_backward", "sppf", "_sppf_backward"]
-KERNEL_OPS = ["_spp_forward", "_spp_backward", "sppf", "_sppf_backward"]
-
 
 def base_version(version: str) -> str:
     return version.split("+")[0]
@@ -46,25 +43,28 @@ def test_build_info_matches_the_running_torch():
         assert not info["cuda"]
 
 
-@pytest.mark.parametrize("op", KERNEL_OPS)
-def test_every_op_has_cpu_and_meta_kernels(op):
-    assert torch_ext.has_kernel(op, "CPU")
-    assert torch_ext.has_kernel(op, "Meta")
+# Which kernels each op has (CPU, Meta, autograd, CUDA exactly when built) is checked for every
+# op the dispatcher lists, by tests/python/test_dispatcher.py.
 
 
-@pytest.mark.parametrize("op", ["spp", "sppf"])
-def test_public_ops_have_autograd_kernels(op):
-    assert torch_ext.has_kernel(op, "Autograd")
+def test_has_kernel_reads_the_dispatcher():
+    """torch_ext.has_kernel on a throwaway op of the namespace with a CPU kernel only, and on an
+    overload of it with a Meta kernel only."""
+    with torch.library._scoped_library("torch_ext", "FRAGMENT") as lib:
+        lib.define("_has_kernel_probe(Tensor x) -> Tensor")
+        lib.define("_has_kernel_probe.meta_only(Tensor x) -> Tensor")
+        lib.impl("_has_kernel_probe", lambda x: x.clone(), "CPU")
+        lib.impl("_has_kernel_probe.meta_only", lambda x: x.clone(), "Meta")
+        assert torch_ext.has_kernel("_has_kernel_probe", "CPU")
+        for backend in ("Meta", "CUDA", "Autograd"):
+            assert not torch_ext.has_kernel("_has_kernel_probe", backend), backend
+        assert torch_ext.has_kernel("_has_kernel_probe.meta_only", "Meta")
+        assert not torch_ext.has_kernel("_has_kernel_probe.meta_only", "CPU")
 
 
-@pytest.mark.parametrize("op", KERNEL_OPS)
-def test_cuda_kernels_are_registered_exactly_when_compiled(op):
-    assert torch_ext.has_kernel(op, "CUDA") == ("CUDA" in torch_ext.compiled_backends())
-
-
-def test_ops_are_registered_under_the_package_name():
-    for op in OPS:
-        assert hasattr(torch.ops.torch_ext, op), op
+def test_op_schemas_carry_the_python_defaults():
+    # Every op the dispatcher lists is reached as torch.ops.torch_ext.<name>.<overload>: see
+    # test_dispatcher.py::test_schema.
     schema = str(torch.ops.torch_ext.spp.default._schema)
     assert "levels=[1, 2, 4]" in schema and 'mode="max"' in schema
     assert "kernel_size=5" in str(torch.ops.torch_ext.sppf.default._schema)
