@@ -3,16 +3,19 @@
 Ops are registered with the dispatcher as ``torch.ops.torch_ext.*``; this package loads the
 library and offers typed wrappers (``torch_ext.spp``, ``torch_ext.sppf``,
 ``torch_ext.dilated_conv2d``, ``torch_ext.confusion_matrix``, ...), modules (``torch_ext.nn``)
-and streaming metrics (``torch_ext.metrics``).
+and streaming metrics (``torch_ext.metrics``). The model patches (``torch_ext.patch``) are
+imported on first use, not with the package.
 """
 
 from __future__ import annotations
+
+from types import ModuleType
 
 from torch_ext import _library
 
 _BUILD_INFO = _library.load()
 
-from torch_ext import checkpoint, conv, metrics, nn, patch, varlen  # noqa: E402  (after loading)
+from torch_ext import checkpoint, conv, metrics, nn, varlen  # noqa: E402  (after loading)
 from torch_ext.conv import dilated_conv2d  # noqa: E402
 from torch_ext.metrics import confusion_matrix, segmentation_metrics  # noqa: E402
 from torch_ext.spp import spp, sppf  # noqa: E402
@@ -26,6 +29,24 @@ from torch_ext.varlen import (  # noqa: E402
 )
 
 __version__: str = _BUILD_INFO["version"]
+
+# Submodules imported on first use rather than with the package: ``torch_ext.patch`` (the model
+# patches) is reached as an attribute, or by ``import torch_ext.patch``, only when wanted.
+_LAZY_SUBMODULES = ("patch",)
+
+
+def __getattr__(name: str) -> ModuleType:
+    """Imports a lazy submodule (``torch_ext.patch``) on its first access as an attribute."""
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")  # also binds it in this module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The package's attributes, the lazy submodules included before their first import."""
+    return sorted({*globals(), *_LAZY_SUBMODULES})
 
 
 def build_info() -> dict:

@@ -9,15 +9,9 @@ when one is initialized).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-# A module import, resolved at call time: torch_ext.metrics imports this module in turn.
-import torch_ext.metrics as _metrics
-
-if TYPE_CHECKING:
-    from torch_ext.metrics import MetricsResult
+from torch_ext._segmentation_ops import MetricsResult, segmentation_metrics
 
 __all__ = ["SegmentationMetrics"]
 
@@ -228,7 +222,7 @@ class SegmentationMetrics:
         bad_pixels, first_key = report.tolist()
         if bad_pixels:
             raise ValueError(self._out_of_range_message(bad_pixels, first_key))
-        return _metrics.segmentation_metrics(confmat)
+        return segmentation_metrics(confmat)
 
     def _out_of_range_message(self, bad_pixels: int, first_key: int) -> str:
         where = "pred" if first_key % 2 else "target"

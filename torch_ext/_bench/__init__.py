@@ -1,14 +1,17 @@
 """Checks and benchmarks of torch_ext's op families, shared by the tour (``python -m torch_ext``)
 and ``benchmarks/run.py``.
 
-Each family lives in ``torch_ext/_bench/<family>.py`` and registers itself on import (see
-``registry.py``); adding a family adds that file and one import line below.
+Each family lives in ``torch_ext/_bench/by_family/<family>.py`` and registers itself on import
+(see ``registry.py``); every module of that package is imported here, so adding a family adds
+that file and nothing else.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import pkgutil
 import platform
 import time
 from collections.abc import Callable
@@ -17,13 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import torch_ext
-
-# Families: one import line each; importing a module registers its family.
-from torch_ext._bench import checkpoint as _checkpoint_family  # noqa: F401  (registers it)
-from torch_ext._bench import conv as _conv_family  # noqa: F401  (registers "conv")
-from torch_ext._bench import metrics as _metrics_family  # noqa: F401  (registers "metrics")
-from torch_ext._bench import spp as _spp_family  # noqa: F401  (registers "spp")
-from torch_ext._bench import varlen as _varlen_family  # noqa: F401  (registers "varlen")
+from torch_ext._bench import by_family
 from torch_ext._bench.registry import Case, CheckResult, Family, families
 from torch_ext._bench.timing import (
     Stats,
@@ -34,6 +31,15 @@ from torch_ext._bench.timing import (
     synchronize,
     time_interleaved,
 )
+
+
+def _load_families() -> None:
+    """Imports every module of ``torch_ext._bench.by_family`` (each registers its family)."""
+    for module in sorted(pkgutil.iter_modules(by_family.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{by_family.__name__}.{module.name}")
+
+
+_load_families()
 
 __all__ = [
     "CaseResult",

@@ -1,8 +1,8 @@
 """The family registry: what an op family gives the tour and the benchmarks.
 
-A family module (``torch_ext/_bench/<family>.py``) builds one :class:`Family` and passes it to
-:func:`register` when imported; ``torch_ext/_bench/__init__.py`` imports each family module once.
-Nothing else needs to know the list of families.
+A family module (``torch_ext/_bench/by_family/<family>.py``) builds one :class:`Family` and
+passes it to :func:`register` when imported; ``torch_ext/_bench/__init__.py`` imports every
+module of that folder once. Nothing else needs to know the list of families.
 """
 
 from __future__ import annotations

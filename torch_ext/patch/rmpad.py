@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_ext import varlen
+from torch_ext.varlen._attention import _per_sequence
 
 __all__ = ["ATTENTION_NAME", "RmpadHandle", "apply_rmpad", "undo_rmpad"]
 
@@ -155,7 +156,7 @@ def _masked_attention(q, k, v, cu_seqlens, slots, window, softcap, scale):
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(probs, vs)
 
-    return varlen._per_sequence(q, k, v, cu_seqlens.tolist(), attend)
+    return _per_sequence(q, k, v, cu_seqlens.tolist(), attend)
 
 
 def _register_attention(transformers) -> None:
