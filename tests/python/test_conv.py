@@ -408,6 +408,34 @@ def test_half_precision(device, x_shape, cout, kernel, conv, activation, dtype, 
         assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+# Channel counts around the NHWC kernel's vector widths and channel blocks (4, 8 or 16 lanes;
+# blocks of 2 * 4 vectors): a part vector, whole vectors, several blocks with a ragged last one.
+@pytest.mark.parametrize("channels", [3, 8, 37, 64, 150])
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, *HALVES], ids=lambda d: str(d).removeprefix("torch.")
+)
+@pytest.mark.parametrize(
+    "kernel,conv",
+    [
+        ((3, 3), conv_kwargs(1, 2, 2, None)),
+        ((5, 3), conv_kwargs((2, 1), (1, 4), (3, 2), None)),
+        ((2, 4), conv_kwargs(1, "same", (2, 1), None)),
+    ],
+    ids=["k3-d2", "k5x3-s2x1-d3x2", "k2x4-same-even"],
+)
+def test_depthwise_channels_last_widths(device, channels, dtype, kernel, conv, gen):
+    """Depthwise on channels_last input (multiplier 1), computed in NHWC: forward, the saved
+    pre-activation (gelu's backward reads it) and every gradient, and the output stays
+    channels_last; odd widths leave a last output pixel without its pair."""
+    conv = {**conv, "groups": channels}
+    tensors = make_conv(
+        (2, channels, 13, 11), channels, kernel, channels, gen, device=device, dtype=dtype,
+        x_layout="channels_last",
+    )
+    out, _ = check_conv(tensors, conv, "gelu", gen)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("dtype", HALVES, ids=dtype_id)
 @pytest.mark.parametrize(
     "x_shape,cout,kernel,conv",

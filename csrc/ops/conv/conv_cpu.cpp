@@ -11,11 +11,14 @@
 //   tile) items are spread over the threads, each with its own buffer and single-threaded GEMMs;
 //   with fewer items than threads the items run in turn and each step is parallel inside.
 //   A 1x1 convolution with stride 1 and no padding multiplies the input directly.
-//   vendor: float32 dense (non-depthwise) convolutions with symmetric padding go to ATen's
-//   convolution (oneDNN) when PyTorch has it: on this project's AMD machines MKL's SGEMM runs
-//   its AVX2 code while oneDNN uses AVX-512, about 2x faster. The activation then runs as one
-//   pass over the output. TORCH_EXT_CONV_ROUTE=own|vendor forces a route (tests, benchmarks).
-// float16/bfloat16 compute in float32 (converted once per call) and round once at the end.
+//   vendor: float32, bfloat16 and float16 dense (non-depthwise) convolutions with symmetric
+//   padding go to ATen's convolution (oneDNN) when PyTorch has it: on this project's AMD
+//   machines MKL's SGEMM runs its AVX2 code while oneDNN uses AVX-512, about 2x faster, and our
+//   GEMM path computes the half types in float. The activation then runs as one pass over the
+//   output. TORCH_EXT_CONV_ROUTE=own|vendor forces a route (tests, benchmarks).
+// Depthwise forward reads and writes every dtype and both layouts itself (half types widened to
+// float per plane or row, NHWC computed as NHWC when the channel multiplier is 1). Elsewhere
+// float16/bfloat16 compute in float32 (converted once per call) and round once at the end, and
 // channels_last tensors are computed in NCHW and returned channels_last.
 
 #include <ATen/Context.h>
@@ -25,7 +28,10 @@
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/gelu.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/silu.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -66,17 +72,44 @@ int64_t tile_columns(const ConvGeometry& g, int64_t element_size) {
 
 enum class Route { Own, Vendor };
 
+// Dense float32, bfloat16 and float16 go to ATen's convolution (oneDNN) when it is there: our
+// im2col + GEMM computes the half types in float and loses to it (float64 stays ours: oneDNN has
+// no float64 kernels, and ATen's fallback is no faster). Depthwise stays ours in every layout.
 Route cpu_route(const ConvGeometry& g, at::IntArrayRef padding4, at::ScalarType dtype) {
   const auto forced = forced_route();
   if (forced == ForcedRoute::Own) return Route::Own;
-  // The epilogue kernel takes float and double.
-  if (!symmetric_padding(padding4) || (dtype != at::kFloat && dtype != at::kDouble) ||
-      !vendor_takes(g)) {
-    return Route::Own;
-  }
+  if (!symmetric_padding(padding4) || !vendor_takes(g)) return Route::Own;
   if (forced == ForcedRoute::Vendor) return Route::Vendor;
   const bool onednn = at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
-  return onednn && dtype == at::kFloat && !g.depthwise() ? Route::Vendor : Route::Own;
+  const bool vendor_dtype = dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
+  return onednn && vendor_dtype && !g.depthwise() ? Route::Vendor : Route::Own;
+}
+
+// The activation in place on the vendor route's output (its pre-activation copied first when
+// asked for): the epilogue kernel for float and double, ATen's own ops for the half types.
+void activate_in_place(at::Tensor& out, at::Tensor& pre, bool with_preact, Activation act) {
+  if (act == Activation::None || out.numel() == 0) return;
+  if (out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble) {
+    // Dense in memory either way: one pass over the elements, as a single row.
+    kernels().epilogue({out.scalar_type(), out.mutable_data_ptr(), out.numel(), 1, out.numel(),
+                        nullptr, with_preact ? pre.mutable_data_ptr() : nullptr, out.numel(),
+                        act});
+    return;
+  }
+  if (with_preact) pre.copy_(out);
+  switch (act) {
+    case Activation::Relu:
+      at::relu_(out);
+      break;
+    case Activation::Silu:
+      at::silu_(out);
+      break;
+    case Activation::Gelu:
+      at::gelu_(out);
+      break;
+    case Activation::None:
+      break;
+  }
 }
 
 bool is_pointwise(const ConvGeometry& g) {
@@ -161,9 +194,6 @@ std::tuple<at::Tensor, at::Tensor> conv_forward_cpu(
   const auto act = parse_activation(activation);
   const auto g = make_geometry(input, weight, stride, padding4, dilation, groups);
   const auto dtype = input.scalar_type(), cdtype = compute_dtype(dtype);
-  const auto x = input.to(cdtype).contiguous();
-  const auto w = weight.to(cdtype).contiguous();
-  const auto b = bias.has_value() && bias->defined() ? bias->to(cdtype).contiguous() : at::Tensor();
   const bool with_preact = save_preact && backward_needs_preact(act);
   const auto format = conv_memory_format(input);
   if (cpu_route(g, padding4, dtype) == Route::Vendor) {
@@ -171,26 +201,33 @@ std::tuple<at::Tensor, at::Tensor> conv_forward_cpu(
                                false, {0, 0}, groups)
                    .contiguous(format);
     auto pre = with_preact ? at::empty_like(out) : at::empty({0}, input.options());
-    if (act != Activation::None && out.numel() > 0) {
-      // Dense in memory either way: one pass over the elements, as a single row.
-      kernels().epilogue({out.scalar_type(), out.mutable_data_ptr(), out.numel(), 1, out.numel(),
-                          nullptr, with_preact ? pre.mutable_data_ptr() : nullptr, out.numel(),
-                          act});
-    }
+    activate_in_place(out, pre, with_preact, act);
     return {out, pre};
   }
-  auto out = at::empty({g.n, g.c_out, g.oh, g.ow}, x.options());
-  auto pre = with_preact ? at::empty_like(out) : at::Tensor();
-  if (out.numel() > 0) {
-    if (g.depthwise()) {
-      kernels().depthwise_forward({cdtype, x.const_data_ptr(), w.const_data_ptr(),
+  const auto w = weight.to(cdtype).contiguous();
+  const auto b = bias.has_value() && bias->defined() ? bias->to(cdtype).contiguous() : at::Tensor();
+  if (g.depthwise()) {
+    // The kernel reads the input in its own dtype and layout (NHWC directly when the multiplier
+    // is 1) and writes the output in them: no converted or transposed copy of a map.
+    const bool nhwc = format == at::MemoryFormat::ChannelsLast && g.c_out == g.c_in;
+    const auto kernel_format = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    const auto x = input.contiguous(kernel_format);
+    const auto options = input.options().memory_format(kernel_format);
+    auto out = at::empty({g.n, g.c_out, g.oh, g.ow}, options);
+    auto pre = with_preact ? at::empty({g.n, g.c_out, g.oh, g.ow}, options)
+                           : at::empty({0}, input.options());
+    if (out.numel() > 0) {
+      kernels().depthwise_forward({dtype, x.const_data_ptr(), w.const_data_ptr(),
                                    b.defined() ? b.const_data_ptr() : nullptr,
                                    out.mutable_data_ptr(),
-                                   with_preact ? pre.mutable_data_ptr() : nullptr, g, act});
-    } else {
-      gemm_forward(x, w, b, g, act, out, pre);
+                                   with_preact ? pre.mutable_data_ptr() : nullptr, g, act, nhwc});
     }
+    return {out.contiguous(format), with_preact ? pre.contiguous(format) : pre};
   }
+  const auto x = input.to(cdtype).contiguous();
+  auto out = at::empty({g.n, g.c_out, g.oh, g.ow}, x.options());
+  auto pre = with_preact ? at::empty_like(out) : at::Tensor();
+  if (out.numel() > 0) gemm_forward(x, w, b, g, act, out, pre);
   auto finish = [&](const at::Tensor& t) { return t.to(dtype).contiguous(format); };
   return {finish(out), with_preact ? finish(pre) : at::empty({0}, input.options())};
 }

@@ -10,14 +10,19 @@
 // weight gradient is a dot product per tap and output row, summed in double per channel.
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_kernel_utils.h"
+#include "common/dispatch.h"
 #include "ops/conv/conv_cpu_kernel.h"
 
 namespace torch_ext::conv_impl {
@@ -26,6 +31,39 @@ namespace {
 
 template <class T>
 using Vec = at::vec::Vectorized<T>;
+
+// The type a map of S is computed in: double for double, float otherwise.
+template <class S>
+using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+// dst[k] = T(src[k]) for k < n: a copy, or half types widened to float a vector at a time.
+template <class S, class T>
+inline void widen(const S* __restrict__ src, T* __restrict__ dst, int64_t n) {
+  if constexpr (std::is_same_v<S, T>) {
+    std::memcpy(dst, src, n * sizeof(T));
+  } else {
+    static_assert(std::is_same_v<T, float>);
+    constexpr int64_t L = Vec<float>::size();
+    int64_t k = 0;
+    for (; k + 2 * L <= n; k += 2 * L) {
+      Vec<float> lo, hi;
+      at::vec::load_to_float<S>(src + k, lo, hi);
+      lo.store(dst + k);
+      hi.store(dst + k + L);
+    }
+    for (; k < n; ++k) dst[k] = static_cast<float>(src[k]);
+  }
+}
+
+// dst[k] = S(src[k]) for k < n: a copy, or float rounded to a half type.
+template <class T, class S>
+inline void narrow(const T* __restrict__ src, S* __restrict__ dst, int64_t n) {
+  if constexpr (std::is_same_v<S, T>) {
+    std::memcpy(dst, src, n * sizeof(T));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
 
 // y[k] += a * x[k] for k < n.
 template <class T>
@@ -146,8 +184,8 @@ inline void tap_rows(const T* base, const int64_t* offset, const Vec<T>* weight,
 
 // Copies plane [rows, cols] into buf [prows, pcols] at (row0, col0) (which may be negative:
 // cropped), zero everywhere else.
-template <class T>
-inline void pad_plane(const T* plane, int64_t rows, int64_t cols, T* buf, int64_t prows,
+template <class S, class T>
+inline void pad_plane(const S* plane, int64_t rows, int64_t cols, T* buf, int64_t prows,
                       int64_t pcols, int64_t row0, int64_t col0) {
   const int64_t c_lo = std::clamp<int64_t>(col0, 0, pcols);
   const int64_t c_hi = std::clamp<int64_t>(col0 + cols, c_lo, pcols);
@@ -159,7 +197,7 @@ inline void pad_plane(const T* plane, int64_t rows, int64_t cols, T* buf, int64_
       continue;
     }
     std::fill(dst, dst + c_lo, T(0));
-    std::memcpy(dst + c_lo, plane + src_row * cols + (c_lo - col0), (c_hi - c_lo) * sizeof(T));
+    widen(plane + src_row * cols + (c_lo - col0), dst + c_lo, c_hi - c_lo);
     std::fill(dst + c_hi, dst + pcols, T(0));
   }
 }
@@ -175,17 +213,19 @@ inline int64_t padded_cols(const ConvGeometry& g) {
   return (g.ow - 1) * g.stride_w + (g.kw - 1) * g.dil_w + 1;
 }
 
-// Each input plane is copied once into a zero-padded buffer (a few tens of KiB, cache resident),
-// so every tap of every output is in bounds; with stride 1 along the width tap_rows keeps the
-// output row in registers across all taps.
-template <class T>
-void depthwise_forward(const DepthwiseForwardArgs& a) {
+// Each input plane is copied once into a zero-padded buffer (a few tens of KiB, cache resident;
+// half types widened to float on the way), so every tap of every output is in bounds; with
+// stride 1 along the width tap_rows keeps the output row in registers across all taps.
+template <class S>
+void depthwise_forward_nchw(const DepthwiseForwardArgs& a) {
+  using T = compute_t<S>;
+  constexpr bool kSame = std::is_same_v<S, T>;
   const auto& g = a.g;
-  const T* x = static_cast<const T*>(a.input);
+  const S* x = static_cast<const S*>(a.input);
   const T* w = static_cast<const T*>(a.weight);
   const T* b = static_cast<const T*>(a.bias);
-  T* y = static_cast<T*>(a.output);
-  T* pre = static_cast<T*>(a.preact);
+  S* y = static_cast<S*>(a.output);
+  S* pre = static_cast<S*>(a.preact);
   const int64_t mult = g.c_out / g.c_in;
   const int64_t prows = padded_rows(g), pcols = padded_cols(g);
   const int64_t taps = g.kh * g.kw, plane_in = g.h * g.w, plane_out = g.oh * g.ow;
@@ -196,16 +236,26 @@ void depthwise_forward(const DepthwiseForwardArgs& a) {
   at::parallel_for(0, g.n * g.c_in, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(prows * pcols);
     std::vector<Vec<T>> wv(taps);
+    // Half types: the output row (and its pre-activation) in float, rounded once when stored.
+    std::vector<T> row(kSame ? 0 : g.ow), pre_row(kSame || pre == nullptr ? 0 : g.ow);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / g.c_in, ci = plane % g.c_in;
       pad_plane(x + plane * plane_in, g.h, g.w, buf.data(), prows, pcols, g.pad_top, g.pad_left);
       for (int64_t m = 0; m < mult; ++m) {
         const int64_t co = ci * mult + m;
         for (int64_t t = 0; t < taps; ++t) wv[t] = Vec<T>(w[co * taps + t]);
-        T* yp = y + (n * g.c_out + co) * plane_out;
-        T* pp = pre != nullptr ? pre + (n * g.c_out + co) * plane_out : nullptr;
+        S* yp = y + (n * g.c_out + co) * plane_out;
+        S* pp = pre != nullptr ? pre + (n * g.c_out + co) * plane_out : nullptr;
         for (int64_t oh = 0; oh < g.oh; ++oh) {
-          T* yr = yp + oh * g.ow;
+          T* yr;
+          T* pr = nullptr;
+          if constexpr (kSame) {
+            yr = yp + oh * g.ow;
+            if (pp != nullptr) pr = pp + oh * g.ow;
+          } else {
+            yr = row.data();
+            if (pp != nullptr) pr = pre_row.data();
+          }
           const T* base = buf.data() + oh * g.stride_h * pcols;
           if (g.stride_w == 1) {
             tap_rows(base, offset.data(), wv.data(), taps, yr, g.ow, false);
@@ -218,12 +268,217 @@ void depthwise_forward(const DepthwiseForwardArgs& a) {
               yr[ow] = acc;
             }
           }
-          epilogue_row(yr, g.ow, b != nullptr ? b[co] : T(0),
-                       pp != nullptr ? pp + oh * g.ow : nullptr, a.act);
+          epilogue_row(yr, g.ow, b != nullptr ? b[co] : T(0), pr, a.act);
+          if constexpr (!kSame) {
+            narrow(yr, yp + oh * g.ow, g.ow);
+            if (pp != nullptr) narrow(pr, pp + oh * g.ow, g.ow);
+          }
         }
       }
     }
   });
+}
+
+// One vector of channels of S, in the compute type (half types widened to float).
+template <class S>
+inline Vec<compute_t<S>> load_compute(const S* p) {
+  if constexpr (std::is_same_v<S, compute_t<S>>) {
+    return Vec<S>::loadu(p);
+  } else {
+    Vec<float> v;
+    at::vec::load_to_float<S>(p, v);
+    return v;
+  }
+}
+
+// The taps of NHWC depthwise output pixels of one output row, read straight from the input:
+// `rows` input rows lie inside the map (row_offset: the row's first element; row_tap: its kernel
+// row). For P neighbouring pixels (sharing each weight load) and V vectors of channels, the sum
+// over the taps stays in P * V vector registers (compile-time counts) and is stored at
+// out + p * out_stride. `checked`: skip the taps whose column falls outside the map (border
+// pixels; P == 1 only).
+template <class S>
+struct NhwcTaps {
+  using T = compute_t<S>;
+  const S* input;
+  const int64_t* row_offset;
+  const int64_t* row_tap;
+  int64_t rows;
+  int64_t kw, dil_w, stride_w, width, C;
+  const T* weight;  // transposed: [tap][C]
+
+  template <int P, int V, bool checked>
+  inline void sum(int64_t iw0, int64_t c, T* out, int64_t out_stride) const {
+    constexpr int64_t L = Vec<T>::size();
+    Vec<T> acc[P][V];
+    for (int p = 0; p < P; ++p) {
+      for (int v = 0; v < V; ++v) acc[p][v] = Vec<T>(T(0));
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const S* row = input + row_offset[r] + c;
+      const T* wrow = weight + row_tap[r] * kw * C + c;
+      for (int64_t j = 0; j < kw; ++j) {
+        const int64_t iw = iw0 + j * dil_w;
+        if constexpr (checked) {
+          if (iw < 0 || iw >= width) continue;
+        }
+        const S* px = row + iw * C;
+        const T* wp = wrow + j * C;
+        for (int v = 0; v < V; ++v) {
+          const auto wv = Vec<T>::loadu(wp + v * L);
+          for (int p = 0; p < P; ++p) {
+            acc[p][v] = at::vec::fmadd(load_compute(px + p * stride_w * C + v * L), wv, acc[p][v]);
+          }
+        }
+      }
+    }
+    for (int p = 0; p < P; ++p) {
+      for (int v = 0; v < V; ++v) acc[p][v].store(out + p * out_stride + v * L);
+    }
+  }
+
+  // The last channels c .. c + n - 1 (fewer than a vector), one pixel.
+  inline void sum_tail(int64_t iw0, int64_t c, int64_t n, T* out) const {
+    for (int64_t k = 0; k < n; ++k) out[k] = T(0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const S* row = input + row_offset[r] + c;
+      const T* wrow = weight + row_tap[r] * kw * C + c;
+      for (int64_t j = 0; j < kw; ++j) {
+        const int64_t iw = iw0 + j * dil_w;
+        if (iw < 0 || iw >= width) continue;
+        for (int64_t k = 0; k < n; ++k) {
+          out[k] += wrow[j * C + k] * static_cast<T>(row[iw * C + k]);
+        }
+      }
+    }
+  }
+};
+
+// The channels of one NHWC output pixel, summed in `sums`: + bias, the pre-activation to `pre`
+// (when given), the activation, stored to `out` (rounded once for the half types).
+template <class S>
+inline void nhwc_epilogue(compute_t<S>* sums, const compute_t<S>* bias, int64_t n, Activation act,
+                          S* out, S* pre) {
+  using T = compute_t<S>;
+  constexpr int64_t L = Vec<T>::size();
+  constexpr bool kSame = std::is_same_v<S, T>;
+  int64_t k = 0;
+  for (; k + L <= n; k += L) {
+    const auto v = Vec<T>::loadu(sums + k) + Vec<T>::loadu(bias + k);
+    const auto r = activate(v, act);
+    if constexpr (kSame) {
+      if (pre != nullptr) v.store(pre + k);
+      r.store(out + k);
+    } else {
+      if (pre != nullptr) v.store(sums + k);  // narrowed below, then overwritten
+      if (pre != nullptr) narrow(sums + k, pre + k, L);
+      r.store(sums + k);
+    }
+  }
+  if (k < n) {
+    const int64_t count = n - k;
+    const auto v = Vec<T>::loadu(sums + k, count) + Vec<T>::loadu(bias + k, count);
+    v.store(sums + k, count);
+    if (pre != nullptr) narrow(sums + k, pre + k, count);
+    activate(v, act).store(sums + k, count);
+    if constexpr (kSame) narrow(sums + k, out + k, count);
+  }
+  if constexpr (!kSame) narrow(sums, out, n);
+}
+
+// NHWC, multiplier 1. One task is (image, output row, block of up to kBlock channels); each
+// output pixel's channels are summed over the taps in vector registers, read straight from the
+// input (the rows and columns of the taps that fall into the padding are skipped, so nothing is
+// copied), two pixels at a time where all their taps are inside the map, then go through the
+// epilogue while in L1 and are stored once. The weight is transposed to [tap][C] so that a tap's
+// weights are a vector load too.
+template <class S>
+void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
+  using T = compute_t<S>;
+  constexpr int64_t L = Vec<T>::size();
+  constexpr int kVectors = 4;                        // accumulators per pixel
+  constexpr int64_t kBlock = 4 * kVectors * L;       // channels per task
+  const auto& g = a.g;
+  const S* x = static_cast<const S*>(a.input);
+  const T* w = static_cast<const T*>(a.weight);
+  const T* b = static_cast<const T*>(a.bias);
+  S* y = static_cast<S*>(a.output);
+  S* pre = static_cast<S*>(a.preact);
+  const int64_t C = g.c_in, taps = g.kh * g.kw;
+  const int64_t blocks = (C + kBlock - 1) / kBlock;
+  std::vector<T> wt(taps * C);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t t = 0; t < taps; ++t) wt[t * C + c] = w[c * taps + t];
+  }
+  std::vector<T> zero_bias(b == nullptr ? C : 0, T(0));
+  const T* bias = b != nullptr ? b : zero_bias.data();
+  // Output columns whose taps all fall inside the map: [inner_lo, inner_hi).
+  int64_t inner_lo = 0, inner_hi = g.ow;
+  for (int64_t j = 0; j < g.kw; ++j) {
+    int64_t lo, hi;
+    tap_columns(j * g.dil_w - g.pad_left, g.stride_w, g.w, g.ow, lo, hi);
+    inner_lo = std::max(inner_lo, lo);
+    inner_hi = std::min(inner_hi, hi);
+  }
+  at::parallel_for(0, g.n * g.oh * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> row_offset(g.kh), row_tap(g.kh);
+    std::vector<T> out(2 * kBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t blk = task % blocks, oh = task / blocks % g.oh, n = task / blocks / g.oh;
+      const int64_t c0 = blk * kBlock, cn = std::min(kBlock, C - c0);
+      int64_t rows = 0;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t ih = oh * g.stride_h - g.pad_top + i * g.dil_h;
+        if (ih < 0 || ih >= g.h) continue;
+        row_offset[rows] = (n * g.h + ih) * g.w * C;
+        row_tap[rows] = i;
+        ++rows;
+      }
+      const NhwcTaps<S> taps_of{x + c0, row_offset.data(), row_tap.data(), rows, g.kw, g.dil_w,
+                                g.stride_w, g.w, C, wt.data() + c0};
+      const int64_t full = cn - cn % L;  // channels in whole vectors
+      for (int64_t ow = 0; ow < g.ow;) {
+        const int64_t iw0 = ow * g.stride_w - g.pad_left;
+        const bool inner = ow >= inner_lo && ow < inner_hi;
+        const int64_t pixels = inner && ow + 1 < inner_hi ? 2 : 1;
+        int64_t c = 0;
+        for (; c + kVectors * L <= full; c += kVectors * L) {
+          if (pixels == 2) {
+            taps_of.template sum<2, kVectors, false>(iw0, c, out.data() + c, kBlock);
+          } else if (inner) {
+            taps_of.template sum<1, kVectors, false>(iw0, c, out.data() + c, kBlock);
+          } else {
+            taps_of.template sum<1, kVectors, true>(iw0, c, out.data() + c, kBlock);
+          }
+        }
+        for (; c < full; c += L) {
+          if (pixels == 2) {
+            taps_of.template sum<2, 1, false>(iw0, c, out.data() + c, kBlock);
+          } else {
+            taps_of.template sum<1, 1, true>(iw0, c, out.data() + c, kBlock);
+          }
+        }
+        if (full < cn) {
+          for (int64_t px = 0; px < pixels; ++px) {
+            taps_of.sum_tail(iw0 + px * g.stride_w, full, cn - full,
+                             out.data() + px * kBlock + full);
+          }
+        }
+        for (int64_t px = 0; px < pixels; ++px) {
+          const int64_t at = ((n * g.oh + oh) * g.ow + ow + px) * C + c0;
+          nhwc_epilogue(out.data() + px * kBlock, bias + c0, cn, a.act, y + at,
+                        pre != nullptr ? pre + at : nullptr);
+        }
+        ow += pixels;
+      }
+    }
+  });
+}
+
+template <class S>
+void depthwise_forward(const DepthwiseForwardArgs& a) {
+  if (a.channels_last) return depthwise_forward_nhwc<S>(a);
+  depthwise_forward_nchw<S>(a);
 }
 
 // Stride 1: the input gradient is the correlation of the zero-padded output gradient with the
@@ -461,7 +716,11 @@ void dispatch_float_double(c10::ScalarType dtype, F&& f) {
   void name##_entry(const Args& a) {                                           \
     dispatch_float_double(a.dtype, [&](auto tag) { name<decltype(tag)>(a); }); \
   }
-TORCH_EXT_CONV_ENTRY(depthwise_forward, DepthwiseForwardArgs)
+// The depthwise forward reads and writes the half types itself.
+void depthwise_forward_entry(const DepthwiseForwardArgs& a) {
+  dispatch_float_types(a.dtype, "dilated_conv2d CPU kernel",
+                       [&](auto tag) { depthwise_forward<decltype(tag)>(a); });
+}
 TORCH_EXT_CONV_ENTRY(depthwise_backward_input, DepthwiseBackwardInputArgs)
 TORCH_EXT_CONV_ENTRY(depthwise_backward_weight, DepthwiseBackwardWeightArgs)
 TORCH_EXT_CONV_ENTRY(im2col, Im2colArgs)

@@ -2,7 +2,8 @@
 
 // The interface between conv_cpu.cpp (checks, allocation, GEMMs through ATen) and the loops of
 // conv_cpu_kernel.cpp, which are compiled once per CPU capability. Plain pointers and sizes;
-// float and double only (conv_cpu.cpp computes the half types in float). All maps are NCHW.
+// float and double (conv_cpu.cpp computes the half types in float), except the depthwise forward,
+// which also reads and writes half-type maps itself. Maps are NCHW unless said otherwise.
 
 #include <c10/core/ScalarType.h>
 
@@ -13,15 +14,20 @@
 namespace torch_ext::conv_impl {
 
 // Depthwise convolution, direct: output[n, co] = act(bias[co] + sum_taps w[co] * x[n, co / m]).
+// The maps (input, output, preact) are in `dtype`: float, double, float16 or bfloat16, NCHW, or
+// NHWC when channels_last (multiplier 1 only). The weight and bias are in the compute type:
+// double for double maps, float otherwise (half-type maps are widened to float as they are
+// read and rounded once as they are written; no float copy of a whole map is made).
 struct DepthwiseForwardArgs {
   c10::ScalarType dtype;
-  const void* input;   // [N, C_in, H, W]
-  const void* weight;  // [C_out, 1, kh, kw]
-  const void* bias;    // [C_out] or nullptr
-  void* output;        // [N, C_out, oh, ow]
-  void* preact;        // [N, C_out, oh, ow] or nullptr
+  const void* input;   // [N, C_in, H, W] (or [N, H, W, C_in] in memory when channels_last)
+  const void* weight;  // [C_out, 1, kh, kw], compute type
+  const void* bias;    // [C_out] or nullptr, compute type
+  void* output;        // [N, C_out, oh, ow], laid out as the input
+  void* preact;        // like output, or nullptr
   ConvGeometry g;
   Activation act;
+  bool channels_last;
 };
 
 // grad_input[n, c] = sum over the c_out / c_in output channels of c of the transposed taps.

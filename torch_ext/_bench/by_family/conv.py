@@ -34,6 +34,15 @@ DENSE = {
     True: [((2, 32, 32, 32), 32, 6)],
 }
 ASPP_SHAPE = {False: ((4, 256, 64, 64), 256), True: ((2, 32, 32, 32), 32)}
+LAYOUT_DTYPE_DEPTHWISE = {
+    False: [((8, 256, 64, 64), 3, 2), ((8, 256, 64, 64), 7, 3)],
+    True: [((2, 32, 32, 32), 3, 2)],
+}
+OTHER_LAYOUTS_AND_DTYPES = [
+    (torch.float32, "channels_last"),
+    (torch.bfloat16, "contiguous"),
+    (torch.bfloat16, "channels_last"),
+]
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -121,15 +130,25 @@ def checks(device: torch.device, quick: bool) -> list[CheckResult]:
 
 
 def conv_case(
-    shape, cout: int, k: int, d: int, groups: int, device, backward: bool, route: str | None
+    shape,
+    cout: int,
+    k: int,
+    d: int,
+    groups: int,
+    device,
+    backward: bool,
+    route: str | None,
+    dtype: torch.dtype = torch.float32,
+    layout: str = "contiguous",
 ) -> Case:
     pad = d * (k - 1) // 2
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
     def make_inputs() -> tuple[torch.Tensor, ...]:
-        x = torch.randn(shape, device=device, requires_grad=backward)
-        w = torch.randn(cout, shape[1] // groups, k, k, device=device) * 0.05
-        b = torch.randn(cout, device=device)
-        return x, w.requires_grad_(backward), b.requires_grad_(backward)
+        x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+        w = torch.randn(cout, shape[1] // groups, k, k, device=device, dtype=dtype) * 0.05
+        b = torch.randn(cout, device=device, dtype=dtype)
+        return x.requires_grad_(backward), w.requires_grad_(backward), b.requires_grad_(backward)
 
     def ours(x, w, b):
         with forced_route(route):
@@ -138,13 +157,16 @@ def conv_case(
     def reference(x, w, b):
         return F.conv2d(x, w, b, 1, pad, d, groups)
 
-    probe_x = torch.empty(shape, device=device)
-    probe_w = torch.empty(cout, shape[1] // groups, k, k, device=device)
+    probe_x = torch.empty(shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    probe_w = torch.empty(cout, shape[1] // groups, k, k, device=device, dtype=dtype)
     with forced_route(route):
         used = conv_route(probe_x, probe_w, pad, d, groups)
     kind = "depthwise" if groups == shape[1] else "dense"
     direction = "fwd+bwd" if backward else "fwd"
-    label = f"{kind} k{k} d{d} {direction} [{used}]"
+    # The table has no dtype or layout column: other dtypes and channels_last say so here.
+    variant = "" if dtype == torch.float32 else f" {str(dtype).removeprefix('torch.')}"
+    variant += " NHWC" if layout == "channels_last" else ""
+    label = f"{kind} k{k} d{d} {direction}{variant} [{used}]"
 
     def traffic(inputs) -> tuple[int, int]:
         x = inputs[0]
@@ -160,8 +182,8 @@ def conv_case(
         label=label,
         device=str(device),
         shape="x".join(map(str, shape)) + f"->{cout}",
-        dtype="float32",
-        layout="contiguous",
+        dtype=str(dtype).removeprefix("torch."),
+        layout=layout,
         backward=backward,
         make_inputs=make_inputs,
         ours=ours,
@@ -228,6 +250,16 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             result.append(conv_case(shape, cout, 3, d, 1, device, backward, None))
             if device.type == "cpu" or quick:
                 result.append(conv_case(shape, cout, 3, d, 1, device, backward, "own"))
+    # The other layouts and dtypes users run, forward: depthwise channels_last (float32 and
+    # bfloat16) and bfloat16 NCHW, dense bfloat16 (both routes).
+    for shape, k, d in LAYOUT_DTYPE_DEPTHWISE[quick]:
+        for dtype, layout in OTHER_LAYOUTS_AND_DTYPES:
+            result.append(
+                conv_case(shape, shape[1], k, d, shape[1], device, False, None, dtype, layout)
+            )
+    for shape, cout, d in DENSE[quick][:1]:
+        for route in (None, "own"):
+            result.append(conv_case(shape, cout, 3, d, 1, device, False, route, torch.bfloat16))
     shape, cout = ASPP_SHAPE[quick]
     result += [aspp_case(shape, cout, device, False), aspp_case(shape, cout, device, True)]
     return result
