@@ -360,6 +360,43 @@ def test_opcheck(op, device):
 SELFTEST = "torch_ext_selftest"
 
 
+# The throwaway library lives as long as the process: under torch 2.11, destroying a library
+# whose ops were looked up leaves the registry answering later lookups with freed memory
+# (UnicodeDecodeError in torch._C._jit_get_operation, seen at the fixture's teardown).
+_SELFTEST_LIBRARY: list = []
+
+
+def _register_selftest_ops() -> None:
+    lib = torch.library.Library(SELFTEST, "FRAGMENT")
+    _SELFTEST_LIBRARY.append(lib)
+    lib.define("cpu_only(Tensor x) -> Tensor")
+    lib.impl("cpu_only", lambda x: x.clone(), "CPU")
+
+    lib.define("complete(Tensor x) -> Tensor")
+    lib.impl("complete", lambda x: x.clone(), "CPU")
+    lib.impl("complete", lambda x: x.clone(), "CUDA")
+    torch.library.register_fake(f"{SELFTEST}::complete", lambda x: x.new_empty(x.shape), lib=lib)
+
+    def below_autograd(x):
+        with torch._C._AutoDispatchBelowAutograd():
+            return getattr(torch.ops, SELFTEST).complete(x)
+
+    lib.impl("complete", below_autograd, "Autograd")
+
+    lib.define("composite(Tensor x) -> Tensor")
+    lib.define("composite.twice(Tensor x) -> Tensor")
+    lib.impl("composite", lambda x: x * 2, "CompositeImplicitAutograd")
+    lib.impl("composite.twice", lambda x: x * 4, "CompositeImplicitAutograd")
+
+    lib.define("data_dependent(Tensor x) -> Tensor")
+    lib.impl("data_dependent", lambda x: x[x > 0], "CPU")
+
+    def data_dependent_fake(x):
+        return x.new_empty(torch.library.get_ctx().new_dynamic_size())
+
+    torch.library.register_fake(f"{SELFTEST}::data_dependent", data_dependent_fake, lib=lib)
+
+
 @pytest.fixture(scope="module")
 def selftest_ops():
     """Throwaway ops, each lacking (or having) the pieces the checks look for:
@@ -369,36 +406,9 @@ def selftest_ops():
     * ``composite`` and its overload ``composite.twice``: CompositeImplicitAutograd only;
     * ``data_dependent``: CPU and a fake kernel whose output size is unbacked.
     """
-    with torch.library._scoped_library(SELFTEST, "FRAGMENT") as lib:
-        lib.define("cpu_only(Tensor x) -> Tensor")
-        lib.impl("cpu_only", lambda x: x.clone(), "CPU")
-
-        lib.define("complete(Tensor x) -> Tensor")
-        lib.impl("complete", lambda x: x.clone(), "CPU")
-        lib.impl("complete", lambda x: x.clone(), "CUDA")
-        torch.library.register_fake(
-            f"{SELFTEST}::complete", lambda x: x.new_empty(x.shape), lib=lib
-        )
-
-        def below_autograd(x):
-            with torch._C._AutoDispatchBelowAutograd():
-                return getattr(torch.ops, SELFTEST).complete(x)
-
-        lib.impl("complete", below_autograd, "Autograd")
-
-        lib.define("composite(Tensor x) -> Tensor")
-        lib.define("composite.twice(Tensor x) -> Tensor")
-        lib.impl("composite", lambda x: x * 2, "CompositeImplicitAutograd")
-        lib.impl("composite.twice", lambda x: x * 4, "CompositeImplicitAutograd")
-
-        lib.define("data_dependent(Tensor x) -> Tensor")
-        lib.impl("data_dependent", lambda x: x[x > 0], "CPU")
-
-        def data_dependent_fake(x):
-            return x.new_empty(torch.library.get_ctx().new_dynamic_size())
-
-        torch.library.register_fake(f"{SELFTEST}::data_dependent", data_dependent_fake, lib=lib)
-        yield {op: f"{SELFTEST}::{op}" for op in namespace_ops(SELFTEST)}
+    if not _SELFTEST_LIBRARY:
+        _register_selftest_ops()
+    return {op: f"{SELFTEST}::{op}" for op in namespace_ops(SELFTEST)}
 
 
 def test_the_checks_enumerate_ops_and_overloads(selftest_ops):
