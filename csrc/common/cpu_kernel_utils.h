@@ -12,7 +12,7 @@
 #error "include only from *_cpu_kernel.cpp files, which are compiled once per CPU capability"
 #endif
 
-#include "common/pooling_numerics.h"
+#include "common/numerics.h"
 
 namespace torch_ext {
 inline namespace CPU_CAPABILITY {
@@ -24,7 +24,7 @@ using acc_t = at::opmath_type<T>;
 template <class T>
 constexpr bool kVectorized = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
-// Max pooling's NaN and tie rules, shared with the CUDA kernels (common/pooling_numerics.h).
+// Max pooling's NaN and tie rules, shared with the CUDA kernels (common/numerics.h).
 using numerics::is_nan;
 using numerics::max_nan;
 using numerics::neg_inf;

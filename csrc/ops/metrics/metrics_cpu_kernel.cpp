@@ -120,12 +120,8 @@ void labels_accumulate(const ConfusionArgs& a) {
   });
 }
 
-// torch.argmax's rule: a strictly larger score takes over (ties keep the lowest class), and
-// the first NaN wins over any number.
-template <class A>
-inline bool argmax_takes_over(A value, A best) {
-  return value > best || (is_nan(value) && !is_nan(best));
-}
+// torch.argmax's rule, shared with the CUDA kernel (common/numerics.h).
+using numerics::argmax_takes_over;
 
 constexpr int64_t kPixelBlock = 64;
 

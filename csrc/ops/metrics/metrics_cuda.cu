@@ -18,6 +18,7 @@
 
 #include "common/cuda_launch.cuh"
 #include "common/dispatch.h"
+#include "common/numerics.h"
 #include "ops/metrics/metrics_common.h"
 
 namespace torch_ext::metrics_impl {
@@ -116,7 +117,7 @@ __global__ void scores_kernel(const S* __restrict__ scores, const T* __restrict_
     int64_t arg = 0;
     for (int64_t c = 1; c < pb.num_classes; ++c) {
       const acc v = static_cast<acc>(s[c * class_stride]);
-      if (v > best || (v != v && best == best)) {
+      if (numerics::argmax_takes_over(v, best)) {
         best = v;
         arg = c;
       }

@@ -13,7 +13,7 @@
 namespace torch_ext::spp_impl {
 inline namespace CPU_CAPABILITY {
 
-// Adaptive pooling bins, shared with the CUDA kernels (common/pooling_numerics.h).
+// Adaptive pooling bins, shared with the CUDA kernels (common/numerics.h).
 using numerics::bin_end;
 using numerics::bin_start;
 

@@ -6,7 +6,9 @@
 //   it is strictly larger or NaN. So ties go to the first element scanned, NaN propagates, and
 //   with NaNs the last NaN is the argmax (adaptive_max_pool2d and max_pool2d alike);
 // - adaptive pooling's bins, PyTorch's: bin i of `bins` over `size` spans
-//   [floor(i * size / bins), ceil((i + 1) * size / bins)).
+//   [floor(i * size / bins), ceil((i + 1) * size / bins));
+// - torch.argmax's rule (the metrics' class scores): a strictly larger score takes over (ties
+//   keep the lowest class), and the first NaN wins over any number.
 //
 // The CPU kernel files are compiled once per instruction set; there these functions live in
 // the inline namespace CPU_CAPABILITY (like ATen's vector types), so that every copy keeps its
@@ -56,6 +58,12 @@ C10_HOST_DEVICE inline bool scan_prefers_second(A va, int64_t ia, A vb, int64_t 
   if (na || nb) return nb && (!na || ib > ia);  // the last NaN
   if (va != vb) return vb > va;
   return ib < ia;  // ties: the first
+}
+
+// Whether `value` replaces `best` in an argmax scan in order (torch.argmax's rule).
+template <class A>
+C10_HOST_DEVICE inline bool argmax_takes_over(A value, A best) {
+  return value > best || (is_nan(value) && !is_nan(best));
 }
 
 // Adaptive pooling's bin i of `bins` over `size`: [bin_start, bin_end).
