@@ -386,8 +386,9 @@ inline void nhwc_epilogue(compute_t<S>* sums, const compute_t<S>* bias, int64_t 
   if constexpr (!kSame) narrow(sums, out, n);
 }
 
-// NHWC, multiplier 1. One task is (image, output row, block of up to kBlock channels); each
-// output pixel's channels are summed over the taps in vector registers, read straight from the
+// NHWC, multiplier 1. One task is (image, output row); each output pixel's channels, all of them
+// in turn (so that a pixel's channels are read as one contiguous run, and the input rows stream
+// through the prefetchers), are summed over the taps in vector registers, read straight from the
 // input (the rows and columns of the taps that fall into the padding are skipped, so nothing is
 // copied), two pixels at a time where all their taps are inside the map, then go through the
 // epilogue while in L1 and are stored once. The weight is transposed to [tap][C] so that a tap's
@@ -397,7 +398,6 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   using T = compute_t<S>;
   constexpr int64_t L = Vec<T>::size();
   constexpr int kVectors = 4;                        // accumulators per pixel
-  constexpr int64_t kBlock = 4 * kVectors * L;       // channels per task
   const auto& g = a.g;
   const S* x = static_cast<const S*>(a.input);
   const T* w = static_cast<const T*>(a.weight);
@@ -405,7 +405,6 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   S* y = static_cast<S*>(a.output);
   S* pre = static_cast<S*>(a.preact);
   const int64_t C = g.c_in, taps = g.kh * g.kw;
-  const int64_t blocks = (C + kBlock - 1) / kBlock;
   std::vector<T> wt(taps * C);
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t t = 0; t < taps; ++t) wt[t * C + c] = w[c * taps + t];
@@ -420,12 +419,11 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
     inner_lo = std::max(inner_lo, lo);
     inner_hi = std::min(inner_hi, hi);
   }
-  at::parallel_for(0, g.n * g.oh * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.n * g.oh, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> row_offset(g.kh), row_tap(g.kh);
-    std::vector<T> out(2 * kBlock);
+    std::vector<T> out(2 * C);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t blk = task % blocks, oh = task / blocks % g.oh, n = task / blocks / g.oh;
-      const int64_t c0 = blk * kBlock, cn = std::min(kBlock, C - c0);
+      const int64_t oh = task % g.oh, n = task / g.oh;
       int64_t rows = 0;
       for (int64_t i = 0; i < g.kh; ++i) {
         const int64_t ih = oh * g.stride_h - g.pad_top + i * g.dil_h;
@@ -434,9 +432,9 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
         row_tap[rows] = i;
         ++rows;
       }
-      const NhwcTaps<S> taps_of{x + c0, row_offset.data(), row_tap.data(), rows, g.kw, g.dil_w,
-                                g.stride_w, g.w, C, wt.data() + c0};
-      const int64_t full = cn - cn % L;  // channels in whole vectors
+      const NhwcTaps<S> taps_of{x, row_offset.data(), row_tap.data(), rows, g.kw, g.dil_w,
+                                g.stride_w, g.w, C, wt.data()};
+      const int64_t full = C - C % L;  // channels in whole vectors
       for (int64_t ow = 0; ow < g.ow;) {
         const int64_t iw0 = ow * g.stride_w - g.pad_left;
         const bool inner = ow >= inner_lo && ow < inner_hi;
@@ -444,29 +442,29 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
         int64_t c = 0;
         for (; c + kVectors * L <= full; c += kVectors * L) {
           if (pixels == 2) {
-            taps_of.template sum<2, kVectors, false>(iw0, c, out.data() + c, kBlock);
+            taps_of.template sum<2, kVectors, false>(iw0, c, out.data() + c, C);
           } else if (inner) {
-            taps_of.template sum<1, kVectors, false>(iw0, c, out.data() + c, kBlock);
+            taps_of.template sum<1, kVectors, false>(iw0, c, out.data() + c, C);
           } else {
-            taps_of.template sum<1, kVectors, true>(iw0, c, out.data() + c, kBlock);
+            taps_of.template sum<1, kVectors, true>(iw0, c, out.data() + c, C);
           }
         }
         for (; c < full; c += L) {
           if (pixels == 2) {
-            taps_of.template sum<2, 1, false>(iw0, c, out.data() + c, kBlock);
+            taps_of.template sum<2, 1, false>(iw0, c, out.data() + c, C);
           } else {
-            taps_of.template sum<1, 1, true>(iw0, c, out.data() + c, kBlock);
+            taps_of.template sum<1, 1, true>(iw0, c, out.data() + c, C);
           }
         }
-        if (full < cn) {
+        if (full < C) {
           for (int64_t px = 0; px < pixels; ++px) {
-            taps_of.sum_tail(iw0 + px * g.stride_w, full, cn - full,
-                             out.data() + px * kBlock + full);
+            taps_of.sum_tail(iw0 + px * g.stride_w, full, C - full,
+                             out.data() + px * C + full);
           }
         }
         for (int64_t px = 0; px < pixels; ++px) {
-          const int64_t at = ((n * g.oh + oh) * g.ow + ow + px) * C + c0;
-          nhwc_epilogue(out.data() + px * kBlock, bias + c0, cn, a.act, y + at,
+          const int64_t at = ((n * g.oh + oh) * g.ow + ow + px) * C;
+          nhwc_epilogue(out.data() + px * C, bias, C, a.act, y + at,
                         pre != nullptr ? pre + at : nullptr);
         }
         ow += pixels;
