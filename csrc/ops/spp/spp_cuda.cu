@@ -21,7 +21,7 @@
 
 #include "common/cuda_launch.cuh"
 #include "common/dispatch.h"
-#include "common/pooling_numerics.h"
+#include "common/numerics.h"
 #include "ops/spp/spp_common.h"
 
 namespace torch_ext::spp_impl {
@@ -214,7 +214,12 @@ __global__ void spp_backward_kernel(const T* __restrict__ grad_output,
         for (int64_t j = j_lo; j < j_hi; ++j) {
           const int64_t out = base + i * l + j;
           if (is_max) {
-            if (indices[out] == pos) sum += static_cast<acc>(grad_output[out]);
+            // Raw callers' indices are checked here, on the device (the CPU kernel checks them
+            // on the host; a host check would synchronize): outside the map is a device-side
+            // assert, as for ATen's index ops, never a silently dropped gradient.
+            const int64_t index = indices[out];
+            CUDA_KERNEL_ASSERT(index >= 0 && index < H * W);
+            if (index == pos) sum += static_cast<acc>(grad_output[out]);
           } else {
             const int64_t kh = bin_end(i, H, l) - bin_start(i, H, l);
             const int64_t kw = bin_end(j, W, l) - bin_start(j, W, l);

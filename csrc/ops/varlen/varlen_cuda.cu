@@ -155,10 +155,12 @@ std::tuple<at::Tensor, at::Tensor, c10::SymInt, at::Tensor> unpad_plan_cuda(
 // ---------------------------------------------------------------- row copies
 
 // dst row i <- src row idx[i] (gather) or dst row idx[i] <- src row i (scatter), in units U.
+// The gather reads source rows src_row_units apart (the input's row stride: rows that are each
+// contiguous, of an expanded or sliced first axis, are read in place).
 template <class U, bool kScatter>
 __global__ void copy_rows(const U* __restrict__ src, U* __restrict__ dst,
                           const int64_t* __restrict__ idx, int64_t rows, int64_t units,
-                          int64_t limit) {
+                          int64_t src_row_units, int64_t limit) {
   const int64_t total = rows * units;
   for (int64_t e = launch::grid_stride_first(); e < total;
        e += launch::grid_stride_step()) {
@@ -168,26 +170,30 @@ __global__ void copy_rows(const U* __restrict__ src, U* __restrict__ dst,
     if (kScatter) {
       dst[target * units + u] = src[e];
     } else {
-      dst[e] = src[target * units + u];
+      dst[e] = src[target * src_row_units + u];
     }
   }
 }
 
 template <bool kScatter>
 void launch_copy_rows(const void* src, void* dst, const int64_t* idx, int64_t rows,
-                      int64_t row_bytes, int64_t limit) {
+                      int64_t row_bytes, int64_t limit, int64_t src_row_bytes = -1) {
   if (rows == 0 || row_bytes == 0) return;
+  if (src_row_bytes < 0) src_row_bytes = row_bytes;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto aligned = [&](int64_t unit) {
-    return row_bytes % unit == 0 && reinterpret_cast<uintptr_t>(src) % unit == 0 &&
+    return row_bytes % unit == 0 && src_row_bytes % unit == 0 &&
+           reinterpret_cast<uintptr_t>(src) % unit == 0 &&
            reinterpret_cast<uintptr_t>(dst) % unit == 0;
   };
   auto copy_in_units = [&](auto tag) {
     using U = decltype(tag);
     const int64_t units = row_bytes / static_cast<int64_t>(sizeof(U));
+    const int64_t src_row_units = src_row_bytes / static_cast<int64_t>(sizeof(U));
     const unsigned int blocks = launch::grid_stride_blocks(rows * units, kThreads);
     copy_rows<U, kScatter><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const U*>(src), static_cast<U*>(dst), idx, rows, units, limit);
+        static_cast<const U*>(src), static_cast<U*>(dst), idx, rows, units, src_row_units,
+        limit);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (aligned(16)) return copy_in_units(uint4{});
@@ -200,14 +206,18 @@ void launch_copy_rows(const void* src, void* dst, const int64_t* idx, int64_t ro
 at::Tensor index_first_axis_cuda(const at::Tensor& input_, const at::Tensor& indices_) {
   check_indices("index_first_axis", input_, indices_);
   const c10::cuda::CUDAGuard guard(input_.device());
-  const auto input = input_.contiguous();
+  // Rows are read at the input's own row stride when each row is contiguous in itself (an
+  // expanded or sliced first axis): only the gathered rows are read, nothing is copied first.
+  const bool rows_contiguous = input_.size(0) == 0 || input_.select(0, 0).is_contiguous();
+  const auto input = rows_contiguous ? input_ : input_.contiguous();
   const auto indices = indices_.contiguous();
   auto shape = input.sizes().vec();
   shape[0] = indices.size(0);
   auto output = at::empty(shape, input.options());
   launch_copy_rows<false>(input.const_data_ptr(), output.mutable_data_ptr(),
                           indices.const_data_ptr<int64_t>(), indices.size(0),
-                          row_size(input) * input.element_size(), input.size(0));
+                          row_size(input) * input.element_size(), input.size(0),
+                          input.stride(0) * input.element_size());
   return output;
 }
 
