@@ -136,4 +136,3 @@ def _conv_route_fake(input, weight, padding, groups):
             torch.empty(1, dtype=t.dtype, device=t.device).expand(t.shape) for t in (input, weight)
         ]
         return torch.ops.torch_ext._dilated_conv2d_route(*stand_ins, padding, groups)
-

@@ -429,7 +429,13 @@ def test_depthwise_channels_last_widths(device, channels, dtype, kernel, conv, g
     channels_last; odd widths leave a last output pixel without its pair."""
     conv = {**conv, "groups": channels}
     tensors = make_conv(
-        (2, channels, 13, 11), channels, kernel, channels, gen, device=device, dtype=dtype,
+        (2, channels, 13, 11),
+        channels,
+        kernel,
+        channels,
+        gen,
+        device=device,
+        dtype=dtype,
         x_layout="channels_last",
     )
     out, _ = check_conv(tensors, conv, "gelu", gen)
