@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On a GPU machine (torch with CUDA, nvcc, CMake, ninja, pytest; no network, no GoogleTest):
-# run the tests (CUDA cases included), compute-sanitizer over every CUDA kernel and the CUDA
-# benchmarks, print a short table last and write JSON into OUT_DIR.
+# run the tests (CUDA cases included), compute-sanitizer over every CUDA kernel, the CUDA
+# benchmarks and an Nsight Compute summary of each of our kernels at the benchmark sizes
+# (benchmarks/gpu_kernels.py under ncu, tabulated by benchmarks/ncu_table.py); print the short
+# tables last and write JSON into OUT_DIR.
 #   bash scripts/gpu_check.sh OUT_DIR
 # The library: $TORCH_EXT_LIBRARY when it names an existing file (built elsewhere), else built
 # here for sm_90 (~55 s). To skip that build, build on the 2-core machine against the GPU
@@ -76,7 +78,27 @@ echo "== benchmarks (CUDA)"
 "$PY" "$REPO/benchmarks/run.py" --device cuda --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
 echo "   benchmarks done at $((SECONDS - start)) s"
 
+echo "== Nsight Compute: each of our kernels at the benchmark sizes"
+# One launch per kernel and case after a warm-up call (benchmarks/gpu_kernels.py runs the
+# registry's cases); ncu profiles only kernels of namespace torch_ext, clocks left alone.
+if command -v ncu >/dev/null; then
+  metrics="gpu__time_duration.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed"
+  metrics+=",dram__throughput.avg.pct_of_peak_sustained_elapsed"
+  metrics+=",sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread"
+  timeout "${GPU_CHECK_NCU_TIMEOUT:-240}" ncu --clock-control none --target-processes all \
+    --kernel-name-base demangled --kernel-name "regex:torch_ext" --metrics "$metrics" \
+    --csv --page raw --log-file "$OUT/ncu.csv" \
+    "$PY" "$REPO/benchmarks/gpu_kernels.py" > "$OUT/ncu-driver.log" 2>&1 || status=1
+  "$PY" "$REPO/benchmarks/ncu_table.py" "$OUT/ncu.csv" --json "$OUT/ncu.json" > "$OUT/ncu.md" \
+    || { status=1; tail -5 "$OUT/ncu-driver.log"; head -5 "$OUT/ncu.csv"; }
+else
+  echo "   ncu not found: skipped (status set to failure)"
+  status=1
+fi
+echo "   Nsight Compute done at $((SECONDS - start)) s"
+
 echo "== summary"
 grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
 [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md" || tail -20 "$OUT/bench.log"
+[ -s "$OUT/ncu.md" ] && cat "$OUT/ncu.md"
 exit $status
