@@ -21,8 +21,14 @@ HEADER = (
     '"sm__warps_active.avg.pct_of_peak_sustained_active"'
 )
 UNITS = '"","","","","","","","","","","","%","{unit}","register/thread","%","%"'
-SPP = "torch_ext::spp_impl::(anonymous namespace)::spp_forward_nhwc_kernel<float>(const float *, float *, long)"
-COPY = "void torch_ext::varlen_impl::(anonymous namespace)::copy_rows<uint4, (bool)0>(const uint4 *, uint4 *, const long *, long, long, long, long)"
+SPP = (
+    "torch_ext::spp_impl::(anonymous namespace)::spp_forward_nhwc_kernel<float>"
+    "(const float *, float *, long)"
+)
+COPY = (
+    "void torch_ext::varlen_impl::(anonymous namespace)::copy_rows<uint4, (bool)0>"
+    "(const uint4 *, uint4 *, const long *, long, long, long, long)"
+)
 
 
 def launch(i, name, dram, duration, regs, sm, occ):

@@ -9,6 +9,7 @@ that file and nothing else.
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import os
 import pkgutil
@@ -94,6 +95,7 @@ class CaseResult:
     peer: Stats | None = None  # the case's peer library, where it has one
     peer_name: str = ""
     peer_note: str = ""
+    input_sets: int = 1  # input sets the timed calls cycled through (GPU: past the L2)
 
     def speedup(self, baseline: Stats | None) -> float | None:
         if baseline is None or self.ours is None:
@@ -154,6 +156,44 @@ def _step_maker(case: Case, inputs: tuple) -> Callable:
     return lambda fn: forward_backward_step(fn, inputs, grad_output)
 
 
+# Input sets a GPU case cycles through: enough that they overflow the L2 twice over, at most this
+# many (a small op's inputs would otherwise stay in the 50-60 MB L2 of an H100/H200 between calls
+# and be timed at cache speed, which no model sees).
+MAX_INPUT_SETS = 64
+
+
+def l2_bytes(device: torch.device) -> int:
+    """The device's last-level cache the inputs should not fit in: the L2 of a GPU; 0 on the CPU
+    (its timings keep one input set, as the tour always has)."""
+    if device.type != "cuda":
+        return 0
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
+
+
+def input_sets(case: Case, inputs: tuple, cache_bytes: int) -> list[tuple]:
+    """``inputs`` and as many fresh sets from ``case.make_inputs`` as it takes for all of them
+    to exceed twice ``cache_bytes`` (none when ``cache_bytes`` is 0 or one set already does)."""
+    nbytes = sum(t.numel() * t.element_size() for t in inputs if isinstance(t, torch.Tensor))
+    if cache_bytes <= 0 or nbytes == 0 or nbytes >= 2 * cache_bytes:
+        return [inputs]
+    count = min(MAX_INPUT_SETS, math.ceil(2 * cache_bytes / nbytes))
+    return [inputs] + [case.make_inputs() for _ in range(count - 1)]
+
+
+def rotating_step_maker(case: Case, sets: list[tuple]) -> Callable:
+    """fn -> a no-argument call that runs the case's pass on the next input set in turn."""
+    makers = [_step_maker(case, inputs) for inputs in sets]
+    if len(makers) == 1:
+        return makers[0]
+
+    def make_step(fn: Callable) -> Callable[[], object]:
+        steps = [make(fn) for make in makers]
+        turn = itertools.count()
+        return lambda: steps[next(turn) % len(steps)]()
+
+    return make_step
+
+
 def _compile_baseline(case: Case, make_step: Callable, budget: CompileBudget):
     """(the compiled baseline's step, already compiled and run once, or None; a note)."""
     if not case.compile_reference:
@@ -187,7 +227,9 @@ def run_case(case: Case, copy_gbps: float, plan: TimingPlan, budget: CompileBudg
     torch.manual_seed(0)
     try:
         inputs = case.make_inputs()
-        make_step = _step_maker(case, inputs)
+        sets = input_sets(case, inputs, l2_bytes(torch.device(case.device)))
+        result.input_sets = len(sets)
+        make_step = rotating_step_maker(case, sets)
         steps = {"ours": make_step(case.ours), "eager": make_step(case.reference)}
         compiled_step, result.compiled_note = _compile_baseline(case, make_step, budget)
         if compiled_step is not None:
