@@ -398,6 +398,7 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   using T = compute_t<S>;
   constexpr int64_t L = Vec<T>::size();
   constexpr int kVectors = 4;                        // accumulators per pixel
+  constexpr int64_t kPrefetch = 4;                   // output pixels ahead
   const auto& g = a.g;
   const S* x = static_cast<const S*>(a.input);
   const T* w = static_cast<const T*>(a.weight);
@@ -439,6 +440,18 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
         const int64_t iw0 = ow * g.stride_w - g.pad_left;
         const bool inner = ow >= inner_lo && ow < inner_hi;
         const int64_t pixels = inner && ow + 1 < inner_hi ? 2 : 1;
+        // The input pixels the taps reach kPrefetch output pixels ahead, one line at a time.
+        {
+          const int64_t ahead = iw0 + (kPrefetch + g.kw - 1) * g.dil_w;
+          if (ahead >= 0 && ahead < g.w) {
+            for (int64_t r = 0; r < rows; ++r) {
+              const char* p = reinterpret_cast<const char*>(x + row_offset[r] + ahead * C);
+              for (int64_t byte = 0; byte < C * int64_t(sizeof(S)); byte += 64) {
+                __builtin_prefetch(p + byte);
+              }
+            }
+          }
+        }
         int64_t c = 0;
         for (; c + kVectors * L <= full; c += kVectors * L) {
           if (pixels == 2) {
