@@ -361,29 +361,29 @@ inline void nhwc_epilogue(compute_t<S>* sums, const compute_t<S>* bias, int64_t 
                           S* out, S* pre) {
   using T = compute_t<S>;
   constexpr int64_t L = Vec<T>::size();
-  constexpr bool kSame = std::is_same_v<S, T>;
-  int64_t k = 0;
-  for (; k + L <= n; k += L) {
-    const auto v = Vec<T>::loadu(sums + k) + Vec<T>::loadu(bias + k);
-    const auto r = activate(v, act);
-    if constexpr (kSame) {
-      if (pre != nullptr) v.store(pre + k);
-      r.store(out + k);
+  // The first `count` lanes (a whole vector: the plain load and store, no staging copy).
+  const auto load = [](const T* p, int64_t count) {
+    return count == L ? Vec<T>::loadu(p) : Vec<T>::loadu(p, count);
+  };
+  const auto store = [](const Vec<T>& v, T* p, int64_t count) {
+    count == L ? v.store(p) : v.store(p, count);
+  };
+  for (int64_t k = 0; k < n; k += L) {
+    const int64_t count = std::min(L, n - k);
+    const auto v = load(sums + k, count) + load(bias + k, count);
+    if constexpr (std::is_same_v<S, T>) {
+      if (pre != nullptr) store(v, pre + k, count);
+      store(activate(v, act), out + k, count);
     } else {
-      if (pre != nullptr) v.store(sums + k);  // narrowed below, then overwritten
-      if (pre != nullptr) narrow(sums + k, pre + k, L);
-      r.store(sums + k);
+      if (pre != nullptr) {
+        T staged[L];
+        v.store(staged, count);
+        narrow(staged, pre + k, count);
+      }
+      store(activate(v, act), sums + k, count);  // rounded into `out` below, in one pass
     }
   }
-  if (k < n) {
-    const int64_t count = n - k;
-    const auto v = Vec<T>::loadu(sums + k, count) + Vec<T>::loadu(bias + k, count);
-    v.store(sums + k, count);
-    if (pre != nullptr) narrow(sums + k, pre + k, count);
-    activate(v, act).store(sums + k, count);
-    if constexpr (kSame) narrow(sums + k, out + k, count);
-  }
-  if constexpr (!kSame) narrow(sums, out, n);
+  if constexpr (!std::is_same_v<S, T>) narrow(sums, out, n);
 }
 
 // NHWC, multiplier 1. One task is (image, output row); each output pixel's channels, all of them

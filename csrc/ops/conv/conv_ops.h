@@ -11,7 +11,6 @@
 
 #include <array>
 #include <cstdint>
-#include <string>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
@@ -71,16 +70,6 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> call_conv_backward(
                            int64_t, std::string_view, std::array<bool, 3>)>();
   return op.call(grad_output, input, weight, saved, stride, padding4, dilation, groups, activation,
                  output_mask);
-}
-
-// _dilated_conv2d_route(Tensor input, Tensor weight, int[4] padding, int groups) -> str
-inline std::string call_conv_route(const at::Tensor& input, const at::Tensor& weight,
-                                   at::IntArrayRef padding4, int64_t groups) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_ext::_dilated_conv2d_route", "")
-                       .typed<std::string(const at::Tensor&, const at::Tensor&, at::IntArrayRef,
-                                          int64_t)>();
-  return op.call(input, weight, padding4, groups);
 }
 
 }  // namespace torch_ext::conv_impl
