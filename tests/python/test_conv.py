@@ -409,7 +409,8 @@ def test_half_precision(device, x_shape, cout, kernel, conv, activation, dtype, 
 
 
 # Channel counts around the NHWC kernel's vector widths and channel blocks (4, 8 or 16 lanes;
-# blocks of 2 * 4 vectors): a part vector, whole vectors, several blocks with a ragged last one.
+# blocks of 2 vectors, then single vectors): a part vector, whole vectors, several blocks with a
+# ragged last one.
 @pytest.mark.parametrize("channels", [3, 8, 37, 64, 150])
 @pytest.mark.parametrize(
     "dtype", [torch.float64, torch.float32, *HALVES], ids=lambda d: str(d).removeprefix("torch.")
@@ -426,7 +427,8 @@ def test_half_precision(device, x_shape, cout, kernel, conv, activation, dtype, 
 def test_depthwise_channels_last_widths(device, channels, dtype, kernel, conv, gen):
     """Depthwise on channels_last input (multiplier 1), computed in NHWC: forward, the saved
     pre-activation (gelu's backward reads it) and every gradient, and the output stays
-    channels_last; odd widths leave a last output pixel without its pair."""
+    channels_last; widths that are no multiple of the kernel's pixel group (4 or 8) leave
+    pixels that go one at a time."""
     conv = {**conv, "groups": channels}
     tensors = make_conv(
         (2, channels, 13, 11),

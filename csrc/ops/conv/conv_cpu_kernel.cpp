@@ -8,6 +8,8 @@
 // input gradient is the same kernel on the padded output gradient with the taps flipped (a
 // gather); with larger strides it is a scatter that stays inside the plane its task owns. The
 // weight gradient is a dot product per tap and output row, summed in double per channel.
+// channels_last (NHWC) input goes through its own forward: a block of channels at a time, the
+// rows the kernel spans held in a small ring in the compute type (see depthwise_forward_nhwc).
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -18,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -279,126 +282,124 @@ void depthwise_forward_nchw(const DepthwiseForwardArgs& a) {
   });
 }
 
-// One vector of channels of S, in the compute type (half types widened to float).
-template <class S>
-inline Vec<compute_t<S>> load_compute(const S* p) {
-  if constexpr (std::is_same_v<S, compute_t<S>>) {
-    return Vec<S>::loadu(p);
-  } else {
-    Vec<float> v;
-    at::vec::load_to_float<S>(p, v);
-    return v;
+// The first `count` lanes of V vectors of the compute type, stored as S at p (half types rounded,
+// two vectors at a time where whole).
+template <class S, int V>
+inline void store_vectors(const Vec<compute_t<S>> (&v)[V], S* p, int64_t count) {
+  using T = compute_t<S>;
+  constexpr int64_t L = Vec<T>::size();
+  if (count == V * L) {
+    if constexpr (std::is_same_v<S, T>) {
+      for (int i = 0; i < V; ++i) v[i].store(p + i * L);
+    } else if constexpr (V % 2 == 0) {
+      for (int i = 0; i < V; i += 2) {
+        at::vec::convert_from_float<S>(v[i], v[i + 1]).store(p + i * L);
+      }
+    } else {
+      for (int i = 0; i < V; ++i) at::vec::convert_from_float<S>(v[i], v[i]).store(p + i * L, L);
+    }
+    return;
+  }
+  for (int i = 0; i < V && i * L < count; ++i) {
+    const int64_t n = std::min(L, count - i * L);
+    if constexpr (std::is_same_v<S, T>) {
+      v[i].store(p + i * L, n);
+    } else {
+      at::vec::convert_from_float<S>(v[i], v[i]).store(p + i * L, n);
+    }
   }
 }
 
-// The taps of NHWC depthwise output pixels of one output row, read straight from the input:
-// `rows` input rows lie inside the map (row_offset: the row's first element; row_tap: its kernel
-// row). For P neighbouring pixels (sharing each weight load) and V vectors of channels, the sum
-// over the taps stays in P * V vector registers (compile-time counts) and is stored at
-// out + p * out_stride. `checked`: skip the taps whose column falls outside the map (border
-// pixels; P == 1 only).
-template <class S>
-struct NhwcTaps {
+// V vectors of S at src, in the compute type at dst.
+template <class S, int V>
+inline void load_block(const S* src, compute_t<S>* dst) {
   using T = compute_t<S>;
-  const S* input;
-  const int64_t* row_offset;
+  constexpr int64_t L = Vec<T>::size();
+  for (int i = 0; i < V; ++i) {
+    if constexpr (std::is_same_v<S, T>) {
+      Vec<T>::loadu(src + i * L).store(dst + i * L);
+    } else {
+      Vec<float> v;
+      at::vec::load_to_float<S>(src + i * L, v);
+      v.store(dst + i * L);
+    }
+  }
+}
+
+// NHWC depthwise output pixels of one output row, summed from a ring of input rows held in the
+// compute type (one block of channels, `lanes` per pixel, zero-padded left and right): `rows`
+// kernel rows fall inside the map (row: the ring row; row_tap: its kernel row). For P
+// neighbouring pixels (sharing each weight load) and V vectors of channels, the sum over the
+// taps stays in P * V vector registers (compile-time counts), then goes through the epilogue
+// (bias, pre-activation, activation) in registers and is stored once, pixel p at out + p * C
+// (`count` channels of the block: V * L but at the last channels).
+template <class T>
+struct RingTaps {
+  const T* const* row;
   const int64_t* row_tap;
   int64_t rows;
-  int64_t kw, dil_w, stride_w, width, C;
-  const T* weight;  // transposed: [tap][C]
+  int64_t kw, dil_w, stride_w, lanes;
+  const T* weight;  // [tap][weight_stride], the block's channels at offset c
+  int64_t weight_stride;
+  const T* bias;
+  Activation act;
+  int64_t C;
 
-  template <int P, int V, bool checked>
-  inline void sum(int64_t iw0, int64_t c, T* out, int64_t out_stride) const {
+  // col: the padded column of pixel 0's first tap.
+  template <int P, int V, class S>
+  inline void block(int64_t col, int64_t c, int64_t count, S* out, S* pre) const {
     constexpr int64_t L = Vec<T>::size();
     Vec<T> acc[P][V];
-    for (int p = 0; p < P; ++p) {
-      for (int v = 0; v < V; ++v) acc[p][v] = Vec<T>(T(0));
+    _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p) {
+      _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) acc[p][v] = Vec<T>(T(0));
     }
     for (int64_t r = 0; r < rows; ++r) {
-      const S* row = input + row_offset[r] + c;
-      const T* wrow = weight + row_tap[r] * kw * C + c;
+      const T* in = row[r] + col * lanes;
+      const T* wrow = weight + row_tap[r] * kw * weight_stride + c;
       for (int64_t j = 0; j < kw; ++j) {
-        const int64_t iw = iw0 + j * dil_w;
-        if constexpr (checked) {
-          if (iw < 0 || iw >= width) continue;
+        const T* px = in + j * dil_w * lanes;
+        Vec<T> wv[V];
+        _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) {
+          wv[v] = Vec<T>::loadu(wrow + j * weight_stride + v * L);
         }
-        const S* px = row + iw * C;
-        const T* wp = wrow + j * C;
-        for (int v = 0; v < V; ++v) {
-          const auto wv = Vec<T>::loadu(wp + v * L);
-          for (int p = 0; p < P; ++p) {
-            acc[p][v] = at::vec::fmadd(load_compute(px + p * stride_w * C + v * L), wv, acc[p][v]);
+        _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p) {
+          _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) {
+            acc[p][v] =
+                at::vec::fmadd(Vec<T>::loadu(px + p * stride_w * lanes + v * L), wv[v], acc[p][v]);
           }
         }
       }
     }
-    for (int p = 0; p < P; ++p) {
-      for (int v = 0; v < V; ++v) acc[p][v].store(out + p * out_stride + v * L);
-    }
-  }
-
-  // The last channels c .. c + n - 1 (fewer than a vector), one pixel.
-  inline void sum_tail(int64_t iw0, int64_t c, int64_t n, T* out) const {
-    for (int64_t k = 0; k < n; ++k) out[k] = T(0);
-    for (int64_t r = 0; r < rows; ++r) {
-      const S* row = input + row_offset[r] + c;
-      const T* wrow = weight + row_tap[r] * kw * C + c;
-      for (int64_t j = 0; j < kw; ++j) {
-        const int64_t iw = iw0 + j * dil_w;
-        if (iw < 0 || iw >= width) continue;
-        for (int64_t k = 0; k < n; ++k) {
-          out[k] += wrow[j * C + k] * static_cast<T>(row[iw * C + k]);
-        }
+    Vec<T> bv[V];
+    _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) bv[v] = Vec<T>::loadu(bias + c + v * L);
+    _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p) {
+      Vec<T> y[V];
+      _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) y[v] = acc[p][v] + bv[v];
+      if (pre != nullptr) store_vectors<S, V>(y, pre + p * C, count);
+      if (act != Activation::None) {
+        _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) y[v] = activate(y[v], act);
       }
+      store_vectors<S, V>(y, out + p * C, count);
     }
   }
 };
 
-// The channels of one NHWC output pixel, summed in `sums`: + bias, the pre-activation to `pre`
-// (when given), the activation, stored to `out` (rounded once for the half types).
-template <class S>
-inline void nhwc_epilogue(compute_t<S>* sums, const compute_t<S>* bias, int64_t n, Activation act,
-                          S* out, S* pre) {
-  using T = compute_t<S>;
-  constexpr int64_t L = Vec<T>::size();
-  // The first `count` lanes (a whole vector: the plain load and store, no staging copy).
-  const auto load = [](const T* p, int64_t count) {
-    return count == L ? Vec<T>::loadu(p) : Vec<T>::loadu(p, count);
-  };
-  const auto store = [](const Vec<T>& v, T* p, int64_t count) {
-    count == L ? v.store(p) : v.store(p, count);
-  };
-  for (int64_t k = 0; k < n; k += L) {
-    const int64_t count = std::min(L, n - k);
-    const auto v = load(sums + k, count) + load(bias + k, count);
-    if constexpr (std::is_same_v<S, T>) {
-      if (pre != nullptr) store(v, pre + k, count);
-      store(activate(v, act), out + k, count);
-    } else {
-      if (pre != nullptr) {
-        T staged[L];
-        v.store(staged, count);
-        narrow(staged, pre + k, count);
-      }
-      store(activate(v, act), sums + k, count);  // rounded into `out` below, in one pass
-    }
-  }
-  if constexpr (!std::is_same_v<S, T>) narrow(sums, out, n);
-}
-
-// NHWC, multiplier 1. One task is (image, output row); each output pixel's channels, all of them
-// in turn (so that a pixel's channels are read as one contiguous run, and the input rows stream
-// through the prefetchers), are summed over the taps in vector registers, read straight from the
-// input (the rows and columns of the taps that fall into the padding are skipped, so nothing is
-// copied), two pixels at a time where all their taps are inside the map, then go through the
-// epilogue while in L1 and are stored once. The weight is transposed to [tap][C] so that a tap's
-// weights are a vector load too.
+// NHWC, multiplier 1. The channels go in blocks of kVectors vectors (then single vectors, the
+// last one partial); a task is (image, block, band of output rows). The block's slice of the
+// input rows the kernel spans is kept in a ring of rows in the compute type, zero-padded left
+// and right (each input element is read from the map once per task, widened once, and the taps
+// never need a bounds check; consecutive pixels are contiguous in the ring, where in the map
+// they lie C elements apart, a stride that maps them all onto a few cache sets). Each output
+// row is swept kPixels pixels at a time: the taps summed in registers, then the epilogue, and
+// stored once. The ring holds a band's rows as it moves down: each output row loads only the
+// input rows it is the first to reach.
 template <class S>
 void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   using T = compute_t<S>;
   constexpr int64_t L = Vec<T>::size();
-  constexpr int kVectors = 4;                        // accumulators per pixel
-  constexpr int64_t kPrefetch = 4;                   // output pixels ahead
+  constexpr int kVectors = 2;
+  // Accumulators: 16 registers for 32-register ISAs (AVX-512), 8 otherwise.
+  constexpr int kPixels = Vec<float>::size() >= 16 ? 8 : 4;
   const auto& g = a.g;
   const S* x = static_cast<const S*>(a.input);
   const T* w = static_cast<const T*>(a.weight);
@@ -406,81 +407,119 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   S* y = static_cast<S*>(a.output);
   S* pre = static_cast<S*>(a.preact);
   const int64_t C = g.c_in, taps = g.kh * g.kw;
-  std::vector<T> wt(taps * C);
+  if (g.n == 0 || g.oh == 0 || g.ow == 0 || C == 0) return;
+  // The weight transposed to [tap][C_pad] and the bias to [C_pad], zero past C (C_pad: whole
+  // vectors), so that a block's weights and bias are whole vector loads.
+  const int64_t c_pad = (C + L - 1) / L * L;
+  std::vector<T> wt(taps * c_pad, T(0)), bias(c_pad, T(0));
   for (int64_t c = 0; c < C; ++c) {
-    for (int64_t t = 0; t < taps; ++t) wt[t * C + c] = w[c * taps + t];
+    for (int64_t t = 0; t < taps; ++t) wt[t * c_pad + c] = w[c * taps + t];
+    if (b != nullptr) bias[c] = b[c];
   }
-  std::vector<T> zero_bias(b == nullptr ? C : 0, T(0));
-  const T* bias = b != nullptr ? b : zero_bias.data();
-  // Output columns whose taps all fall inside the map: [inner_lo, inner_hi).
-  int64_t inner_lo = 0, inner_hi = g.ow;
-  for (int64_t j = 0; j < g.kw; ++j) {
-    int64_t lo, hi;
-    tap_columns(j * g.dil_w - g.pad_left, g.stride_w, g.w, g.ow, lo, hi);
-    inner_lo = std::max(inner_lo, lo);
-    inner_hi = std::min(inner_hi, hi);
-  }
-  at::parallel_for(0, g.n * g.oh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> row_offset(g.kh), row_tap(g.kh);
-    std::vector<T> out(2 * C);
+  const int64_t blocked = C / (kVectors * L);                 // blocks of kVectors vectors
+  const int64_t blocks = blocked + (c_pad - blocked * kVectors * L) / L;  // then single vectors
+  // The ring: padded width (every column a tap of an output pixel reaches), rows (the kernel's
+  // span, at most the map's height), the input columns copied in.
+  const int64_t width = (g.ow - 1) * g.stride_w + (g.kw - 1) * g.dil_w + 1;
+  const int64_t slots = std::min((g.kh - 1) * g.dil_h + 1, g.h);
+  const int64_t copy_lo = std::min(g.pad_left, width);
+  const int64_t copy_cols = std::clamp<int64_t>(width - g.pad_left, 0, g.w);
+  // Bands of output rows: enough tasks for every thread (four each), else whole maps.
+  const int64_t want = 4 * at::get_num_threads();
+  const int64_t bands = std::clamp<int64_t>((want + g.n * blocks - 1) / (g.n * blocks), 1, g.oh);
+  const int64_t band_rows = (g.oh + bands - 1) / bands;
+  at::parallel_for(0, g.n * blocks * bands, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> ring(slots * width * kVectors * L);
+    std::vector<const T*> row(g.kh);
+    std::vector<int64_t> row_tap(g.kh);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t oh = task % g.oh, n = task / g.oh;
-      int64_t rows = 0;
-      for (int64_t i = 0; i < g.kh; ++i) {
-        const int64_t ih = oh * g.stride_h - g.pad_top + i * g.dil_h;
-        if (ih < 0 || ih >= g.h) continue;
-        row_offset[rows] = (n * g.h + ih) * g.w * C;
-        row_tap[rows] = i;
-        ++rows;
+      const int64_t band = task % bands, block = task / bands % blocks, n = task / bands / blocks;
+      const bool wide = block < blocked;
+      const int64_t c = wide ? block * kVectors * L : (blocked * kVectors + block - blocked) * L;
+      const int64_t lanes = wide ? kVectors * L : L;
+      const int64_t count = std::min(lanes, C - c);  // channels of the block inside C
+      for (int64_t slot = 0; slot < slots; ++slot) {
+        T* r = ring.data() + slot * width * lanes;
+        std::fill(r, r + copy_lo * lanes, T(0));
+        std::fill(r + (copy_lo + copy_cols) * lanes, r + width * lanes, T(0));
+        if (count < lanes) {  // the lanes past C stay zero
+          for (int64_t col = copy_lo; col < copy_lo + copy_cols; ++col) {
+            std::fill(r + col * lanes + count, r + (col + 1) * lanes, T(0));
+          }
+        }
       }
-      const NhwcTaps<S> taps_of{x, row_offset.data(), row_tap.data(), rows, g.kw, g.dil_w,
-                                g.stride_w, g.w, C, wt.data()};
-      const int64_t full = C - C % L;  // channels in whole vectors
-      for (int64_t ow = 0; ow < g.ow;) {
-        const int64_t iw0 = ow * g.stride_w - g.pad_left;
-        const bool inner = ow >= inner_lo && ow < inner_hi;
-        const int64_t pixels = inner && ow + 1 < inner_hi ? 2 : 1;
-        // The input pixels the taps reach kPrefetch output pixels ahead, one line at a time.
-        {
-          const int64_t ahead = iw0 + (kPrefetch + g.kw - 1) * g.dil_w;
-          if (ahead >= 0 && ahead < g.w) {
-            for (int64_t r = 0; r < rows; ++r) {
-              const char* p = reinterpret_cast<const char*>(x + row_offset[r] + ahead * C);
-              for (int64_t byte = 0; byte < C * int64_t(sizeof(S)); byte += 64) {
-                __builtin_prefetch(p + byte);
+      const RingTaps<T> taps_of{row.data(), row_tap.data(), 0,          g.kw,
+                                g.dil_w,    g.stride_w,     lanes,      wt.data(),
+                                c_pad,      bias.data(),    a.act,      C};
+      const int64_t oh_begin = band * band_rows, oh_end = std::min(g.oh, oh_begin + band_rows);
+      int64_t loaded_to = std::numeric_limits<int64_t>::min();  // input rows below are in the ring
+      for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
+        const int64_t top = oh * g.stride_h - g.pad_top;
+        // Load the rows of this output row's window that are not in the ring yet.
+        const int64_t first = std::max({loaded_to, top, int64_t(0)});
+        const int64_t last = std::min(top + (g.kh - 1) * g.dil_h + 1, g.h);
+        for (int64_t ih = first; ih < last; ++ih) {
+          T* r = ring.data() + (ih % slots) * width * lanes + copy_lo * lanes;
+          const S* src = x + ((n * g.h + ih) * g.w) * C + c;
+          if (count == kVectors * L) {
+            for (int64_t col = 0; col < copy_cols; ++col) {
+              load_block<S, kVectors>(src + col * C, r + col * lanes);
+            }
+          } else if (count == L) {
+            for (int64_t col = 0; col < copy_cols; ++col) {
+              load_block<S, 1>(src + col * C, r + col * lanes);
+            }
+          } else {
+            for (int64_t col = 0; col < copy_cols; ++col) {
+              widen(src + col * C, r + col * lanes, count);
+            }
+          }
+        }
+        loaded_to = std::max(loaded_to, last);
+        // The rows the next output row will load, on their way to the cache while this one runs.
+        if (oh + 1 < oh_end) {
+          const int64_t next_top = top + g.stride_h;
+          const int64_t next_last = std::min(next_top + (g.kh - 1) * g.dil_h + 1, g.h);
+          const int64_t bytes = count * int64_t(sizeof(S));
+          for (int64_t ih = std::max({loaded_to, next_top, int64_t(0)}); ih < next_last; ++ih) {
+            const char* src = reinterpret_cast<const char*>(x + ((n * g.h + ih) * g.w) * C + c);
+            for (int64_t col = 0; col < copy_cols; ++col) {
+              for (int64_t byte = 0; byte < bytes; byte += 64) {
+                __builtin_prefetch(src + col * C * int64_t(sizeof(S)) + byte);
               }
             }
           }
         }
-        int64_t c = 0;
-        for (; c + kVectors * L <= full; c += kVectors * L) {
-          if (pixels == 2) {
-            taps_of.template sum<2, kVectors, false>(iw0, c, out.data() + c, C);
-          } else if (inner) {
-            taps_of.template sum<1, kVectors, false>(iw0, c, out.data() + c, C);
-          } else {
-            taps_of.template sum<1, kVectors, true>(iw0, c, out.data() + c, C);
+        int64_t rows = 0;
+        for (int64_t i = 0; i < g.kh; ++i) {
+          const int64_t ih = top + i * g.dil_h;
+          if (ih < 0 || ih >= g.h) continue;
+          row[rows] = ring.data() + (ih % slots) * width * lanes;
+          row_tap[rows] = i;
+          ++rows;
+        }
+        RingTaps<T> t = taps_of;
+        t.rows = rows;
+        const int64_t row_start = (n * g.oh + oh) * g.ow * C + c;
+        const auto sweep = [&](auto vectors) {
+          constexpr int V = decltype(vectors)::value;
+          int64_t ow = 0;
+          for (; ow + kPixels <= g.ow; ow += kPixels) {
+            const int64_t at = row_start + ow * C;
+            t.template block<kPixels, V>(ow * g.stride_w, c, count, y + at,
+                                         pre != nullptr ? pre + at : nullptr);
           }
-        }
-        for (; c < full; c += L) {
-          if (pixels == 2) {
-            taps_of.template sum<2, 1, false>(iw0, c, out.data() + c, C);
-          } else {
-            taps_of.template sum<1, 1, true>(iw0, c, out.data() + c, C);
+          for (; ow < g.ow; ++ow) {
+            const int64_t at = row_start + ow * C;
+            t.template block<1, V>(ow * g.stride_w, c, count, y + at,
+                                   pre != nullptr ? pre + at : nullptr);
           }
+        };
+        if (wide) {
+          sweep(std::integral_constant<int, kVectors>{});
+        } else {
+          sweep(std::integral_constant<int, 1>{});
         }
-        if (full < C) {
-          for (int64_t px = 0; px < pixels; ++px) {
-            taps_of.sum_tail(iw0 + px * g.stride_w, full, C - full,
-                             out.data() + px * C + full);
-          }
-        }
-        for (int64_t px = 0; px < pixels; ++px) {
-          const int64_t at = ((n * g.oh + oh) * g.ow + ow + px) * C;
-          nhwc_epilogue(out.data() + px * C, bias, C, a.act, y + at,
-                        pre != nullptr ? pre + at : nullptr);
-        }
-        ow += pixels;
       }
     }
   });
