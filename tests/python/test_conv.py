@@ -253,6 +253,31 @@ def test_cases_cover_both_routes(
     assert torch_ext.conv.conv_route(x, w, padding, dilation, groups) == expected
 
 
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=dtype_id
+)
+def test_default_routes(device, monkeypatch, dtype):
+    """Unforced, dense float32/bfloat16/float16 convolutions with symmetric padding go to the
+    vendor where it is available (oneDNN on the CPU, cuDNN on CUDA); float64, depthwise and
+    four-sided padding stay ours."""
+    monkeypatch.delenv("TORCH_EXT_CONV_ROUTE", raising=False)
+    if device == "cuda":
+        available = torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
+    else:
+        available = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    x = torch.empty(2, 8, 9, 9, device=device, dtype=dtype)
+    dense = torch.empty(4, 8, 3, 3, device=device, dtype=dtype)
+    depthwise = torch.empty(8, 1, 3, 3, device=device, dtype=dtype)
+    vendor = available and dtype != torch.float64
+    assert torch_ext.conv.conv_route(x, dense, 2, 2, 1) == ("vendor" if vendor else "gemm")
+    assert torch_ext.conv.conv_route(x, dense, "same", 2, 1) == ("vendor" if vendor else "gemm")  # symmetric
+    assert torch_ext.conv.conv_route(x, depthwise, 2, 2, 8) == "depthwise"
+    even = torch.empty(4, 8, 2, 2, device=device, dtype=dtype)  # "same": one more at the end
+    assert torch_ext.conv.conv_route(x, even, "same", 1, 1) == "gemm"
+    monkeypatch.setenv("TORCH_EXT_CONV_ROUTE", "own")
+    assert torch_ext.conv.conv_route(x, dense, 2, 2, 1) == "gemm"
+
+
 ROUTES = ["dense", "grouped", "depthwise-m1", "depthwise-m2"]
 
 

@@ -266,6 +266,26 @@ bool symmetric_padding(at::IntArrayRef padding4) {
   return padding4.size() == 4 && padding4[0] == padding4[2] && padding4[1] == padding4[3];
 }
 
+ConvGeometry route_geometry(const at::Tensor& input, at::IntArrayRef padding4, int64_t groups) {
+  ConvGeometry g{};
+  g.c_in = input.size(1);
+  g.groups = groups;
+  g.stride_h = g.stride_w = g.dil_h = g.dil_w = 1;
+  g.pad_top = padding4[0];
+  g.pad_left = padding4[1];
+  return g;
+}
+
+bool takes_vendor_route(const ConvGeometry& g, at::IntArrayRef padding4, at::ScalarType dtype,
+                        bool vendor_available) {
+  const auto forced = forced_route();
+  if (forced == ForcedRoute::Own) return false;
+  if (!symmetric_padding(padding4) || !vendor_takes(g)) return false;
+  if (forced == ForcedRoute::Vendor) return true;
+  const bool vendor_dtype = dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
+  return vendor_available && vendor_dtype && !g.depthwise();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> vendor_conv_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& saved, at::IntArrayRef stride, at::IntArrayRef padding4,

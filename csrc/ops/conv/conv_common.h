@@ -103,6 +103,18 @@ bool symmetric_padding(at::IntArrayRef padding4);
 // dilations beyond 32 bits with internal errors; our kernels take them).
 bool vendor_takes(const ConvGeometry& g);
 
+// Whether a call goes to the vendor route: forced by TORCH_EXT_CONV_ROUTE (own / vendor, the
+// latter only where the vendor takes the call), else dense (non-depthwise) float32, bfloat16
+// and float16 convolutions with symmetric padding when the backend's vendor library is
+// available (`vendor_available`: oneDNN on the CPU, cuDNN on CUDA). float64 and depthwise stay
+// ours, as do four-sided paddings.
+bool takes_vendor_route(const ConvGeometry& g, at::IntArrayRef padding4, at::ScalarType dtype,
+                        bool vendor_available);
+
+// The geometry _dilated_conv2d_route decides on: input channels, groups and padding (stride and
+// dilation 1, as the op assumes); after check_route_args.
+ConvGeometry route_geometry(const at::Tensor& input, at::IntArrayRef padding4, int64_t groups);
+
 // ATen's convolution_backward of the vendor route, after the activation's backward; gradients
 // in the layouts the Meta kernel promises, empty [0] tensors where output_mask is false.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> vendor_conv_backward(

@@ -76,13 +76,8 @@ enum class Route { Own, Vendor };
 // im2col + GEMM computes the half types in float and loses to it (float64 stays ours: oneDNN has
 // no float64 kernels, and ATen's fallback is no faster). Depthwise stays ours in every layout.
 Route cpu_route(const ConvGeometry& g, at::IntArrayRef padding4, at::ScalarType dtype) {
-  const auto forced = forced_route();
-  if (forced == ForcedRoute::Own) return Route::Own;
-  if (!symmetric_padding(padding4) || !vendor_takes(g)) return Route::Own;
-  if (forced == ForcedRoute::Vendor) return Route::Vendor;
   const bool onednn = at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
-  const bool vendor_dtype = dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
-  return onednn && vendor_dtype && !g.depthwise() ? Route::Vendor : Route::Own;
+  return takes_vendor_route(g, padding4, dtype, onednn) ? Route::Vendor : Route::Own;
 }
 
 // The activation in place on the vendor route's output (its pre-activation copied first when
@@ -337,9 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
 std::string conv_route_cpu(const at::Tensor& input, const at::Tensor& weight,
                            at::IntArrayRef padding4, int64_t groups) {
   check_route_args(input, weight, padding4, groups);
-  ConvGeometry g{};
-  g.c_in = input.dim() >= 2 ? input.size(1) : 0;
-  g.groups = groups;
+  const auto g = route_geometry(input, padding4, groups);
   if (cpu_route(g, padding4, input.scalar_type()) == Route::Vendor) return "vendor";
   return g.depthwise() ? "depthwise" : "gemm";
 }

@@ -14,9 +14,11 @@
 // (col2im, one thread per input element); the weight gradient is a batched GEMM summed over the
 // chunk. float16/bfloat16 accumulate in float32.
 //
-// TORCH_EXT_CONV_ROUTE=vendor sends the convolution to ATen (cuDNN) with the activation after it;
-// by default every shape takes these kernels. channels_last tensors are computed in NCHW.
+// Dense float32/bfloat16/float16 convolutions with symmetric padding go to ATen's convolution
+// (cuDNN) with the activation after it (see vendor_route); TORCH_EXT_CONV_ROUTE=own forces these
+// kernels, =vendor sends every call there. channels_last tensors are computed in NCHW here.
 
+#include <ATen/Context.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution.h>
@@ -282,9 +284,13 @@ int64_t chunk_images(const Geo& g, int64_t element_size) {
   return std::clamp<int64_t>((int64_t{256} << 20) / per_image, 1, std::max<int64_t>(g.n, 1));
 }
 
-// On CUDA every shape takes our kernels unless the vendor route is forced.
-bool vendor_route(at::IntArrayRef padding4) {
-  return forced_route() == ForcedRoute::Vendor && symmetric_padding(padding4);
+// Dense float32, bfloat16 and float16 go to ATen's convolution (cuDNN, under PyTorch's TF32
+// policy for cuDNN convolutions, torch.backends.cudnn.allow_tf32) when cuDNN is there: its
+// implicit GEMM beats our im2col + cuBLAS by ~10x on an H200. float64, depthwise and
+// four-sided padding stay ours.
+bool vendor_route(const ConvGeometry& g, at::IntArrayRef padding4, at::ScalarType dtype) {
+  const bool cudnn = at::Context::hasCuDNN() && at::globalContext().userEnabledCuDNN();
+  return takes_vendor_route(g, padding4, dtype, cudnn);
 }
 
 at::Tensor activate_tensor(const at::Tensor& v, Activation act) {
@@ -297,6 +303,22 @@ at::Tensor activate_tensor(const at::Tensor& v, Activation act) {
       return at::gelu(v, "none");
     default:
       return v;
+  }
+}
+
+void activate_in_place(at::Tensor& v, Activation act) {
+  switch (act) {
+    case Activation::Relu:
+      at::relu_(v);
+      break;
+    case Activation::Silu:
+      at::silu_(v);
+      break;
+    case Activation::Gelu:
+      at::gelu_(v, "none");
+      break;
+    default:
+      break;
   }
 }
 
@@ -313,11 +335,14 @@ std::tuple<at::Tensor, at::Tensor> conv_forward_cuda(
   const Geo g = to_geo(cg);
   const bool with_preact = save_preact && backward_needs_preact(act);
   const auto format = conv_memory_format(input);
-  if (vendor_route(padding4)) {
+  if (vendor_route(cg, padding4, input.scalar_type())) {
     auto z = at::convolution(input, weight, bias, stride, {padding4[0], padding4[1]}, dilation,
                              false, {0, 0}, groups)
                  .contiguous(format);
-    return {activate_tensor(z, act), with_preact ? z : at::empty({0}, input.options())};
+    // One pass for the activation: a new tensor when the pre-activation is kept, else in place.
+    if (with_preact) return {activate_tensor(z, act), z};
+    activate_in_place(z, act);
+    return {z, at::empty({0}, input.options())};
   }
   const auto x = input.contiguous();
   const auto w = weight.contiguous();
@@ -391,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
   const Geo g = to_geo(cg);
   const auto format = conv_memory_format(input);
   const auto none = at::empty({0}, input.options());
-  if (vendor_route(padding4)) {
+  if (vendor_route(cg, padding4, input.scalar_type())) {
     return vendor_conv_backward(grad_output, input, weight, saved, stride, padding4, dilation,
                                 groups, act, output_mask);
   }
@@ -465,9 +490,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
 std::string conv_route_cuda(const at::Tensor& input, const at::Tensor& weight,
                             at::IntArrayRef padding4, int64_t groups) {
   check_route_args(input, weight, padding4, groups);
-  if (vendor_route(padding4)) return "vendor";
-  const int64_t c_in = input.dim() >= 2 ? input.size(1) : 0;
-  return groups == c_in && groups > 1 ? "depthwise" : "gemm";
+  const auto g = route_geometry(input, padding4, groups);
+  if (vendor_route(g, padding4, input.scalar_type())) return "vendor";
+  return g.depthwise() ? "depthwise" : "gemm";
 }
 
 }  // namespace
