@@ -3,7 +3,10 @@
 
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/gelu.h>
 #include <ATen/ops/gelu_backward.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/silu.h>
 #include <ATen/ops/silu_backward.h>
 #include <ATen/ops/threshold_backward.h>
 #include <torch/library.h>
@@ -222,6 +225,22 @@ void check_conv_backward_args(const at::Tensor& grad_output, const at::Tensor& i
     TORCH_CHECK(saved.sym_sizes().equals(expected), "dilated_conv2d backward: saved (the ",
                 backward_needs_preact(act) ? "pre-activation" : "output",
                 ") must have the output's shape ", expected, ", got ", saved.sym_sizes());
+  }
+}
+
+void activate_(at::Tensor& v, Activation act) {
+  switch (act) {
+    case Activation::Relu:
+      at::relu_(v);
+      break;
+    case Activation::Silu:
+      at::silu_(v);
+      break;
+    case Activation::Gelu:
+      at::gelu_(v, "none");
+      break;
+    case Activation::None:
+      break;
   }
 }
 

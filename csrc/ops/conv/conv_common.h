@@ -83,6 +83,9 @@ void check_conv_backward_args(const at::Tensor& grad_output, const at::Tensor& i
                               at::IntArrayRef stride, at::IntArrayRef padding4,
                               at::IntArrayRef dilation, int64_t groups, Activation act);
 
+// v = act(v) in place, with ATen's own activation ops (any device, any floating dtype).
+void activate_(at::Tensor& v, Activation act);
+
 // The gradient reaching the convolution's output through the activation, from what the forward
 // saved (see backward_needs_preact); ATen's own activation backward ops, on any device.
 at::Tensor activation_backward(const at::Tensor& grad_output, const at::Tensor& saved,

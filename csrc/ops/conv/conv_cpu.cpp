@@ -92,19 +92,7 @@ void activate_in_place(at::Tensor& out, at::Tensor& pre, bool with_preact, Activ
     return;
   }
   if (with_preact) pre.copy_(out);
-  switch (act) {
-    case Activation::Relu:
-      at::relu_(out);
-      break;
-    case Activation::Silu:
-      at::silu_(out);
-      break;
-    case Activation::Gelu:
-      at::gelu_(out);
-      break;
-    case Activation::None:
-      break;
-  }
+  activate_(out, act);
 }
 
 bool is_pointwise(const ConvGeometry& g) {

@@ -306,22 +306,6 @@ at::Tensor activate_tensor(const at::Tensor& v, Activation act) {
   }
 }
 
-void activate_in_place(at::Tensor& v, Activation act) {
-  switch (act) {
-    case Activation::Relu:
-      at::relu_(v);
-      break;
-    case Activation::Silu:
-      at::silu_(v);
-      break;
-    case Activation::Gelu:
-      at::gelu_(v, "none");
-      break;
-    default:
-      break;
-  }
-}
-
 // ---------------------------------------------------------------- entry points
 
 std::tuple<at::Tensor, at::Tensor> conv_forward_cuda(
@@ -341,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor> conv_forward_cuda(
                  .contiguous(format);
     // One pass for the activation: a new tensor when the pre-activation is kept, else in place.
     if (with_preact) return {activate_tensor(z, act), z};
-    activate_in_place(z, act);
+    activate_(z, act);
     return {z, at::empty({0}, input.options())};
   }
   const auto x = input.contiguous();
