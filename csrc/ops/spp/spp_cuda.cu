@@ -5,6 +5,12 @@
 // the last NaN. Parallel reductions combine (value, index) pairs with an associative rule that
 // yields that same element whatever the order. Backward kernels gather (one thread per input
 // element, fixed summation order): no atomics, deterministic.
+//
+// NCHW maps whose planes fit in shared memory (the common case) take kernels with one block per
+// (image, channel) plane: the plane (and what the step needs of it) is read from global memory
+// once, with consecutive threads on consecutive elements, and every reduction then reads shared
+// memory. Their phases live in spp_plane.h (host-callable, tested on the CPU); the other kernels
+// here serve channels_last maps and planes too large for shared memory.
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -23,6 +29,7 @@
 #include "common/dispatch.h"
 #include "common/numerics.h"
 #include "ops/spp/spp_common.h"
+#include "ops/spp/spp_plane.h"
 
 namespace torch_ext::spp_impl {
 namespace {
@@ -96,17 +103,29 @@ struct MapDims {
 
 constexpr int kWarp = 32;
 constexpr int kPlaneThreads = 256;
+// Dynamic shared memory a plane kernel may take without opting in to more (every GPU since
+// Volta has at least this per block).
+constexpr int64_t kPlaneSharedBytes = 48 * 1024;
 
 // NCHW: one block per plane (n, c); each warp reduces whole bins, lanes striding over the bin's
-// pixels, so the plane is read from DRAM about once and stays in cache for the other levels.
+// pixels. `staged`: the plane is first read into shared memory (every thread loading
+// independent consecutive elements, so the loads overlap), and the bins read it there;
+// otherwise (planes too large) they read global memory, where the plane stays in cache for the
+// other levels.
 template <class T>
 __global__ void spp_forward_nchw_kernel(const T* __restrict__ input, T* __restrict__ output,
                                         int64_t* __restrict__ indices, int64_t C, int64_t H,
-                                        int64_t W, Levels levels, bool is_max) {
+                                        int64_t W, Levels levels, bool is_max, bool staged) {
   using acc = at::opmath_type<T>;
+  extern __shared__ unsigned char smem_raw[];
+  acc* xs = reinterpret_cast<acc*>(smem_raw);
   const int64_t plane = blockIdx.x;
   const int64_t n = plane / C, c = plane % C;
   const T* x = input + plane * H * W;
+  if (staged) {
+    plane::load(threadIdx.x, blockDim.x, x, xs, static_cast<int>(H * W));
+    __syncthreads();
+  }
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int warps = blockDim.x / kWarp;
   const int64_t features = C * levels.bins;
@@ -118,7 +137,7 @@ __global__ void spp_forward_nchw_kernel(const T* __restrict__ input, T* __restri
     acc value = is_max ? neg_inf<acc>() : acc(0);
     int64_t index = h0 * W + w0;
     auto visit = [&](int64_t pos) {
-      const acc v = static_cast<acc>(x[pos]);
+      const acc v = staged ? xs[pos] : static_cast<acc>(x[pos]);
       if (!is_max) {
         value += v;
       } else if (takes_over(v, value)) {
@@ -233,7 +252,71 @@ __global__ void spp_backward_kernel(const T* __restrict__ grad_output,
   }
 }
 
+// NCHW planes (grad_input contiguous): one block per plane. The plane's bins (their gradient,
+// over their area for avg, and for max their argmax) and, per level, the bins that each row and
+// column of the plane falls into go to shared memory; then every element sums its bins'
+// gradients (plane::spp_gather: the per-element kernel's rule and order) and is written once.
+template <class T>
+__global__ void spp_backward_plane_kernel(const T* __restrict__ grad_output,
+                                          const int64_t* __restrict__ indices,
+                                          T* __restrict__ grad_input, int64_t C, int H, int W,
+                                          Levels levels, bool is_max) {
+  using acc = at::opmath_type<T>;
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ int64_t level_sizes[kMaxCudaLevels];
+  const int bins = static_cast<int>(levels.bins), count = static_cast<int>(levels.count);
+  acc* bin_grad = reinterpret_cast<acc*>(smem_raw);
+  int* bin_index = reinterpret_cast<int*>(bin_grad + bins);
+  int* table = bin_index + bins;
+  const plane::BinTables tables{table, table + count * H, table + 2 * count * H,
+                                table + 2 * count * H + count * W};
+  const int64_t plane_id = blockIdx.x;
+  const int64_t n = plane_id / C, c = plane_id % C;
+  const int64_t row = n * C * levels.bins;  // image n's row of grad_output and indices
+  for (int li = threadIdx.x; li < count; li += blockDim.x) level_sizes[li] = levels.value[li];
+  __syncthreads();
+  plane::stage_bins(threadIdx.x, blockDim.x, level_sizes, count, bins, grad_output + row,
+                    is_max ? indices + row : nullptr, C, c, H, W, is_max, bin_grad, bin_index);
+  plane::build_bin_tables(threadIdx.x, blockDim.x, level_sizes, count, H, W, tables);
+  __syncthreads();
+  plane::spp_gather(threadIdx.x, blockDim.x, level_sizes, count, bin_grad, bin_index, tables,
+                    is_max, grad_input + plane_id * H * W, H, W);
+}
+
 // ------------------------------------------------------------------ sppf forward
+
+// NCHW planes that fit in shared memory twice: one block per plane. The plane is read once,
+// each stage is a row pass and a column pass in shared memory (windows clamped to the plane,
+// which is max_pool2d's -inf padding), and every stage's plane is written once.
+template <class T>
+__global__ void sppf_forward_plane_kernel(const T* __restrict__ input, T* __restrict__ output,
+                                          int64_t C, int H, int W, int p, int repeats) {
+  using acc = at::opmath_type<T>;
+  extern __shared__ unsigned char smem_raw[];
+  const int hw = H * W;
+  acc* cur = reinterpret_cast<acc*>(smem_raw);
+  acc* tmp = cur + hw;
+  const int64_t plane_id = blockIdx.x;
+  const int64_t n = plane_id / C, c = plane_id % C;
+  // Stage r of this plane: output[n, r * C + c].
+  T* out = output + (n * (repeats + 1) * C + c) * hw;
+  const int64_t stage_stride = C * hw;
+  plane::load(threadIdx.x, blockDim.x, input + plane_id * hw, cur, hw);
+  __syncthreads();
+  plane::store(threadIdx.x, blockDim.x, cur, out, hw);
+  for (int r = 1; r <= repeats; ++r) {
+    plane::max_rows(threadIdx.x, blockDim.x, cur, tmp, H, W, p);
+    __syncthreads();
+    plane::max_cols(threadIdx.x, blockDim.x, tmp, cur, H, W, p);
+    __syncthreads();
+    plane::store(threadIdx.x, blockDim.x, cur, out + r * stage_stride, hw);
+  }
+}
+
+// Shared memory of sppf_forward_plane_kernel for a plane of hw elements.
+int64_t sppf_forward_plane_bytes(int64_t hw, size_t acc_size) {
+  return 2 * hw * static_cast<int64_t>(acc_size);
+}
 
 // One block per (plane, tile): the tile plus a halo of repeats * (k / 2) is loaded into shared
 // memory once (outside the image: -inf, max_pool2d's padding); each stage is a separable max
@@ -412,6 +495,55 @@ __global__ void sppf_store_grad_kernel(const at::opmath_type<T>* __restrict__ g,
   }
 }
 
+// NCHW planes: one block per plane, the whole backward in shared memory. Stages 0 .. R - 1 of
+// the plane are read from `output` (as the per-stage kernels do), stage R's gradient from
+// grad_output; then for r = R .. 1, the argmax of each window of stage r - 1 (plane::argmax_rows
+// and argmax_cols) and the gather into stage r - 1's gradient (plane::gather), all in shared
+// memory; the input's gradient is written once. The buffer of the row maxima is stage r's
+// (no longer needed) for r < R, and the not yet written g_prev for r = R.
+template <class T>
+__global__ void sppf_backward_plane_kernel(const T* __restrict__ grad_output,
+                                           const T* __restrict__ output,
+                                           T* __restrict__ grad_input, int64_t C, int H, int W,
+                                           int p, int repeats) {
+  using acc = at::opmath_type<T>;
+  extern __shared__ unsigned char smem_raw[];
+  const int hw = H * W;
+  acc* stages = reinterpret_cast<acc*>(smem_raw);  // [repeats][hw]
+  acc* g = stages + repeats * hw;
+  acc* g_prev = g + hw;
+  int* column = reinterpret_cast<int*>(g_prev + hw);
+  int* arg = column + hw;
+  const int64_t plane_id = blockIdx.x;
+  const int64_t n = plane_id / C, c = plane_id % C;
+  const int64_t base = (n * (repeats + 1) * C + c) * hw, stage_stride = C * hw;
+  for (int r = 0; r < repeats; ++r) {
+    plane::load(threadIdx.x, blockDim.x, output + base + r * stage_stride, stages + r * hw, hw);
+  }
+  plane::load(threadIdx.x, blockDim.x, grad_output + base + repeats * stage_stride, g, hw);
+  __syncthreads();
+  for (int r = repeats; r >= 1; --r) {
+    acc* value = r == repeats ? g_prev : stages + r * hw;
+    plane::argmax_rows(threadIdx.x, blockDim.x, stages + (r - 1) * hw, value, column, H, W, p);
+    __syncthreads();
+    plane::argmax_cols(threadIdx.x, blockDim.x, value, column, arg, H, W, p);
+    __syncthreads();
+    plane::gather(threadIdx.x, blockDim.x, g, arg, grad_output + base + (r - 1) * stage_stride,
+                  g_prev, H, W, p);
+    __syncthreads();
+    acc* swap = g;
+    g = g_prev;
+    g_prev = swap;
+  }
+  plane::store(threadIdx.x, blockDim.x, g, grad_input + plane_id * hw, hw);
+}
+
+// Shared memory of sppf_backward_plane_kernel: repeats + 2 planes of the accumulation type and
+// two of int.
+int64_t sppf_backward_plane_bytes(int64_t hw, int64_t repeats, size_t acc_size) {
+  return (repeats + 2) * hw * static_cast<int64_t>(acc_size) + 2 * hw * int64_t{sizeof(int)};
+}
+
 // ------------------------------------------------------------------ host side
 
 
@@ -456,8 +588,11 @@ std::tuple<at::Tensor, at::Tensor> spp_forward_cuda(const at::Tensor& input_,
                       static_cast<unsigned int>((C + threads - 1) / threads));
       spp_forward_nhwc_kernel<T><<<grid, threads, 0, stream>>>(in, out, idx, C, H, W, lv, is_max);
     } else {
-      spp_forward_nchw_kernel<T><<<static_cast<unsigned int>(N * C), kPlaneThreads, 0, stream>>>(
-          in, out, idx, C, H, W, lv, is_max);
+      const int64_t plane_bytes = H * W * static_cast<int64_t>(sizeof(at::opmath_type<T>));
+      const bool staged = plane_bytes <= kPlaneSharedBytes;
+      spp_forward_nchw_kernel<T><<<static_cast<unsigned int>(N * C), kPlaneThreads,
+                                   staged ? plane_bytes : 0, stream>>>(in, out, idx, C, H, W, lv,
+                                                                       is_max, staged);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -477,8 +612,24 @@ at::Tensor spp_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& i
   const int64_t total = grad_input.numel();
   if (total == 0) return grad_input;
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t N = input_size[0], C = input_size[1], H = input_size[2], W = input_size[3];
   dispatch_float_types(grad_output.scalar_type(), "torch_ext spp CUDA kernels", [&](auto tag) {
     using T = decltype(tag);
+    // Shared memory of the plane kernel: the bins' gradients and argmaxes, the level tables.
+    const int64_t plane_bytes =
+        lv.bins * static_cast<int64_t>(sizeof(at::opmath_type<T>) + sizeof(int)) +
+        2 * lv.count * (H + W) * static_cast<int64_t>(sizeof(int));
+    if (memory_format == c10::MemoryFormat::Contiguous && plane_bytes <= kPlaneSharedBytes &&
+        N * C < (int64_t{1} << 31) && H * W < (int64_t{1} << 31)) {
+      spp_backward_plane_kernel<T>
+          <<<static_cast<unsigned int>(N * C), kPlaneThreads, plane_bytes, stream>>>(
+              grad_output.const_data_ptr<T>(),
+              is_max ? indices.const_data_ptr<int64_t>() : nullptr,
+              grad_input.mutable_data_ptr<T>(), C, static_cast<int>(H), static_cast<int>(W), lv,
+              is_max);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     spp_backward_kernel<T><<<launch::grid_stride_blocks(total), launch::kBlockThreads, 0, stream>>>(
         grad_output.const_data_ptr<T>(), is_max ? indices.const_data_ptr<int64_t>() : nullptr,
         grad_input.mutable_data_ptr<T>(),
@@ -515,6 +666,14 @@ at::Tensor sppf_cuda(const at::Tensor& input_, int64_t kernel_size, int64_t repe
     const T* in = input.const_data_ptr<T>();
     T* out = output.mutable_data_ptr<T>();
     const bool channels_last = format == c10::MemoryFormat::ChannelsLast;
+    const int64_t plane_bytes = sppf_forward_plane_bytes(H * W, sizeof(acc));
+    if (!channels_last && plane_bytes <= kPlaneSharedBytes && N * C < (int64_t{1} << 31)) {
+      sppf_forward_plane_kernel<T>
+          <<<static_cast<unsigned int>(N * C), kPlaneThreads, plane_bytes, stream>>>(
+              in, out, C, static_cast<int>(H), static_cast<int>(W), p, static_cast<int>(repeats));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     // The tiled kernel walks planes, which reads NHWC memory with a stride of C: channels_last
     // takes the per-stage kernels, which enumerate it channels first (coalesced).
     const int tile = channels_last ? 0 : pick_sppf_tile(p, static_cast<int>(repeats), sizeof(acc));
@@ -559,15 +718,25 @@ at::Tensor sppf_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& 
   const int p = static_cast<int>(effective_kernel_size(kernel_size, H, W) / 2);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto acc_dtype = output.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  // Scratch in the enumeration order of d (plain contiguous tensors, indexed by MapDims).
   const MapDims d{N, C, H, W, format == c10::MemoryFormat::ChannelsLast};
-  auto g = at::empty({total}, output.options().dtype(acc_dtype));
-  auto g_prev = at::empty_like(g);
-  auto arg = at::empty({total}, output.options().dtype(at::kLong));
   const unsigned int blocks = launch::grid_stride_blocks(total);
   dispatch_float_types(output.scalar_type(), "torch_ext spp CUDA kernels", [&](auto tag) {
     using T = decltype(tag);
     using acc = at::opmath_type<T>;
+    const int64_t plane_bytes = sppf_backward_plane_bytes(H * W, repeats, sizeof(acc));
+    if (!d.channels_last && plane_bytes <= kPlaneSharedBytes && N * C < (int64_t{1} << 31)) {
+      sppf_backward_plane_kernel<T>
+          <<<static_cast<unsigned int>(N * C), kPlaneThreads, plane_bytes, stream>>>(
+              grad_output.const_data_ptr<T>(), output.const_data_ptr<T>(),
+              grad_input.mutable_data_ptr<T>(), C, static_cast<int>(H), static_cast<int>(W), p,
+              static_cast<int>(repeats));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    // Scratch in the enumeration order of d (plain contiguous tensors, indexed by MapDims).
+    auto g = at::empty({total}, output.options().dtype(acc_dtype));
+    auto g_prev = at::empty_like(g);
+    auto arg = at::empty({total}, output.options().dtype(at::kLong));
     const Strides4 out_s = strides_of(output), go_s = strides_of(grad_output);
     sppf_load_last_grad_kernel<T><<<blocks, launch::kBlockThreads, 0, stream>>>(
         grad_output.const_data_ptr<T>(), g.mutable_data_ptr<acc>(), d, go_s,
