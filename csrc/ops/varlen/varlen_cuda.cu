@@ -5,12 +5,15 @@
 // block-wide exclusive scan over per-thread chunks keeps the row-major order). The only
 // device-to-host transfer is (total, longest) together, and it is skipped when the caller gives
 // total_tokens. Row gathers/scatters copy whole rows in the widest unit (up to 16 bytes) the
-// row size and alignment allow; the scatter writes into zeros (indices are unique: no atomics).
+// row size and alignment allow. The scatter (index_put_first_axis, pad_input's) writes every
+// output row once: the inverse of its index (for each output row, the source row or -1) is
+// built first, a pass over a few bytes per row, then each output row is either a copied source
+// row or zeros (no separate zero fill of the output; indices are unique: no atomics).
 // An out-of-range index trips a device-side assert, as in PyTorch's own index ops.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/full.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -154,10 +157,10 @@ std::tuple<at::Tensor, at::Tensor, c10::SymInt, at::Tensor> unpad_plan_cuda(
 
 // ---------------------------------------------------------------- row copies
 
-// dst row i <- src row idx[i] (gather) or dst row idx[i] <- src row i (scatter), in units U.
-// The gather reads source rows src_row_units apart (the input's row stride: rows that are each
-// contiguous, of an expanded or sliced first axis, are read in place).
-template <class U, bool kScatter>
+// dst row i <- src row idx[i], in units U. Source rows are read src_row_units apart (the
+// input's row stride: rows that are each contiguous, of an expanded or sliced first axis, are
+// read in place).
+template <class U>
 __global__ void copy_rows(const U* __restrict__ src, U* __restrict__ dst,
                           const int64_t* __restrict__ idx, int64_t rows, int64_t units,
                           int64_t src_row_units, int64_t limit) {
@@ -167,40 +170,65 @@ __global__ void copy_rows(const U* __restrict__ src, U* __restrict__ dst,
     const int64_t r = e / units, u = e % units;
     const int64_t target = idx[r];
     CUDA_KERNEL_ASSERT(target >= 0 && target < limit);
-    if (kScatter) {
-      dst[target * units + u] = src[e];
-    } else {
-      dst[e] = src[target * src_row_units + u];
-    }
+    dst[e] = src[target * src_row_units + u];
   }
 }
 
-template <bool kScatter>
-void launch_copy_rows(const void* src, void* dst, const int64_t* idx, int64_t rows,
-                      int64_t row_bytes, int64_t limit, int64_t src_row_bytes = -1) {
-  if (rows == 0 || row_bytes == 0) return;
-  if (src_row_bytes < 0) src_row_bytes = row_bytes;
-  auto stream = c10::cuda::getCurrentCUDAStream();
+// src_of[idx[r]] = r for the rows r of a scatter (src_of holds -1 before): its index inverted.
+__global__ void invert_rows(const int64_t* __restrict__ idx, int64_t rows,
+                            int64_t* __restrict__ src_of, int64_t limit) {
+  for (int64_t r = launch::grid_stride_first(); r < rows; r += launch::grid_stride_step()) {
+    const int64_t target = idx[r];
+    CUDA_KERNEL_ASSERT(target >= 0 && target < limit);
+    src_of[target] = r;
+  }
+}
+
+// dst row o <- src row src_of[o], or zeros where src_of[o] < 0, in units U: every row of dst
+// written once.
+template <class U>
+__global__ void fill_rows(const U* __restrict__ src, U* __restrict__ dst,
+                          const int64_t* __restrict__ src_of, int64_t rows, int64_t units) {
+  const int64_t total = rows * units;
+  for (int64_t e = launch::grid_stride_first(); e < total;
+       e += launch::grid_stride_step()) {
+    const int64_t from = src_of[e / units];
+    dst[e] = from >= 0 ? src[from * units + e % units] : U{};
+  }
+}
+
+// fn(U{}) with the widest copy unit (16, 8, 4, 2 or 1 bytes) that divides the row sizes and to
+// which both pointers are aligned.
+template <class F>
+void with_row_unit(const void* src, const void* dst, int64_t row_bytes, int64_t src_row_bytes,
+                   F&& fn) {
   const auto aligned = [&](int64_t unit) {
     return row_bytes % unit == 0 && src_row_bytes % unit == 0 &&
            reinterpret_cast<uintptr_t>(src) % unit == 0 &&
            reinterpret_cast<uintptr_t>(dst) % unit == 0;
   };
-  auto copy_in_units = [&](auto tag) {
+  if (aligned(16)) return fn(uint4{});
+  if (aligned(8)) return fn(uint2{});
+  if (aligned(4)) return fn(uint32_t{});
+  if (aligned(2)) return fn(uint16_t{});
+  fn(uint8_t{});
+}
+
+void launch_copy_rows(const void* src, void* dst, const int64_t* idx, int64_t rows,
+                      int64_t row_bytes, int64_t limit, int64_t src_row_bytes = -1) {
+  if (rows == 0 || row_bytes == 0) return;
+  if (src_row_bytes < 0) src_row_bytes = row_bytes;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  with_row_unit(src, dst, row_bytes, src_row_bytes, [&](auto tag) {
     using U = decltype(tag);
     const int64_t units = row_bytes / static_cast<int64_t>(sizeof(U));
     const int64_t src_row_units = src_row_bytes / static_cast<int64_t>(sizeof(U));
     const unsigned int blocks = launch::grid_stride_blocks(rows * units, kThreads);
-    copy_rows<U, kScatter><<<blocks, kThreads, 0, stream>>>(
+    copy_rows<U><<<blocks, kThreads, 0, stream>>>(
         static_cast<const U*>(src), static_cast<U*>(dst), idx, rows, units, src_row_units,
         limit);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  if (aligned(16)) return copy_in_units(uint4{});
-  if (aligned(8)) return copy_in_units(uint2{});
-  if (aligned(4)) return copy_in_units(uint32_t{});
-  if (aligned(2)) return copy_in_units(uint16_t{});
-  copy_in_units(uint8_t{});
+  });
 }
 
 at::Tensor index_first_axis_cuda(const at::Tensor& input_, const at::Tensor& indices_) {
@@ -214,7 +242,7 @@ at::Tensor index_first_axis_cuda(const at::Tensor& input_, const at::Tensor& ind
   auto shape = input.sizes().vec();
   shape[0] = indices.size(0);
   auto output = at::empty(shape, input.options());
-  launch_copy_rows<false>(input.const_data_ptr(), output.mutable_data_ptr(),
+  launch_copy_rows(input.const_data_ptr(), output.mutable_data_ptr(),
                           indices.const_data_ptr<int64_t>(), indices.size(0),
                           row_size(input) * input.element_size(), input.size(0),
                           input.stride(0) * input.element_size());
@@ -230,10 +258,29 @@ at::Tensor index_put_first_axis_cuda(const at::Tensor& values_, const at::Tensor
   const auto indices = indices_.contiguous();
   auto shape = values.sizes().vec();
   shape[0] = first_axis_dim;
-  auto output = at::zeros(shape, values.options());
-  launch_copy_rows<true>(values.const_data_ptr(), output.mutable_data_ptr(),
-                         indices.const_data_ptr<int64_t>(), indices.size(0),
-                         row_size(values) * values.element_size(), first_axis_dim);
+  auto output = at::empty(shape, values.options());
+  const int64_t row_bytes = row_size(values) * values.element_size();
+  if (first_axis_dim == 0 || row_bytes == 0) return output;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto src_of = at::full({first_axis_dim}, -1, indices.options());
+  const int64_t rows = indices.size(0);
+  if (rows > 0) {
+    invert_rows<<<launch::grid_stride_blocks(rows, kThreads), kThreads, 0, stream>>>(
+        indices.const_data_ptr<int64_t>(), rows, src_of.mutable_data_ptr<int64_t>(),
+        first_axis_dim);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  with_row_unit(values.const_data_ptr(), output.const_data_ptr(), row_bytes, row_bytes,
+                [&](auto tag) {
+                  using U = decltype(tag);
+                  const int64_t units = row_bytes / static_cast<int64_t>(sizeof(U));
+                  fill_rows<U><<<launch::grid_stride_blocks(first_axis_dim * units, kThreads),
+                                 kThreads, 0, stream>>>(
+                      static_cast<const U*>(values.const_data_ptr()),
+                      static_cast<U*>(output.mutable_data_ptr()),
+                      src_of.const_data_ptr<int64_t>(), first_axis_dim, units);
+                  C10_CUDA_KERNEL_LAUNCH_CHECK();
+                });
   return output;
 }
 
