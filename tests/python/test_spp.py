@@ -320,6 +320,18 @@ def test_sppf_shapes(device, dtype, shape, kernel_size, gen):
     check_sppf(base, view, kernel_size, 3, gen)
 
 
+# On CUDA, NCHW planes that fit in 48 KiB of shared memory take kernels that hold a plane per
+# block (sppf: 6144 float32 elements forward, fewer backward and in float64; spp's forward
+# stages planes up to 12288 float32 elements); larger planes take the tiled and per-element
+# kernels. 100 x 130 takes the large-plane paths of both ops, in both dtypes.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_planes_beyond_shared_memory(device, dtype, gen):
+    base, view = make_input((1, 2, 100, 130), "contiguous", gen, "ties", device=device, dtype=dtype)
+    check_sppf(base, view, 5, 3, gen)
+    for mode in ("max", "avg"):
+        check_spp(base, view, (1, 2, 4), mode, gen)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
 @pytest.mark.parametrize("dtype", FLOATS, ids=dtype_id)
 def test_sppf_layouts(device, dtype, layout, gen):
