@@ -299,12 +299,12 @@ __global__ void sppf_forward_plane_kernel(const T* __restrict__ input, T* __rest
   const int64_t plane_id = blockIdx.x;
   const int64_t n = plane_id / C, c = plane_id % C;
   // Stage r of this plane: output[n, r * C + c].
-  T* out = output + (n * (repeats + 1) * C + c) * hw;
+  T* out = output + (n * (int64_t{repeats} + 1) * C + c) * hw;
   const int64_t stage_stride = C * hw;
   plane::load(threadIdx.x, blockDim.x, input + plane_id * hw, cur, hw);
   __syncthreads();
   plane::store(threadIdx.x, blockDim.x, cur, out, hw);
-  for (int r = 1; r <= repeats; ++r) {
+  for (int64_t r = 1; r <= repeats; ++r) {
     plane::max_rows(threadIdx.x, blockDim.x, cur, tmp, H, W, p);
     __syncthreads();
     plane::max_cols(threadIdx.x, blockDim.x, tmp, cur, H, W, p);
@@ -516,13 +516,13 @@ __global__ void sppf_backward_plane_kernel(const T* __restrict__ grad_output,
   int* arg = column + hw;
   const int64_t plane_id = blockIdx.x;
   const int64_t n = plane_id / C, c = plane_id % C;
-  const int64_t base = (n * (repeats + 1) * C + c) * hw, stage_stride = C * hw;
-  for (int r = 0; r < repeats; ++r) {
+  const int64_t base = (n * (int64_t{repeats} + 1) * C + c) * hw, stage_stride = C * hw;
+  for (int64_t r = 0; r < repeats; ++r) {
     plane::load(threadIdx.x, blockDim.x, output + base + r * stage_stride, stages + r * hw, hw);
   }
   plane::load(threadIdx.x, blockDim.x, grad_output + base + repeats * stage_stride, g, hw);
   __syncthreads();
-  for (int r = repeats; r >= 1; --r) {
+  for (int64_t r = repeats; r >= 1; --r) {
     acc* value = r == repeats ? g_prev : stages + r * hw;
     plane::argmax_rows(threadIdx.x, blockDim.x, stages + (r - 1) * hw, value, column, H, W, p);
     __syncthreads();
@@ -615,12 +615,18 @@ at::Tensor spp_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& i
   const int64_t N = input_size[0], C = input_size[1], H = input_size[2], W = input_size[3];
   dispatch_float_types(grad_output.scalar_type(), "torch_ext spp CUDA kernels", [&](auto tag) {
     using T = decltype(tag);
-    // Shared memory of the plane kernel: the bins' gradients and argmaxes, the level tables.
+    // Dynamic shared memory of the plane kernel: the bins' gradients and argmaxes, the level
+    // tables (its static level_sizes come on top). One block per plane: only where the planes
+    // are small or many enough to fill the GPU (a few huge planes take the grid-wide kernel).
     const int64_t plane_bytes =
         lv.bins * static_cast<int64_t>(sizeof(at::opmath_type<T>) + sizeof(int)) +
         2 * lv.count * (H + W) * static_cast<int64_t>(sizeof(int));
-    if (memory_format == c10::MemoryFormat::Contiguous && plane_bytes <= kPlaneSharedBytes &&
-        N * C < (int64_t{1} << 31) && H * W < (int64_t{1} << 31)) {
+    const bool fills_gpu =
+        H * W <= 16384 || N * C >= 2 * launch::multiprocessor_count(grad_output.get_device());
+    if (memory_format == c10::MemoryFormat::Contiguous &&
+        plane_bytes + kMaxCudaLevels * static_cast<int64_t>(sizeof(int64_t)) <=
+            kPlaneSharedBytes &&
+        fills_gpu && N * C < (int64_t{1} << 31) && H * W < (int64_t{1} << 31)) {
       spp_backward_plane_kernel<T>
           <<<static_cast<unsigned int>(N * C), kPlaneThreads, plane_bytes, stream>>>(
               grad_output.const_data_ptr<T>(),

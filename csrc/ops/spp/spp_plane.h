@@ -176,7 +176,8 @@ C10_HOST_DEVICE inline void stage_bins(int tid, int threads, const int64_t* leve
       CUDA_KERNEL_ASSERT(index >= 0 && index < int64_t{H} * W);
 #endif
       bin_grad[b] = grad;
-      bin_index[b] = static_cast<int>(index);
+      // An index outside the plane (where the assert is compiled out) matches no element.
+      bin_index[b] = index >= 0 && index < int64_t{H} * W ? static_cast<int>(index) : -1;
     } else {
       const int64_t kh = numerics::bin_end(bin.i, H, bin.l) - numerics::bin_start(bin.i, H, bin.l);
       const int64_t kw = numerics::bin_end(bin.j, W, bin.l) - numerics::bin_start(bin.j, W, bin.l);
