@@ -742,13 +742,16 @@ def test_segmentation_metrics_rejects_a_non_matrix(device, confmat):
 # ---------------------------------------------------------------- determinism, meta, API
 
 
-@pytest.mark.parametrize("num_classes", [19, 150])
+@pytest.mark.parametrize("num_classes", [19, 150, 300])
 @pytest.mark.parametrize("kind", ["labels", "scores", "scores-channels-last"])
 def test_deterministic(device, kind, num_classes, gen):
-    """Large enough that the work is split among threads / blocks; K = 150 too (on the CPU,
-    all threads then add to one matrix; on CUDA, K * K is past the shared-memory counts)."""
+    """Large enough that the work is split among threads / blocks; K = 150 and 300 too (on the
+    CPU, all threads then add to one matrix; on CUDA, 150 * 150 counts take more than 48 KiB of
+    shared memory per block, and 300 * 300 more than any GPU gives a block: added to the result
+    directly)."""
     k = num_classes
-    target = draw_labels((4, 96, 128), k, gen, torch.uint8, ignore_index=255).to(device)
+    target_dtype = torch.uint8 if k < 255 else torch.int16
+    target = draw_labels((4, 96, 128), k, gen, target_dtype, ignore_index=255).to(device)
     if kind == "labels":
         pred = draw_labels((4, 96, 128), k, gen, torch.int32).to(device)
     else:
