@@ -104,11 +104,14 @@ __device__ __forceinline__ void end_block(int* hist, const Problem& pb, const Ba
   }
 }
 
-// kChunk labels read as one aligned vector.
-template <class T>
-struct alignas(sizeof(T) * kChunk) Chunk {
-  T v[kChunk];
+// N values read as one aligned vector.
+template <class T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
 };
+
+template <class T>
+using Chunk = Pack<T, kChunk>;
 
 // `vectorized`: both tensors' data are aligned to their Chunk (whole chunks are then read as
 // one vector each; the last partial chunk element by element).
@@ -141,31 +144,69 @@ __global__ void labels_kernel(const P* __restrict__ pred, const T* __restrict__ 
   end_block(hist, pb, bad, run);
 }
 
-// One thread per pixel: argmax over the classes (ties to the lowest class, the first NaN wins,
-// as torch.argmax), then the count.
+// The argmax over the classes (ties to the lowest class, the first NaN wins, as torch.argmax),
+// then the count. A thread takes kScorePixels consecutive pixels of one image at a time: where
+// the pixels are contiguous (NCHW scores) and `vectorized` (the data, the class and batch
+// strides aligned to the vector), each class's scores of the pixels are one vector load.
+constexpr int kScorePixels = 4;
+
 template <class S, class T>
 __global__ void scores_kernel(const S* __restrict__ scores, const T* __restrict__ target,
                               int64_t batch, int64_t pixels, int64_t batch_stride,
-                              int64_t class_stride, int64_t pixel_stride, Problem pb) {
+                              int64_t class_stride, int64_t pixel_stride, Problem pb,
+                              bool vectorized) {
   using acc = at::opmath_type<S>;
+  using Scores = Pack<S, kScorePixels>;
   extern __shared__ int hist[];
   begin_block(hist, pb);
   BadPixels bad;
   Run run;
-  const int64_t total = batch * pixels;
-  for (int64_t i = launch::grid_stride_first(); i < total;
-       i += launch::grid_stride_step()) {
-    const S* s = scores + (i / pixels) * batch_stride + (i % pixels) * pixel_stride;
-    acc best = static_cast<acc>(s[0]);
-    int64_t arg = 0;
-    for (int64_t c = 1; c < pb.num_classes; ++c) {
-      const acc v = static_cast<acc>(s[c * class_stride]);
-      if (numerics::argmax_takes_over(v, best)) {
-        best = v;
-        arg = c;
+  const int64_t row_chunks = pixels / kScorePixels + (pixels % kScorePixels != 0);
+  const int64_t chunks = batch * row_chunks;
+  for (int64_t ch = launch::grid_stride_first(); ch < chunks; ch += launch::grid_stride_step()) {
+    const int64_t b = ch / row_chunks, q0 = (ch % row_chunks) * kScorePixels;
+    const int64_t i0 = b * pixels + q0;
+    const S* s = scores + b * batch_stride + q0 * pixel_stride;
+    if (vectorized && q0 + kScorePixels <= pixels) {
+      const Scores first = *reinterpret_cast<const Scores*>(s);
+      acc best[kScorePixels];
+      int64_t arg[kScorePixels];
+#pragma unroll
+      for (int k = 0; k < kScorePixels; ++k) {
+        best[k] = static_cast<acc>(first.v[k]);
+        arg[k] = 0;
       }
+      for (int64_t c = 1; c < pb.num_classes; ++c) {
+        const Scores v = *reinterpret_cast<const Scores*>(s + c * class_stride);
+#pragma unroll
+        for (int k = 0; k < kScorePixels; ++k) {
+          const acc value = static_cast<acc>(v.v[k]);
+          if (numerics::argmax_takes_over(value, best[k])) {
+            best[k] = value;
+            arg[k] = c;
+          }
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kScorePixels; ++k) {
+        tally(hist, pb, bad, run, i0 + k, static_cast<int64_t>(target[i0 + k]), arg[k]);
+      }
+      continue;
     }
-    tally(hist, pb, bad, run, i, static_cast<int64_t>(target[i]), arg);
+    const int64_t end = min(static_cast<int64_t>(kScorePixels), pixels - q0);
+    for (int64_t k = 0; k < end; ++k) {
+      const S* px = s + k * pixel_stride;
+      acc best = static_cast<acc>(px[0]);
+      int64_t arg = 0;
+      for (int64_t c = 1; c < pb.num_classes; ++c) {
+        const acc v = static_cast<acc>(px[c * class_stride]);
+        if (numerics::argmax_takes_over(v, best)) {
+          best = v;
+          arg = c;
+        }
+      }
+      tally(hist, pb, bad, run, i0 + k, static_cast<int64_t>(target[i0 + k]), arg);
+    }
   }
   end_block(hist, pb, bad, run);
 }
@@ -230,10 +271,18 @@ void accumulate_cuda(at::Tensor& confmat, at::Tensor& report, const at::Tensor& 
           dispatch_float_types(in.pred.scalar_type(), "confusion_matrix CUDA kernel",
                                [&](auto tag) {
                                  using S = decltype(tag);
+                                 const S* scores = in.pred.const_data_ptr<S>();
+                                 const bool vectorized =
+                                     in.pixel_stride == 1 &&
+                                     in.class_stride % kScorePixels == 0 &&
+                                     in.batch_stride % kScorePixels == 0 &&
+                                     reinterpret_cast<uintptr_t>(scores) %
+                                             sizeof(Pack<S, kScorePixels>) ==
+                                         0;
                                  launch_counting(scores_kernel<S, T>, blocks, smem, stream,
-                                                 in.pred.const_data_ptr<S>(), t, in.batch,
-                                                 in.pixels, in.batch_stride, in.class_stride,
-                                                 in.pixel_stride, pb);
+                                                 scores, t, in.batch, in.pixels,
+                                                 in.batch_stride, in.class_stride,
+                                                 in.pixel_stride, pb, vectorized);
                                });
         } else {
           dispatch_label_types(
