@@ -211,9 +211,10 @@ __global__ void scores_kernel(const S* __restrict__ scores, const T* __restrict_
   end_block(hist, pb, bad, run);
 }
 
-unsigned int grid_for(int64_t total, int device, int64_t smem) {
+// `per_thread`: the pixels a thread takes per step.
+unsigned int grid_for(int64_t total, int64_t per_thread, int device, int64_t smem) {
   const int sms = launch::multiprocessor_count(device);
-  const int64_t wanted = (total + kThreads - 1) / kThreads;
+  const int64_t wanted = (total + kThreads * per_thread - 1) / (kThreads * per_thread);
   // Enough blocks to fill the GPU (fewer per SM when each takes a large histogram), few enough
   // that private histograms pay off, and at least total / 2^30 so that no block's int32 count
   // can overflow.
@@ -231,13 +232,15 @@ int64_t shared_bytes_opt_in(int device) {
   return std::max<int64_t>(bytes, kDefaultSharedBytes);
 }
 
-// Launches kernel with `smem` bytes of dynamic shared memory, opting in beyond 48 KiB.
+// Launches kernel with `smem` bytes of dynamic shared memory, opting in beyond 48 KiB (to the
+// device's maximum, the same value for every call, so that concurrent callers never lower it
+// under each other's launch).
 template <class Kernel, class... Args>
-void launch_counting(Kernel kernel, unsigned int blocks, int64_t smem, cudaStream_t stream,
-                     Args... args) {
+void launch_counting(Kernel kernel, unsigned int blocks, int64_t smem, int device,
+                     cudaStream_t stream, Args... args) {
   if (smem > kDefaultSharedBytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
+                                        static_cast<int>(shared_bytes_opt_in(device))));
   }
   kernel<<<blocks, kThreads, static_cast<size_t>(smem), stream>>>(args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -261,7 +264,6 @@ void accumulate_cuda(at::Tensor& confmat, at::Tensor& report, const at::Tensor& 
                    confmat.mutable_data_ptr<int64_t>(),
                    report.mutable_data_ptr<int64_t>()};
   const int64_t smem = shared_hist ? cells * static_cast<int64_t>(sizeof(int)) : 0;
-  const unsigned int blocks = grid_for(total, device, smem);
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_label_types(
       in.target.scalar_type(), "confusion_matrix CUDA kernel", [&](auto target_tag) {
@@ -279,7 +281,9 @@ void accumulate_cuda(at::Tensor& confmat, at::Tensor& report, const at::Tensor& 
                                      reinterpret_cast<uintptr_t>(scores) %
                                              sizeof(Pack<S, kScorePixels>) ==
                                          0;
-                                 launch_counting(scores_kernel<S, T>, blocks, smem, stream,
+                                 launch_counting(scores_kernel<S, T>,
+                                                 grid_for(total, kScorePixels, device, smem),
+                                                 smem, device, stream,
                                                  scores, t, in.batch, in.pixels,
                                                  in.batch_stride, in.class_stride,
                                                  in.pixel_stride, pb, vectorized);
@@ -292,8 +296,8 @@ void accumulate_cuda(at::Tensor& confmat, at::Tensor& report, const at::Tensor& 
                 const bool vectorized =
                     reinterpret_cast<uintptr_t>(p) % sizeof(Chunk<P>) == 0 &&
                     reinterpret_cast<uintptr_t>(t) % sizeof(Chunk<T>) == 0;
-                launch_counting(labels_kernel<P, T>, blocks, smem, stream, p, t, total, pb,
-                                vectorized);
+                launch_counting(labels_kernel<P, T>, grid_for(total, kChunk, device, smem),
+                                smem, device, stream, p, t, total, pb, vectorized);
               });
         }
       });
