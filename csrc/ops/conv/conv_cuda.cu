@@ -80,68 +80,106 @@ __device__ __forceinline__ A activate(A v, int act) {
 
 // ---------------------------------------------------------------- depthwise
 
+// The geometry in the index type I of a depthwise kernel: int32 where every size, offset and
+// element count of the maps fits (integer division and modulo in 32 bits are several times
+// cheaper than in 64), int64 otherwise.
+template <class I>
+struct GeoI {
+  I n, c_in, h, w, c_out, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow;
+};
+
+template <class I>
+GeoI<I> geo_as(const Geo& g) {
+  return {static_cast<I>(g.n),  static_cast<I>(g.c_in), static_cast<I>(g.h),
+          static_cast<I>(g.w),  static_cast<I>(g.c_out), static_cast<I>(g.kh),
+          static_cast<I>(g.kw), static_cast<I>(g.sh),   static_cast<I>(g.sw),
+          static_cast<I>(g.pt), static_cast<I>(g.pl),   static_cast<I>(g.dh),
+          static_cast<I>(g.dw), static_cast<I>(g.oh),   static_cast<I>(g.ow)};
+}
+
+// Whether every index a depthwise kernel computes for g fits int32 with room to spare: element
+// counts and positions along each axis (an output position times the stride plus the kernel's
+// extent and the padding) below 2^30, so that a grid-stride step (at most 2^28) past the last
+// element cannot overflow either.
+bool fits_int32(const Geo& g) {
+  constexpr int64_t limit = int64_t{1} << 30;
+  const auto below = [&](int64_t a, int64_t b) { return a == 0 || b <= limit / a; };
+  const bool counts = below(g.n * g.c_in, g.h * g.w) && below(g.n * g.c_out, g.oh * g.ow) &&
+                      g.n * g.c_in < limit && g.n * g.c_out < limit && g.h * g.w < limit &&
+                      g.oh * g.ow < limit;
+  const auto axis = [&](int64_t in, int64_t out, int64_t stride, int64_t pad, int64_t k,
+                        int64_t dil) {
+    return out < limit / std::max<int64_t>(stride, 1) && k < limit / std::max<int64_t>(dil, 1) &&
+           out * stride + k * dil + pad + in < limit / 2;
+  };
+  return counts && axis(g.h, g.oh, g.sh, g.pt, g.kh, g.dh) &&
+         axis(g.w, g.ow, g.sw, g.pl, g.kw, g.dw) && g.c_out * g.kh * g.kw < limit;
+}
+
 // Patch of input the tile reads, and its size in elements.
-__host__ __device__ inline int64_t patch_rows(const Geo& g) {
+template <class I>
+__host__ __device__ inline I patch_rows(const GeoI<I>& g) {
   return (kTileH - 1) * g.sh + (g.kh - 1) * g.dh + 1;
 }
-__host__ __device__ inline int64_t patch_cols(const Geo& g) {
+template <class I>
+__host__ __device__ inline I patch_cols(const GeoI<I>& g) {
   return (kTileW - 1) * g.sw + (g.kw - 1) * g.dw + 1;
 }
 
-template <class T>
+template <class T, class I>
 __global__ void depthwise_forward_tiled(const T* __restrict__ x, const T* __restrict__ w,
                                         const T* __restrict__ b, T* __restrict__ y,
-                                        T* __restrict__ pre, Geo g, int act, int64_t plane0) {
+                                        T* __restrict__ pre, GeoI<I> g, int act, int64_t plane0) {
   using A = at::opmath_type<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* patch = reinterpret_cast<A*>(smem_raw);
-  const int64_t prow = patch_rows(g), pcol = patch_cols(g), taps = g.kh * g.kw;
+  const I prow = patch_rows(g), pcol = patch_cols(g), taps = g.kh * g.kw;
   A* wsh = patch + prow * pcol;
-  const int64_t plane = plane0 + blockIdx.z;  // n * c_out + co
-  const int64_t co = plane % g.c_out, n = plane / g.c_out;
-  const int64_t ci = co / (g.c_out / g.c_in);
-  const int64_t oh0 = int64_t(blockIdx.y) * kTileH, ow0 = int64_t(blockIdx.x) * kTileW;
-  const int64_t ih0 = oh0 * g.sh - g.pt, iw0 = ow0 * g.sw - g.pl;
+  const I plane = static_cast<I>(plane0 + blockIdx.z);  // n * c_out + co
+  const I co = plane % g.c_out, n = plane / g.c_out;
+  const I ci = co / (g.c_out / g.c_in);
+  const I oh0 = static_cast<I>(blockIdx.y) * kTileH, ow0 = static_cast<I>(blockIdx.x) * kTileW;
+  const I ih0 = oh0 * g.sh - g.pt, iw0 = ow0 * g.sw - g.pl;
   const T* xp = x + (n * g.c_in + ci) * g.h * g.w;
-  const int tid = threadIdx.y * kTileW + threadIdx.x;
-  for (int64_t k = tid; k < prow * pcol; k += kThreads) {
-    const int64_t ih = ih0 + k / pcol, iw = iw0 + k % pcol;
+  const I tid = threadIdx.y * kTileW + threadIdx.x;
+  for (I k = tid; k < prow * pcol; k += kThreads) {
+    const I ih = ih0 + k / pcol, iw = iw0 + k % pcol;
     patch[k] = (ih >= 0 && ih < g.h && iw >= 0 && iw < g.w) ? A(xp[ih * g.w + iw]) : A(0);
   }
-  for (int64_t k = tid; k < taps; k += kThreads) wsh[k] = A(w[co * taps + k]);
+  for (I k = tid; k < taps; k += kThreads) wsh[k] = A(w[co * taps + k]);
   __syncthreads();
-  const int64_t oh = oh0 + threadIdx.y, ow = ow0 + threadIdx.x;
+  const I oh = oh0 + threadIdx.y, ow = ow0 + threadIdx.x;
   if (oh >= g.oh || ow >= g.ow) return;
   A acc = b != nullptr ? A(b[co]) : A(0);
   const A* base = patch + threadIdx.y * g.sh * pcol + threadIdx.x * g.sw;
-  for (int64_t i = 0; i < g.kh; ++i) {
-    for (int64_t j = 0; j < g.kw; ++j) {
+  for (I i = 0; i < g.kh; ++i) {
+    for (I j = 0; j < g.kw; ++j) {
       acc += wsh[i * g.kw + j] * base[i * g.dh * pcol + j * g.dw];
     }
   }
-  const int64_t o = plane * g.oh * g.ow + oh * g.ow + ow;
+  const I o = plane * g.oh * g.ow + oh * g.ow + ow;
   if (pre != nullptr) pre[o] = T(acc);
   y[o] = T(activate(acc, act));
 }
 
-template <class T>
+template <class T, class I>
 __global__ void depthwise_forward_direct(const T* __restrict__ x, const T* __restrict__ w,
                                          const T* __restrict__ b, T* __restrict__ y,
-                                         T* __restrict__ pre, Geo g, int act) {
+                                         T* __restrict__ pre, GeoI<I> g, int act) {
   using A = at::opmath_type<T>;
-  const int64_t total = g.n * g.c_out * g.oh * g.ow;
-  for (int64_t o = launch::grid_stride_first(); o < total;
-       o += launch::grid_stride_step()) {
-    const int64_t ow = o % g.ow, oh = o / g.ow % g.oh, plane = o / (g.ow * g.oh);
-    const int64_t co = plane % g.c_out, n = plane / g.c_out, ci = co / (g.c_out / g.c_in);
+  const I total = g.n * g.c_out * g.oh * g.ow;
+  for (I o = static_cast<I>(launch::grid_stride_first()); o < total;
+       o += static_cast<I>(launch::grid_stride_step())) {
+    const I ow = o % g.ow, oh = o / g.ow % g.oh, plane = o / (g.ow * g.oh);
+    const I co = plane % g.c_out, n = plane / g.c_out, ci = co / (g.c_out / g.c_in);
     const T* xp = x + (n * g.c_in + ci) * g.h * g.w;
     const T* wp = w + co * g.kh * g.kw;
     A acc = b != nullptr ? A(b[co]) : A(0);
-    for (int64_t i = 0; i < g.kh; ++i) {
-      const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+    for (I i = 0; i < g.kh; ++i) {
+      const I ih = oh * g.sh - g.pt + i * g.dh;
       if (ih < 0 || ih >= g.h) continue;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        const int64_t iw = ow * g.sw - g.pl + j * g.dw;
+      for (I j = 0; j < g.kw; ++j) {
+        const I iw = ow * g.sw - g.pl + j * g.dw;
         if (iw < 0 || iw >= g.w) continue;
         acc += A(wp[i * g.kw + j]) * A(xp[ih * g.w + iw]);
       }
@@ -151,34 +189,39 @@ __global__ void depthwise_forward_direct(const T* __restrict__ x, const T* __res
   }
 }
 
-// Output index along one axis reached from input position `in` by tap `t`, or -1.
-__device__ __forceinline__ int64_t source_index(int64_t in, int64_t t, int64_t pad, int64_t dil,
-                                                int64_t stride, int64_t out) {
-  const int64_t s = in + pad - t * dil;
-  if (s < 0 || s % stride != 0) return -1;
-  const int64_t o = s / stride;
-  return o < out ? o : -1;
+// Output index along one axis reached from input position `in` by tap `t`, or -1 (stride 1:
+// no division).
+template <bool kUnitStride, class I>
+__device__ __forceinline__ I source_index(I in, I t, I pad, I dil, I stride, I out) {
+  const I s = in + pad - t * dil;
+  if constexpr (kUnitStride) {
+    return s >= 0 && s < out ? s : I(-1);
+  } else {
+    if (s < 0 || s % stride != 0) return -1;
+    const I o = s / stride;
+    return o < out ? o : I(-1);
+  }
 }
 
-template <class T>
+template <class T, class I, bool kUnitStride>
 __global__ void depthwise_backward_input(const T* __restrict__ gy, const T* __restrict__ w,
-                                         T* __restrict__ gx, Geo g) {
+                                         T* __restrict__ gx, GeoI<I> g) {
   using A = at::opmath_type<T>;
-  const int64_t mult = g.c_out / g.c_in, total = g.n * g.c_in * g.h * g.w;
-  for (int64_t e = launch::grid_stride_first(); e < total;
-       e += launch::grid_stride_step()) {
-    const int64_t iw = e % g.w, ih = e / g.w % g.h, plane = e / (g.w * g.h);
-    const int64_t ci = plane % g.c_in, n = plane / g.c_in;
+  const I mult = g.c_out / g.c_in, total = g.n * g.c_in * g.h * g.w;
+  for (I e = static_cast<I>(launch::grid_stride_first()); e < total;
+       e += static_cast<I>(launch::grid_stride_step())) {
+    const I iw = e % g.w, ih = e / g.w % g.h, plane = e / (g.w * g.h);
+    const I ci = plane % g.c_in, n = plane / g.c_in;
     A acc = 0;
-    for (int64_t m = 0; m < mult; ++m) {
-      const int64_t co = ci * mult + m;
+    for (I m = 0; m < mult; ++m) {
+      const I co = ci * mult + m;
       const T* gp = gy + (n * g.c_out + co) * g.oh * g.ow;
       const T* wp = w + co * g.kh * g.kw;
-      for (int64_t i = 0; i < g.kh; ++i) {
-        const int64_t oh = source_index(ih, i, g.pt, g.dh, g.sh, g.oh);
+      for (I i = 0; i < g.kh; ++i) {
+        const I oh = source_index<kUnitStride>(ih, i, g.pt, g.dh, g.sh, g.oh);
         if (oh < 0) continue;
-        for (int64_t j = 0; j < g.kw; ++j) {
-          const int64_t ow = source_index(iw, j, g.pl, g.dw, g.sw, g.ow);
+        for (I j = 0; j < g.kw; ++j) {
+          const I ow = source_index<kUnitStride>(iw, j, g.pl, g.dw, g.sw, g.ow);
           if (ow < 0) continue;
           acc += A(wp[i * g.kw + j]) * A(gp[oh * g.ow + ow]);
         }
@@ -189,19 +232,19 @@ __global__ void depthwise_backward_input(const T* __restrict__ gy, const T* __re
 }
 
 // One block per (channel, tap): sum over (n, oh, ow) of gy * x, tree-reduced in a fixed order.
-template <class T>
+template <class T, class I>
 __global__ void depthwise_backward_weight(const T* __restrict__ gy, const T* __restrict__ x,
-                                          T* __restrict__ gw, Geo g) {
+                                          T* __restrict__ gw, GeoI<I> g) {
   using A = at::opmath_type<T>;
   __shared__ A partial[kThreads];
-  const int64_t taps = g.kh * g.kw;
-  const int64_t co = blockIdx.x / taps, tap = blockIdx.x % taps;
-  const int64_t i = tap / g.kw, j = tap % g.kw, ci = co / (g.c_out / g.c_in);
-  const int64_t per_image = g.oh * g.ow;
+  const I taps = g.kh * g.kw;
+  const I co = static_cast<I>(blockIdx.x) / taps, tap = static_cast<I>(blockIdx.x) % taps;
+  const I i = tap / g.kw, j = tap % g.kw, ci = co / (g.c_out / g.c_in);
+  const I per_image = g.oh * g.ow;
   A acc = 0;
-  for (int64_t e = threadIdx.x; e < g.n * per_image; e += kThreads) {
-    const int64_t n = e / per_image, p = e % per_image, oh = p / g.ow, ow = p % g.ow;
-    const int64_t ih = oh * g.sh - g.pt + i * g.dh, iw = ow * g.sw - g.pl + j * g.dw;
+  for (I e = threadIdx.x; e < g.n * per_image; e += kThreads) {
+    const I n = e / per_image, p = e % per_image, oh = p / g.ow, ow = p % g.ow;
+    const I ih = oh * g.sh - g.pt + i * g.dh, iw = ow * g.sw - g.pl + j * g.dw;
     if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) continue;
     acc +=
         A(gy[(n * g.c_out + co) * per_image + p]) * A(x[((n * g.c_in + ci) * g.h + ih) * g.w + iw]);
@@ -213,6 +256,13 @@ __global__ void depthwise_backward_weight(const T* __restrict__ gy, const T* __r
     __syncthreads();
   }
   if (threadIdx.x == 0) gw[co * taps + tap] = T(partial[0]);
+}
+
+// f(I{}) with the depthwise kernels' index type for g.
+template <class F>
+void with_index_type(const Geo& g, F&& f) {
+  if (fits_int32(g)) return f(int32_t{});
+  f(int64_t{});
 }
 
 // ---------------------------------------------------------------- general (im2col + GEMM)
@@ -247,10 +297,10 @@ __global__ void col2im_kernel(const T* __restrict__ dcol, T* __restrict__ gx, Ge
     const int64_t b = e / (g.w * g.h * cin);
     A acc = 0;
     for (int64_t i = 0; i < g.kh; ++i) {
-      const int64_t oh = source_index(ih, i, g.pt, g.dh, g.sh, g.oh);
+      const int64_t oh = source_index<false>(ih, i, g.pt, g.dh, g.sh, g.oh);
       if (oh < 0) continue;
       for (int64_t j = 0; j < g.kw; ++j) {
-        const int64_t ow = source_index(iw, j, g.pl, g.dw, g.sw, g.ow);
+        const int64_t ow = source_index<false>(iw, j, g.pl, g.dw, g.sw, g.ow);
         if (ow < 0) continue;
         acc += A(dcol[(b * K + (ci * g.kh + i) * g.kw + j) * P + oh * g.ow + ow]);
       }
@@ -341,25 +391,31 @@ std::tuple<at::Tensor, at::Tensor> conv_forward_cuda(
       const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
       T* pp = with_preact ? pre.mutable_data_ptr<T>() : nullptr;
       if (cg.depthwise()) {
-        const int64_t smem = (patch_rows(g) * patch_cols(g) + g.kh * g.kw) * sizeof(A);
-        const int64_t row_tiles = (g.oh + kTileH - 1) / kTileH;
-        if (smem <= kMaxSharedBytes && row_tiles <= 65535) {
-          // Planes go on grid.z, at most 65535 per launch.
-          const int64_t planes = g.n * g.c_out;
-          for (int64_t plane0 = 0; plane0 < planes; plane0 += 65535) {
-            const dim3 grid((g.ow + kTileW - 1) / kTileW, row_tiles,
-                            std::min<int64_t>(65535, planes - plane0));
-            depthwise_forward_tiled<T><<<grid, dim3(kTileW, kTileH), smem, stream>>>(
-                x.const_data_ptr<T>(), w.const_data_ptr<T>(), bp, out.mutable_data_ptr<T>(), pp, g,
-                static_cast<int>(act), plane0);
+        with_index_type(g, [&](auto index_tag) {
+          using I = decltype(index_tag);
+          const GeoI<I> gi = geo_as<I>(g);
+          const GeoI<int64_t> gl = geo_as<int64_t>(g);
+          const int64_t smem = (patch_rows(gl) * patch_cols(gl) + g.kh * g.kw) * sizeof(A);
+          const int64_t row_tiles = (g.oh + kTileH - 1) / kTileH;
+          if (smem <= kMaxSharedBytes && row_tiles <= 65535) {
+            // Planes go on grid.z, at most 65535 per launch.
+            const int64_t planes = g.n * g.c_out;
+            for (int64_t plane0 = 0; plane0 < planes; plane0 += 65535) {
+              const dim3 grid((g.ow + kTileW - 1) / kTileW, row_tiles,
+                              std::min<int64_t>(65535, planes - plane0));
+              depthwise_forward_tiled<T, I><<<grid, dim3(kTileW, kTileH), smem, stream>>>(
+                  x.const_data_ptr<T>(), w.const_data_ptr<T>(), bp, out.mutable_data_ptr<T>(),
+                  pp, gi, static_cast<int>(act), plane0);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            }
+          } else {
+            depthwise_forward_direct<T, I>
+                <<<launch::grid_stride_blocks(out.numel()), kThreads, 0, stream>>>(
+                    x.const_data_ptr<T>(), w.const_data_ptr<T>(), bp, out.mutable_data_ptr<T>(),
+                    pp, gi, static_cast<int>(act));
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           }
-        } else {
-          depthwise_forward_direct<T><<<launch::grid_stride_blocks(out.numel()), kThreads, 0, stream>>>(
-              x.const_data_ptr<T>(), w.const_data_ptr<T>(), bp, out.mutable_data_ptr<T>(), pp, g,
-              static_cast<int>(act));
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
         return;
       }
       const int64_t cin = g.c_in / g.groups, cout = g.c_out / g.groups;
@@ -417,16 +473,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
     dispatch_float_types(x.scalar_type(), "dilated_conv2d backward", [&](auto tag) {
       using T = decltype(tag);
       if (cg.depthwise()) {
-        if (gi.defined()) {
-          depthwise_backward_input<T><<<launch::grid_stride_blocks(gi.numel()), kThreads, 0, stream>>>(
-              gy.const_data_ptr<T>(), w.const_data_ptr<T>(), gi.mutable_data_ptr<T>(), g);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-        if (gw.defined()) {
-          depthwise_backward_weight<T><<<g.c_out * g.kh * g.kw, kThreads, 0, stream>>>(
-              gy.const_data_ptr<T>(), x.const_data_ptr<T>(), gw.mutable_data_ptr<T>(), g);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
+        with_index_type(g, [&](auto index_tag) {
+          using I = decltype(index_tag);
+          const GeoI<I> geo = geo_as<I>(g);
+          if (gi.defined()) {
+            const auto blocks = launch::grid_stride_blocks(gi.numel());
+            if (g.sh == 1 && g.sw == 1) {
+              depthwise_backward_input<T, I, true><<<blocks, kThreads, 0, stream>>>(
+                  gy.const_data_ptr<T>(), w.const_data_ptr<T>(), gi.mutable_data_ptr<T>(), geo);
+            } else {
+              depthwise_backward_input<T, I, false><<<blocks, kThreads, 0, stream>>>(
+                  gy.const_data_ptr<T>(), w.const_data_ptr<T>(), gi.mutable_data_ptr<T>(), geo);
+            }
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+          if (gw.defined()) {
+            depthwise_backward_weight<T, I><<<g.c_out * g.kh * g.kw, kThreads, 0, stream>>>(
+                gy.const_data_ptr<T>(), x.const_data_ptr<T>(), gw.mutable_data_ptr<T>(), geo);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+        });
         return;
       }
       const int64_t cin = g.c_in / g.groups, cout = g.c_out / g.groups;
