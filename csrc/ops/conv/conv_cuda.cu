@@ -258,6 +258,110 @@ __global__ void depthwise_backward_weight(const T* __restrict__ gy, const T* __r
   if (threadIdx.x == 0) gw[co * taps + tap] = T(partial[0]);
 }
 
+// The weight gradient for KH x KW kernels (the common 3x3, 5x5, 7x7): a block sums every tap
+// at once over its share of one channel's (n, oh, ow) positions (split `splits` ways, so that
+// enough blocks fill the GPU), so grad_output is read once for all taps, not once per tap; each
+// thread sums its positions in order, the lanes of a warp by a fixed shuffle tree, the warps in
+// order; depthwise_weight_total then adds the splits in order. No float atomics: deterministic.
+template <class T, class I, int KH, int KW>
+__global__ void depthwise_weight_partials(const T* __restrict__ gy, const T* __restrict__ x,
+                                          at::opmath_type<T>* __restrict__ partials, GeoI<I> g,
+                                          int splits) {
+  using A = at::opmath_type<T>;
+  constexpr int kTaps = KH * KW, kWarps = kThreads / 32;
+  __shared__ A warp_sums[kWarps][kTaps];
+  const I co = static_cast<I>(blockIdx.x), ci = co / (g.c_out / g.c_in);
+  const I per_image = g.oh * g.ow, total = g.n * per_image;
+  const I chunk = (total + splits - 1) / splits;
+  const I begin = chunk * static_cast<I>(blockIdx.y);
+  const I end = begin + chunk < total ? begin + chunk : total;
+  A acc[kTaps];
+#pragma unroll
+  for (int t = 0; t < kTaps; ++t) acc[t] = A(0);
+  for (I e = begin + threadIdx.x; e < end; e += kThreads) {
+    const I n = e / per_image, p = e % per_image, oh = p / g.ow, ow = p % g.ow;
+    const A go = A(gy[(n * g.c_out + co) * per_image + p]);
+    const T* xp = x + (n * g.c_in + ci) * g.h * g.w;
+    const I ih0 = oh * g.sh - g.pt, iw0 = ow * g.sw - g.pl;
+#pragma unroll
+    for (int i = 0; i < KH; ++i) {
+      const I ih = ih0 + i * g.dh;
+      if (ih < 0 || ih >= g.h) continue;
+#pragma unroll
+      for (int j = 0; j < KW; ++j) {
+        const I iw = iw0 + j * g.dw;
+        if (iw >= 0 && iw < g.w) acc[i * KW + j] += go * A(xp[ih * g.w + iw]);
+      }
+    }
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int t = 0; t < kTaps; ++t) {
+    A v = acc[t];
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+    if (lane == 0) warp_sums[warp][t] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < kTaps) {
+    A sum = 0;
+    for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][threadIdx.x];
+    partials[(static_cast<int64_t>(co) * splits + blockIdx.y) * kTaps + threadIdx.x] = sum;
+  }
+}
+
+// gw[co, tap] = the sum over the splits, in order, of the partial sums.
+template <class T>
+__global__ void depthwise_weight_total(const at::opmath_type<T>* __restrict__ partials,
+                                       T* __restrict__ gw, int64_t c_out, int64_t taps,
+                                       int splits) {
+  using A = at::opmath_type<T>;
+  for (int64_t e = launch::grid_stride_first(); e < c_out * taps;
+       e += launch::grid_stride_step()) {
+    const int64_t co = e / taps, t = e % taps;
+    A sum = 0;
+    for (int s = 0; s < splits; ++s) sum += partials[(co * splits + s) * taps + t];
+    gw[e] = T(sum);
+  }
+}
+
+template <class T, class I, int KH, int KW>
+void run_weight_all_taps(const T* gy, const T* x, T* gw, const Geo& g, const GeoI<I>& geo,
+                         const at::TensorOptions& options, cudaStream_t stream) {
+  using A = at::opmath_type<T>;
+  const int sms = launch::multiprocessor_count(options.device().index());
+  const int64_t positions = g.n * g.oh * g.ow;
+  // Four blocks per SM in all, each with at least a few thousand positions.
+  const int splits = static_cast<int>(std::clamp<int64_t>(
+      std::min((4 * int64_t{sms} + g.c_out - 1) / g.c_out, positions / 4096), 1, 64));
+  at::Tensor partials = at::empty({g.c_out * splits * KH * KW},
+                                  options.dtype(c10::CppTypeToScalarType<A>::value));
+  A* part = partials.mutable_data_ptr<A>();
+  depthwise_weight_partials<T, I, KH, KW>
+      <<<dim3(static_cast<unsigned int>(g.c_out), splits), kThreads, 0, stream>>>(gy, x, part, geo,
+                                                                                  splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  depthwise_weight_total<T><<<launch::grid_stride_blocks(g.c_out * KH * KW), kThreads, 0,
+                              stream>>>(part, gw, g.c_out, KH * KW, splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Launches the all-taps weight gradient when the kernel is 3x3, 5x5 or 7x7; false otherwise.
+template <class T, class I>
+bool launch_weight_all_taps(const T* gy, const T* x, T* gw, const Geo& g, const GeoI<I>& geo,
+                            const at::TensorOptions& options, cudaStream_t stream) {
+  if (g.c_out >= (int64_t{1} << 31)) return false;
+  if (g.kh == 3 && g.kw == 3) {
+    run_weight_all_taps<T, I, 3, 3>(gy, x, gw, g, geo, options, stream);
+  } else if (g.kh == 5 && g.kw == 5) {
+    run_weight_all_taps<T, I, 5, 5>(gy, x, gw, g, geo, options, stream);
+  } else if (g.kh == 7 && g.kw == 7) {
+    run_weight_all_taps<T, I, 7, 7>(gy, x, gw, g, geo, options, stream);
+  } else {
+    return false;
+  }
+  return true;
+}
+
 // f(I{}) with the depthwise kernels' index type for g.
 template <class F>
 void with_index_type(const Geo& g, F&& f) {
@@ -487,7 +591,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
             }
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           }
-          if (gw.defined()) {
+          if (gw.defined() &&
+              !launch_weight_all_taps<T, I>(gy.const_data_ptr<T>(), x.const_data_ptr<T>(),
+                                            gw.mutable_data_ptr<T>(), g, geo, x.options(),
+                                            stream)) {
             depthwise_backward_weight<T, I><<<g.c_out * g.kh * g.kw, kThreads, 0, stream>>>(
                 gy.const_data_ptr<T>(), x.const_data_ptr<T>(), gw.mutable_data_ptr<T>(), geo);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
