@@ -362,6 +362,146 @@ bool launch_weight_all_taps(const T* gy, const T* x, T* gw, const Geo& g, const 
   return true;
 }
 
+// ---------------------------------------------------------------- depthwise, channels_last
+// Multiplier 1, maps in NHWC as they are (no layout copies): one thread per element, channels
+// fastest, so that consecutive threads read and write consecutive channels of one pixel.
+
+template <class T, class I>
+__global__ void depthwise_forward_nhwc(const T* __restrict__ x, const T* __restrict__ w,
+                                       const T* __restrict__ b, T* __restrict__ y,
+                                       T* __restrict__ pre, GeoI<I> g, int act) {
+  using A = at::opmath_type<T>;
+  const I C = g.c_in, taps = g.kh * g.kw, total = g.n * g.oh * g.ow * C;
+  for (I e = static_cast<I>(launch::grid_stride_first()); e < total;
+       e += static_cast<I>(launch::grid_stride_step())) {
+    const I c = e % C, pixel = e / C;
+    const I ow = pixel % g.ow, oh = pixel / g.ow % g.oh, n = pixel / (g.ow * g.oh);
+    const T* wp = w + c * taps;
+    A acc = b != nullptr ? A(b[c]) : A(0);
+    for (I i = 0; i < g.kh; ++i) {
+      const I ih = oh * g.sh - g.pt + i * g.dh;
+      if (ih < 0 || ih >= g.h) continue;
+      const T* row = x + (n * g.h + ih) * g.w * C + c;
+      for (I j = 0; j < g.kw; ++j) {
+        const I iw = ow * g.sw - g.pl + j * g.dw;
+        if (iw < 0 || iw >= g.w) continue;
+        acc += A(wp[i * g.kw + j]) * A(row[iw * C]);
+      }
+    }
+    if (pre != nullptr) pre[e] = T(acc);
+    y[e] = T(activate(acc, act));
+  }
+}
+
+template <class T, class I, bool kUnitStride>
+__global__ void depthwise_backward_input_nhwc(const T* __restrict__ gy, const T* __restrict__ w,
+                                              T* __restrict__ gx, GeoI<I> g) {
+  using A = at::opmath_type<T>;
+  const I C = g.c_in, taps = g.kh * g.kw, total = g.n * g.h * g.w * C;
+  for (I e = static_cast<I>(launch::grid_stride_first()); e < total;
+       e += static_cast<I>(launch::grid_stride_step())) {
+    const I c = e % C, pixel = e / C;
+    const I iw = pixel % g.w, ih = pixel / g.w % g.h, n = pixel / (g.w * g.h);
+    const T* wp = w + c * taps;
+    A acc = 0;
+    for (I i = 0; i < g.kh; ++i) {
+      const I oh = source_index<kUnitStride>(ih, i, g.pt, g.dh, g.sh, g.oh);
+      if (oh < 0) continue;
+      const T* row = gy + (n * g.oh + oh) * g.ow * C + c;
+      for (I j = 0; j < g.kw; ++j) {
+        const I ow = source_index<kUnitStride>(iw, j, g.pl, g.dw, g.sw, g.ow);
+        if (ow < 0) continue;
+        acc += A(wp[i * g.kw + j]) * A(row[ow * C]);
+      }
+    }
+    gx[e] = T(acc);
+  }
+}
+
+// The weight gradient's partial sums: block (channel block, split) walks the split's output
+// positions in order, each thread one channel with an accumulator per tap; partials laid out
+// [channel][split][tap], as depthwise_weight_total sums them.
+template <class T, class I, int KH, int KW>
+__global__ void depthwise_weight_partials_nhwc(const T* __restrict__ gy, const T* __restrict__ x,
+                                               at::opmath_type<T>* __restrict__ partials,
+                                               GeoI<I> g, int splits) {
+  using A = at::opmath_type<T>;
+  constexpr int kTaps = KH * KW;
+  const I C = g.c_in;
+  const I c = static_cast<I>(blockIdx.x) * kThreads + static_cast<I>(threadIdx.x);
+  if (c >= C) return;
+  const I per_image = g.oh * g.ow, total = g.n * per_image;
+  const I chunk = (total + splits - 1) / splits;
+  const I begin = chunk * static_cast<I>(blockIdx.y);
+  const I end = begin + chunk < total ? begin + chunk : total;
+  A acc[kTaps];
+#pragma unroll
+  for (int t = 0; t < kTaps; ++t) acc[t] = A(0);
+  for (I p = begin; p < end; ++p) {
+    const I n = p / per_image, q = p % per_image, oh = q / g.ow, ow = q % g.ow;
+    const A go = A(gy[p * C + c]);
+    const I ih0 = oh * g.sh - g.pt, iw0 = ow * g.sw - g.pl;
+#pragma unroll
+    for (int i = 0; i < KH; ++i) {
+      const I ih = ih0 + i * g.dh;
+      if (ih < 0 || ih >= g.h) continue;
+      const T* row = x + (n * g.h + ih) * g.w * C + c;
+#pragma unroll
+      for (int j = 0; j < KW; ++j) {
+        const I iw = iw0 + j * g.dw;
+        if (iw >= 0 && iw < g.w) acc[i * KW + j] += go * A(row[iw * C]);
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kTaps; ++t) {
+    partials[(static_cast<int64_t>(c) * splits + blockIdx.y) * kTaps + t] = acc[t];
+  }
+}
+
+template <class T, class I, int KH, int KW>
+void run_weight_nhwc(const T* gy, const T* x, T* gw, const Geo& g, const GeoI<I>& geo,
+                     const at::TensorOptions& options, cudaStream_t stream) {
+  using A = at::opmath_type<T>;
+  const int sms = launch::multiprocessor_count(options.device().index());
+  const int64_t channel_blocks = (g.c_in + kThreads - 1) / kThreads;
+  const int64_t positions = g.n * g.oh * g.ow;
+  // Four blocks per SM in all, each with at least 64 positions.
+  const int splits = static_cast<int>(std::clamp<int64_t>(
+      std::min((4 * int64_t{sms} + channel_blocks - 1) / channel_blocks, positions / 64), 1,
+      1024));
+  at::Tensor partials = at::empty({g.c_in * splits * KH * KW},
+                                  options.dtype(c10::CppTypeToScalarType<A>::value));
+  A* part = partials.mutable_data_ptr<A>();
+  depthwise_weight_partials_nhwc<T, I, KH, KW>
+      <<<dim3(static_cast<unsigned int>(channel_blocks), splits), kThreads, 0, stream>>>(
+          gy, x, part, geo, splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  depthwise_weight_total<T><<<launch::grid_stride_blocks(g.c_in * KH * KW), kThreads, 0,
+                              stream>>>(part, gw, g.c_in, KH * KW, splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether channels_last depthwise convolutions of g run on the NHWC kernels: multiplier 1 and,
+// for the weight gradient, a 3x3, 5x5 or 7x7 kernel (others go through NCHW copies).
+bool nhwc_depthwise(const ConvGeometry& g, at::MemoryFormat format, bool weight_gradient) {
+  const bool square = (g.kh == 3 || g.kh == 5 || g.kh == 7) && g.kw == g.kh;
+  return format == at::MemoryFormat::ChannelsLast && g.depthwise() && g.c_out == g.c_in &&
+         g.c_in < (int64_t{1} << 31) && (!weight_gradient || square);
+}
+
+// Launches `unit` (the kernel specialized for stride 1) or `general` over `blocks` blocks.
+template <class Unit, class General, class... Args>
+void launch_by_stride(const Geo& g, unsigned int blocks, cudaStream_t stream, Unit unit,
+                      General general, Args... args) {
+  if (g.sh == 1 && g.sw == 1) {
+    unit<<<blocks, kThreads, 0, stream>>>(args...);
+  } else {
+    general<<<blocks, kThreads, 0, stream>>>(args...);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // f(I{}) with the depthwise kernels' index type for g.
 template <class F>
 void with_index_type(const Geo& g, F&& f) {
@@ -482,12 +622,35 @@ std::tuple<at::Tensor, at::Tensor> conv_forward_cuda(
     activate_(z, act);
     return {z, at::empty({0}, input.options())};
   }
-  const auto x = input.contiguous();
   const auto w = weight.contiguous();
   const auto b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (nhwc_depthwise(cg, format, false)) {
+    const auto x = input.contiguous(at::MemoryFormat::ChannelsLast);
+    const auto options = x.options().memory_format(at::MemoryFormat::ChannelsLast);
+    auto out = at::empty({g.n, g.c_out, g.oh, g.ow}, options);
+    auto pre = with_preact ? at::empty({g.n, g.c_out, g.oh, g.ow}, options)
+                           : at::empty({0}, input.options());
+    if (out.numel() > 0) {
+      dispatch_float_types(x.scalar_type(), "dilated_conv2d", [&](auto tag) {
+        using T = decltype(tag);
+        with_index_type(g, [&](auto index_tag) {
+          using I = decltype(index_tag);
+          depthwise_forward_nhwc<T, I>
+              <<<launch::grid_stride_blocks(out.numel()), kThreads, 0, stream>>>(
+                  x.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                  b.defined() ? b.const_data_ptr<T>() : nullptr, out.mutable_data_ptr<T>(),
+                  with_preact ? pre.mutable_data_ptr<T>() : nullptr, geo_as<I>(g),
+                  static_cast<int>(act));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    }
+    return {out, pre};
+  }
+  const auto x = input.contiguous();
   auto out = at::empty({g.n, g.c_out, g.oh, g.ow}, x.options());
   auto pre = with_preact ? at::empty_like(out) : at::Tensor();
-  auto stream = c10::cuda::getCurrentCUDAStream();
   if (out.numel() > 0) {
     dispatch_float_types(x.scalar_type(), "dilated_conv2d", [&](auto tag) {
       using T = decltype(tag);
@@ -547,6 +710,51 @@ std::tuple<at::Tensor, at::Tensor> conv_forward_cuda(
           with_preact ? pre.contiguous(format) : at::empty({0}, input.options())};
 }
 
+// The backward of a channels_last depthwise convolution (see nhwc_depthwise) on NHWC maps.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_backward_nhwc(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& saved, const Geo& g, Activation act, std::array<bool, 3> output_mask) {
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const auto gy = activation_backward(grad_output, saved, act).contiguous(cl);
+  const auto x = input.contiguous(cl);
+  const auto w = weight.contiguous();
+  const auto none = at::empty({0}, input.options());
+  at::Tensor gi = output_mask[0] ? at::empty_like(x, x.options().memory_format(cl)) : none;
+  at::Tensor gw = output_mask[1] ? at::empty_like(w) : none;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (gy.numel() == 0 || x.numel() == 0) {  // nothing to sum: zero gradients, as on the CPU
+    if (output_mask[0]) gi.zero_();
+    if (output_mask[1]) gw.zero_();
+  } else {
+    dispatch_float_types(x.scalar_type(), "dilated_conv2d backward", [&](auto tag) {
+      using T = decltype(tag);
+      with_index_type(g, [&](auto index_tag) {
+        using I = decltype(index_tag);
+        const GeoI<I> geo = geo_as<I>(g);
+        if (output_mask[0]) {
+          launch_by_stride(g, launch::grid_stride_blocks(gi.numel()), stream,
+                           depthwise_backward_input_nhwc<T, I, true>, depthwise_backward_input_nhwc<T, I, false>,
+                           gy.const_data_ptr<T>(), w.const_data_ptr<T>(), gi.mutable_data_ptr<T>(),
+                           geo);
+        }
+        if (output_mask[1]) {
+          const T* gyp = gy.const_data_ptr<T>();
+          const T* xp = x.const_data_ptr<T>();
+          T* gwp = gw.mutable_data_ptr<T>();
+          const auto options = x.options();
+          if (g.kh == 3) run_weight_nhwc<T, I, 3, 3>(gyp, xp, gwp, g, geo, options, stream);
+          if (g.kh == 5) run_weight_nhwc<T, I, 5, 5>(gyp, xp, gwp, g, geo, options, stream);
+          if (g.kh == 7) run_weight_nhwc<T, I, 7, 7>(gyp, xp, gwp, g, geo, options, stream);
+        }
+      });
+    });
+  }
+  return {gi, gw,
+          output_mask[2]
+              ? gy.sum({0, 2, 3}, false, at::toOpMathType(gy.scalar_type())).to(gy.scalar_type())
+              : none};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& saved, at::IntArrayRef stride, at::IntArrayRef padding4,
@@ -563,6 +771,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
   if (vendor_route(cg, padding4, input.scalar_type())) {
     return vendor_conv_backward(grad_output, input, weight, saved, stride, padding4, dilation,
                                 groups, act, output_mask);
+  }
+  if (nhwc_depthwise(cg, format, output_mask[1])) {
+    return depthwise_backward_nhwc(grad_output, input, weight, saved, g, act, output_mask);
   }
   const auto gy = activation_backward(grad_output, saved, act).contiguous();
   const auto x = input.contiguous();
@@ -581,15 +792,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
           using I = decltype(index_tag);
           const GeoI<I> geo = geo_as<I>(g);
           if (gi.defined()) {
-            const auto blocks = launch::grid_stride_blocks(gi.numel());
-            if (g.sh == 1 && g.sw == 1) {
-              depthwise_backward_input<T, I, true><<<blocks, kThreads, 0, stream>>>(
-                  gy.const_data_ptr<T>(), w.const_data_ptr<T>(), gi.mutable_data_ptr<T>(), geo);
-            } else {
-              depthwise_backward_input<T, I, false><<<blocks, kThreads, 0, stream>>>(
-                  gy.const_data_ptr<T>(), w.const_data_ptr<T>(), gi.mutable_data_ptr<T>(), geo);
-            }
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            launch_by_stride(g, launch::grid_stride_blocks(gi.numel()), stream,
+                             depthwise_backward_input<T, I, true>, depthwise_backward_input<T, I, false>,
+                             gy.const_data_ptr<T>(), w.const_data_ptr<T>(), gi.mutable_data_ptr<T>(),
+                             geo);
           }
           if (gw.defined() &&
               !launch_weight_all_taps<T, I>(gy.const_data_ptr<T>(), x.const_data_ptr<T>(),
