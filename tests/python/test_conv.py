@@ -469,6 +469,31 @@ def test_depthwise_channels_last_widths(device, channels, dtype, kernel, conv, g
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("kernel", [(3, 3), (5, 5)], ids=["k3", "k5"])
+def test_depthwise_large_maps_repeat_bit_for_bit(device, kernel, layout, gen):
+    """Enough output positions per channel that the CUDA weight gradient splits them over
+    several blocks and adds the splits in order (the NHWC one too): every gradient against the
+    reference, and a second run equal bit for bit (no float atomics anywhere)."""
+    tensors = make_conv(
+        (2, 4, 96, 96), 4, kernel, 4, gen, device=device, dtype=torch.float32, x_layout=layout
+    )
+    conv = conv_kwargs(1, "same", 2, 4)
+    check_conv(tensors, conv, "silu", gen)
+    (x_base, x_view), (w_base, w_view), b = tensors
+    grad_out = draw((2, 4, 96, 96), gen).to(device=device, dtype=torch.float32)
+    runs = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in (x_base, w_base, b)]
+        out = torch_ext.dilated_conv2d(
+            x_view(leaves[0]), w_view(leaves[1]), leaves[2], activation="silu", **conv
+        )
+        out.backward(grad_out)
+        runs.append([out.detach()] + [leaf.grad for leaf in leaves])
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)
+
+
 @pytest.mark.parametrize("dtype", HALVES, ids=dtype_id)
 @pytest.mark.parametrize(
     "x_shape,cout,kernel,conv",

@@ -5,8 +5,11 @@
 // channel's taps in shared memory, so every input element is read from global memory once per
 // tile instead of once per tap; bias and activation are applied before the single store. A plain
 // one-thread-per-output kernel serves patches too large for shared memory. The input gradient is
-// a gather (one thread per input element over the taps that reach it), the weight gradient one
-// block per (channel, tap) with a fixed-order tree reduction: no atomics, deterministic.
+// a gather (one thread per input element over the taps that reach it), the weight gradient for
+// 3x3/5x5/7x7 kernels every tap of a channel at once over a share of its positions, the shares
+// added in order (other sizes: one block per (channel, tap)), with fixed-order trees: no
+// atomics, deterministic. 32-bit indices wherever they fit. channels_last maps with multiplier 1
+// run NHWC kernels of their own (no layout copies).
 //
 // General: im2col for a chunk of images and one group, a batched cuBLAS GEMM (at::matmul), and
 // an epilogue kernel that writes the GEMM result into the output with bias and activation. The
@@ -16,7 +19,7 @@
 //
 // Dense float32/bfloat16/float16 convolutions with symmetric padding go to ATen's convolution
 // (cuDNN) with the activation after it (see vendor_route); TORCH_EXT_CONV_ROUTE=own forces these
-// kernels, =vendor sends every call there. channels_last tensors are computed in NCHW here.
+// kernels, =vendor sends every call there. Other channels_last maps go through NCHW copies.
 
 #include <ATen/Context.h>
 #include <ATen/OpMathType.h>
@@ -105,6 +108,7 @@ bool fits_int32(const Geo& g) {
   constexpr int64_t limit = int64_t{1} << 30;
   const auto below = [&](int64_t a, int64_t b) { return a == 0 || b <= limit / a; };
   const bool counts = below(g.n * g.c_in, g.h * g.w) && below(g.n * g.c_out, g.oh * g.ow) &&
+                      below(g.n * g.c_in, g.h) && below(g.n * g.c_out, g.oh) &&
                       g.n * g.c_in < limit && g.n * g.c_out < limit && g.h * g.w < limit &&
                       g.oh * g.ow < limit;
   const auto axis = [&](int64_t in, int64_t out, int64_t stride, int64_t pad, int64_t k,
@@ -664,7 +668,9 @@ std::tuple<at::Tensor, at::Tensor> conv_forward_cuda(
           const GeoI<int64_t> gl = geo_as<int64_t>(g);
           const int64_t smem = (patch_rows(gl) * patch_cols(gl) + g.kh * g.kw) * sizeof(A);
           const int64_t row_tiles = (g.oh + kTileH - 1) / kTileH;
-          if (smem <= kMaxSharedBytes && row_tiles <= 65535) {
+          // (Strides, dilations and kernel sizes beyond 2^16 could wrap the patch's size.)
+          const bool modest = std::max({g.sh, g.sw, g.dh, g.dw, g.kh, g.kw}) <= (1 << 16);
+          if (modest && smem <= kMaxSharedBytes && row_tiles <= 65535) {
             // Planes go on grid.z, at most 65535 per launch.
             const int64_t planes = g.n * g.c_out;
             for (int64_t plane0 = 0; plane0 < planes; plane0 += 65535) {
