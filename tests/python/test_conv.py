@@ -649,6 +649,7 @@ OPCHECK_CASES = [
     ("dense", (2, 3, 7, 6), 4, (3, 2), 1),
     ("grouped", (2, 4, 7, 6), 2, (2, 3), 2),
     ("depthwise-m2", (2, 3, 7, 6), 6, (3, 3), 3),
+    ("depthwise-m1", (2, 3, 7, 6), 3, (3, 3), 3),  # channels_last: the NHWC kernels
 ]
 OPCHECK_IDS = [case[0] for case in OPCHECK_CASES]
 OPCHECK_ARGS = [case[1:] for case in OPCHECK_CASES]

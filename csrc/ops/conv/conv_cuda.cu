@@ -469,11 +469,14 @@ void run_weight_nhwc(const T* gy, const T* x, T* gw, const Geo& g, const GeoI<I>
   using A = at::opmath_type<T>;
   const int sms = launch::multiprocessor_count(options.device().index());
   const int64_t channel_blocks = (g.c_in + kThreads - 1) / kThreads;
+  const int64_t active = std::min<int64_t>(g.c_in, kThreads);  // working threads per block
   const int64_t positions = g.n * g.oh * g.ow;
-  // Four blocks per SM in all, each with at least 64 positions.
-  const int splits = static_cast<int>(std::clamp<int64_t>(
-      std::min((4 * int64_t{sms} + channel_blocks - 1) / channel_blocks, positions / 64), 1,
-      1024));
+  // Four blocks' worth of working threads per SM in all (more splits when fewer channels keep
+  // a block's threads busy), each split with at least 64 positions.
+  const int64_t wanted = (4 * int64_t{sms} * kThreads + channel_blocks * active - 1) /
+                         (channel_blocks * active);
+  const int splits =
+      static_cast<int>(std::clamp<int64_t>(std::min(wanted, positions / 64), 1, 1024));
   at::Tensor partials = at::empty({g.c_in * splits * KH * KW},
                                   options.dtype(c10::CppTypeToScalarType<A>::value));
   A* part = partials.mutable_data_ptr<A>();
@@ -487,7 +490,8 @@ void run_weight_nhwc(const T* gy, const T* x, T* gw, const Geo& g, const GeoI<I>
 }
 
 // Whether channels_last depthwise convolutions of g run on the NHWC kernels: multiplier 1 and,
-// for the weight gradient, a 3x3, 5x5 or 7x7 kernel (others go through NCHW copies).
+// when the backward needs the weight gradient, a 3x3, 5x5 or 7x7 kernel (with another kernel
+// size, such a backward goes through NCHW copies, its input gradient included).
 bool nhwc_depthwise(const ConvGeometry& g, at::MemoryFormat format, bool weight_gradient) {
   const bool square = (g.kh == 3 || g.kh == 5 || g.kh == 7) && g.kw == g.kh;
   return format == at::MemoryFormat::ChannelsLast && g.depthwise() && g.c_out == g.c_in &&
@@ -748,9 +752,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_backward_nhwc(
           const T* xp = x.const_data_ptr<T>();
           T* gwp = gw.mutable_data_ptr<T>();
           const auto options = x.options();
-          if (g.kh == 3) run_weight_nhwc<T, I, 3, 3>(gyp, xp, gwp, g, geo, options, stream);
-          if (g.kh == 5) run_weight_nhwc<T, I, 5, 5>(gyp, xp, gwp, g, geo, options, stream);
-          if (g.kh == 7) run_weight_nhwc<T, I, 7, 7>(gyp, xp, gwp, g, geo, options, stream);
+          if (g.kh == 3 && g.kw == 3) {
+            run_weight_nhwc<T, I, 3, 3>(gyp, xp, gwp, g, geo, options, stream);
+          } else if (g.kh == 5 && g.kw == 5) {
+            run_weight_nhwc<T, I, 5, 5>(gyp, xp, gwp, g, geo, options, stream);
+          } else if (g.kh == 7 && g.kw == 7) {
+            run_weight_nhwc<T, I, 7, 7>(gyp, xp, gwp, g, geo, options, stream);
+          } else {
+            TORCH_CHECK(false, "dilated_conv2d: no NHWC weight gradient for a ", g.kh, "x", g.kw,
+                        " kernel (internal routing error)");
+          }
         }
       });
     });
