@@ -37,4 +37,30 @@ inline int multiprocessor_count(int device) {
   return sms;
 }
 
+// Dynamic shared memory every block may have without opting in to more.
+constexpr int64_t kDefaultSharedBytes = 48 * 1024;
+
+// The dynamic shared memory a block may have on `device` once its kernel opts in (at least
+// kDefaultSharedBytes).
+inline int64_t shared_bytes_opt_in(int device) {
+  int bytes = 0;
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return std::max<int64_t>(bytes, kDefaultSharedBytes);
+}
+
+// Launches kernel<<<blocks, threads, smem, stream>>>(args...), first opting the kernel in to the
+// device's maximum dynamic shared memory when smem exceeds the default (the same value on every
+// call, so that concurrent callers never lower it under each other's launch).
+template <class Kernel, class... Args>
+void launch_with_shared(Kernel kernel, unsigned int blocks, int threads, int64_t smem, int device,
+                        cudaStream_t stream, Args... args) {
+  if (smem > kDefaultSharedBytes) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(shared_bytes_opt_in(device))));
+  }
+  kernel<<<blocks, threads, static_cast<size_t>(smem), stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace torch_ext::launch

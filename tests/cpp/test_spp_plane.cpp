@@ -97,6 +97,91 @@ torch::Tensor sppf_backward_blocks(const torch::Tensor& grad_output, const torch
   return grad_input;
 }
 
+// sppf_forward_nhwc_kernel's and sppf_backward_nhwc_kernel's bodies, for every (image, group
+// of `group` channels) block of a channels_last map (the tensors' memory in NHWC order).
+torch::Tensor sppf_forward_nhwc_blocks(const torch::Tensor& x, int p, int repeats, int group) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const int H = static_cast<int>(x.size(2)), W = static_cast<int>(x.size(3)), hw = H * W;
+  auto out = torch::empty({N, (repeats + 1) * C, H, W},
+                          x.options().memory_format(torch::MemoryFormat::ChannelsLast));
+  std::vector<float> cur(group * hw), tmp(group * hw);
+  const int64_t out_channels = (repeats + 1) * C;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c0 = 0; c0 < C; c0 += group) {
+      const int count = static_cast<int>(std::min<int64_t>(group, C - c0));
+      const float* in = x.data_ptr<float>() + n * hw * C + c0;
+      float* o = out.data_ptr<float>() + n * hw * out_channels + c0;
+      phase([&](int t, int k) { plane::load_channels(t, k, in, C, cur.data(), count, hw); });
+      phase([&](int t, int k) {
+        plane::store_channels(t, k, cur.data(), o, out_channels, count, hw);
+      });
+      for (int r = 1; r <= repeats; ++r) {
+        phase([&](int t, int k) {
+          plane::max_rows(t, k, cur.data(), tmp.data(), H, W, p, count);
+        });
+        phase([&](int t, int k) {
+          plane::max_cols(t, k, tmp.data(), cur.data(), H, W, p, count);
+        });
+        phase([&](int t, int k) {
+          plane::store_channels(t, k, cur.data(), o + r * C, out_channels, count, hw);
+        });
+      }
+    }
+  }
+  return out;
+}
+
+torch::Tensor sppf_backward_nhwc_blocks(const torch::Tensor& grad_output,
+                                        const torch::Tensor& output, int p, int repeats,
+                                        int group) {
+  const int64_t N = output.size(0), C = output.size(1) / (repeats + 1);
+  const int H = static_cast<int>(output.size(2)), W = static_cast<int>(output.size(3));
+  const int hw = H * W, span = group * hw;
+  const int64_t out_channels = (repeats + 1) * C;
+  auto grad_input = torch::empty({N, C, H, W},
+                                 output.options().memory_format(torch::MemoryFormat::ChannelsLast));
+  std::vector<float> smem((repeats + 2) * span);
+  std::vector<int> column(span), arg(span);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c0 = 0; c0 < C; c0 += group) {
+      const int count = static_cast<int>(std::min<int64_t>(group, C - c0));
+      const int64_t base = n * hw * out_channels + c0;
+      const float* out = output.data_ptr<float>();
+      const float* go = grad_output.data_ptr<float>();
+      float* stages = smem.data();
+      float* g = stages + repeats * span;
+      float* g_prev = g + span;
+      for (int r = 0; r < repeats; ++r) {
+        phase([&](int t, int k) {
+          plane::load_channels(t, k, out + base + r * C, out_channels, stages + r * span, count,
+                               hw);
+        });
+      }
+      phase([&](int t, int k) {
+        plane::load_channels(t, k, go + base + repeats * C, out_channels, g, count, hw);
+      });
+      for (int r = repeats; r >= 1; --r) {
+        float* value = r == repeats ? g_prev : stages + r * span;
+        const float* s = stages + (r - 1) * span;
+        phase([&](int t, int k) {
+          plane::argmax_rows(t, k, s, value, column.data(), H, W, p, count);
+        });
+        phase([&](int t, int k) {
+          plane::argmax_cols(t, k, value, column.data(), arg.data(), H, W, p, count);
+        });
+        phase([&](int t, int k) {
+          plane::gather(t, k, g, arg.data(), go + base + (r - 1) * C, g_prev, H, W, p, count,
+                        out_channels, 1);
+        });
+        std::swap(g, g_prev);
+      }
+      float* gi = grad_input.data_ptr<float>() + n * hw * C + c0;
+      phase([&](int t, int k) { plane::store_channels(t, k, g, gi, C, count, hw); });
+    }
+  }
+  return grad_input;
+}
+
 struct SppfCase {
   std::vector<int64_t> shape;
   int64_t kernel, repeats;
@@ -121,6 +206,18 @@ TEST_P(SppfPlane, BlocksMatchTheCpuOps) {
   const auto grad_input = sppf_backward_blocks(grad_output, expected, p, repeats);
   EXPECT_TRUE(torch::equal(grad_input, leaf.grad()))
       << "max |diff| " << (grad_input - leaf.grad()).abs().max().item<float>();
+
+  // channels_last, in groups of channels that leave a partial last group.
+  const auto cl = torch::MemoryFormat::ChannelsLast;
+  const auto x_cl = x.contiguous(cl);
+  const auto expected_cl = expected.contiguous(cl);
+  const auto grad_output_cl = grad_output.contiguous(cl);
+  for (const int group : {1, 2, 32}) {
+    const auto output_cl = sppf_forward_nhwc_blocks(x_cl, p, repeats, group);
+    EXPECT_TRUE(torch::allclose(output_cl, expected, 0, 0, /*equal_nan=*/true)) << group;
+    const auto grad_cl = sppf_backward_nhwc_blocks(grad_output_cl, expected_cl, p, repeats, group);
+    EXPECT_TRUE(torch::equal(grad_cl, leaf.grad())) << group;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(

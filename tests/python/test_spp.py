@@ -323,10 +323,13 @@ def test_sppf_shapes(device, dtype, shape, kernel_size, gen):
 # On CUDA, NCHW planes that fit in 48 KiB of shared memory take kernels that hold a plane per
 # block (sppf: 6144 float32 elements forward, fewer backward and in float64; spp's forward
 # stages planes up to 12288 float32 elements); larger planes take the tiled and per-element
-# kernels. 100 x 130 takes the large-plane paths of both ops, in both dtypes.
+# kernels; channels_last sppf holds groups of channels as planes, up to half the opt-in shared
+# memory (113 KiB on H100/H200) for one channel. 100 x 150 takes the large-plane paths of both
+# ops, in both dtypes and layouts.
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
-def test_planes_beyond_shared_memory(device, dtype, gen):
-    base, view = make_input((1, 2, 100, 130), "contiguous", gen, "ties", device=device, dtype=dtype)
+def test_planes_beyond_shared_memory(device, dtype, layout, gen):
+    base, view = make_input((1, 2, 100, 150), layout, gen, "ties", device=device, dtype=dtype)
     check_sppf(base, view, 5, 3, gen)
     for mode in ("max", "avg"):
         check_spp(base, view, (1, 2, 4), mode, gen)

@@ -743,9 +743,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_backward_nhwc(
         const GeoI<I> geo = geo_as<I>(g);
         if (output_mask[0]) {
           launch_by_stride(g, launch::grid_stride_blocks(gi.numel()), stream,
-                           depthwise_backward_input_nhwc<T, I, true>, depthwise_backward_input_nhwc<T, I, false>,
-                           gy.const_data_ptr<T>(), w.const_data_ptr<T>(), gi.mutable_data_ptr<T>(),
-                           geo);
+                           depthwise_backward_input_nhwc<T, I, true>,
+                           depthwise_backward_input_nhwc<T, I, false>, gy.const_data_ptr<T>(),
+                           w.const_data_ptr<T>(), gi.mutable_data_ptr<T>(), geo);
         }
         if (output_mask[1]) {
           const T* gyp = gy.const_data_ptr<T>();
@@ -810,9 +810,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cuda(
           const GeoI<I> geo = geo_as<I>(g);
           if (gi.defined()) {
             launch_by_stride(g, launch::grid_stride_blocks(gi.numel()), stream,
-                             depthwise_backward_input<T, I, true>, depthwise_backward_input<T, I, false>,
-                             gy.const_data_ptr<T>(), w.const_data_ptr<T>(), gi.mutable_data_ptr<T>(),
-                             geo);
+                             depthwise_backward_input<T, I, true>,
+                             depthwise_backward_input<T, I, false>, gy.const_data_ptr<T>(),
+                             w.const_data_ptr<T>(), gi.mutable_data_ptr<T>(), geo);
           }
           if (gw.defined() &&
               !launch_weight_all_taps<T, I>(gy.const_data_ptr<T>(), x.const_data_ptr<T>(),

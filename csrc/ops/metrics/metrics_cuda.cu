@@ -29,7 +29,6 @@ namespace {
 
 constexpr int kThreads = launch::kBlockThreads;
 constexpr int kChunk = 8;                        // consecutive pixels per thread and step
-constexpr int64_t kDefaultSharedBytes = 48 * 1024;  // without opting in
 
 struct Problem {
   int64_t num_classes;
@@ -218,32 +217,10 @@ unsigned int grid_for(int64_t total, int64_t per_thread, int device, int64_t sme
   // Enough blocks to fill the GPU (fewer per SM when each takes a large histogram), few enough
   // that private histograms pay off, and at least total / 2^30 so that no block's int32 count
   // can overflow.
-  const int64_t per_sm = smem > kDefaultSharedBytes ? 2 : 8;
+  const int64_t per_sm = smem > launch::kDefaultSharedBytes ? 2 : 8;
   const int64_t blocks =
       std::max<int64_t>(std::min<int64_t>(wanted, int64_t{sms} * per_sm), (total >> 30) + 1);
   return static_cast<unsigned int>(blocks);
-}
-
-// The most dynamic shared memory a block may have on `device` once the kernel opts in.
-int64_t shared_bytes_opt_in(int device) {
-  int bytes = 0;
-  C10_CUDA_CHECK(
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return std::max<int64_t>(bytes, kDefaultSharedBytes);
-}
-
-// Launches kernel with `smem` bytes of dynamic shared memory, opting in beyond 48 KiB (to the
-// device's maximum, the same value for every call, so that concurrent callers never lower it
-// under each other's launch).
-template <class Kernel, class... Args>
-void launch_counting(Kernel kernel, unsigned int blocks, int64_t smem, int device,
-                     cudaStream_t stream, Args... args) {
-  if (smem > kDefaultSharedBytes) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(shared_bytes_opt_in(device))));
-  }
-  kernel<<<blocks, kThreads, static_cast<size_t>(smem), stream>>>(args...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void accumulate_cuda(at::Tensor& confmat, at::Tensor& report, const at::Tensor& pred,
@@ -256,7 +233,8 @@ void accumulate_cuda(at::Tensor& confmat, at::Tensor& report, const at::Tensor& 
   const c10::cuda::CUDAGuard guard(target.device());
   const int64_t cells = num_classes * num_classes;
   const int device = target.get_device();
-  const bool shared_hist = cells * static_cast<int64_t>(sizeof(int)) <= shared_bytes_opt_in(device);
+  const bool shared_hist =
+      cells * static_cast<int64_t>(sizeof(int)) <= launch::shared_bytes_opt_in(device);
   const Problem pb{num_classes,
                    ignore_index.has_value(),
                    ignore_index.value_or(0),
@@ -281,9 +259,10 @@ void accumulate_cuda(at::Tensor& confmat, at::Tensor& report, const at::Tensor& 
                                      reinterpret_cast<uintptr_t>(scores) %
                                              sizeof(Pack<S, kScorePixels>) ==
                                          0;
-                                 launch_counting(scores_kernel<S, T>,
-                                                 grid_for(total, kScorePixels, device, smem),
-                                                 smem, device, stream,
+                                 launch::launch_with_shared(
+                                     scores_kernel<S, T>,
+                                     grid_for(total, kScorePixels, device, smem), kThreads, smem,
+                                     device, stream,
                                                  scores, t, in.batch, in.pixels,
                                                  in.batch_stride, in.class_stride,
                                                  in.pixel_stride, pb, vectorized);
@@ -296,8 +275,9 @@ void accumulate_cuda(at::Tensor& confmat, at::Tensor& report, const at::Tensor& 
                 const bool vectorized =
                     reinterpret_cast<uintptr_t>(p) % sizeof(Chunk<P>) == 0 &&
                     reinterpret_cast<uintptr_t>(t) % sizeof(Chunk<T>) == 0;
-                launch_counting(labels_kernel<P, T>, grid_for(total, kChunk, device, smem),
-                                smem, device, stream, p, t, total, pb, vectorized);
+                launch::launch_with_shared(labels_kernel<P, T>,
+                                           grid_for(total, kChunk, device, smem), kThreads, smem,
+                                           device, stream, p, t, total, pb, vectorized);
               });
         }
       });

@@ -313,6 +313,34 @@ __global__ void sppf_forward_plane_kernel(const T* __restrict__ input, T* __rest
   }
 }
 
+// channels_last: one block per (image, group of `group` channels), the group's channels held
+// as planes in shared memory (read and written pixel by pixel, consecutive threads on
+// consecutive channels), the stages as in sppf_forward_plane_kernel, every plane at once.
+template <class T>
+__global__ void sppf_forward_nhwc_kernel(const T* __restrict__ input, T* __restrict__ output,
+                                         int64_t C, int H, int W, int p, int repeats, int group) {
+  using acc = at::opmath_type<T>;
+  extern __shared__ unsigned char smem_raw[];
+  const int hw = H * W;
+  acc* cur = reinterpret_cast<acc*>(smem_raw);
+  acc* tmp = cur + group * hw;
+  const int64_t groups = (C + group - 1) / group;
+  const int64_t n = blockIdx.x / groups, c0 = (blockIdx.x % groups) * group;
+  const int count = static_cast<int>(std::min<int64_t>(group, C - c0));
+  const int64_t out_channels = (int64_t{repeats} + 1) * C;
+  T* out = output + n * hw * out_channels + c0;  // stage r's channels start at r * C
+  plane::load_channels(threadIdx.x, blockDim.x, input + n * hw * C + c0, C, cur, count, hw);
+  __syncthreads();
+  plane::store_channels(threadIdx.x, blockDim.x, cur, out, out_channels, count, hw);
+  for (int64_t r = 1; r <= repeats; ++r) {
+    plane::max_rows(threadIdx.x, blockDim.x, cur, tmp, H, W, p, count);
+    __syncthreads();
+    plane::max_cols(threadIdx.x, blockDim.x, tmp, cur, H, W, p, count);
+    __syncthreads();
+    plane::store_channels(threadIdx.x, blockDim.x, cur, out + r * C, out_channels, count, hw);
+  }
+}
+
 // Shared memory of sppf_forward_plane_kernel for a plane of hw elements.
 int64_t sppf_forward_plane_bytes(int64_t hw, size_t acc_size) {
   return 2 * hw * static_cast<int64_t>(acc_size);
@@ -538,6 +566,51 @@ __global__ void sppf_backward_plane_kernel(const T* __restrict__ grad_output,
   plane::store(threadIdx.x, blockDim.x, g, grad_input + plane_id * hw, hw);
 }
 
+// channels_last: one block per (image, group of channels), the group's planes in shared memory
+// as in sppf_forward_nhwc_kernel, the backward as in sppf_backward_plane_kernel on every plane
+// at once.
+template <class T>
+__global__ void sppf_backward_nhwc_kernel(const T* __restrict__ grad_output,
+                                          const T* __restrict__ output,
+                                          T* __restrict__ grad_input, int64_t C, int H, int W,
+                                          int p, int repeats, int group) {
+  using acc = at::opmath_type<T>;
+  extern __shared__ unsigned char smem_raw[];
+  const int hw = H * W, span = group * hw;
+  acc* stages = reinterpret_cast<acc*>(smem_raw);  // [repeats][group][hw]
+  acc* g = stages + repeats * span;
+  acc* g_prev = g + span;
+  int* column = reinterpret_cast<int*>(g_prev + span);
+  int* arg = column + span;
+  const int64_t groups = (C + group - 1) / group;
+  const int64_t n = blockIdx.x / groups, c0 = (blockIdx.x % groups) * group;
+  const int count = static_cast<int>(std::min<int64_t>(group, C - c0));
+  const int64_t out_channels = (int64_t{repeats} + 1) * C;
+  const int64_t base = n * hw * out_channels + c0;  // stage r's channels start at r * C
+  for (int64_t r = 0; r < repeats; ++r) {
+    plane::load_channels(threadIdx.x, blockDim.x, output + base + r * C, out_channels,
+                         stages + r * span, count, hw);
+  }
+  plane::load_channels(threadIdx.x, blockDim.x, grad_output + base + repeats * C, out_channels, g,
+                       count, hw);
+  __syncthreads();
+  for (int64_t r = repeats; r >= 1; --r) {
+    acc* value = r == repeats ? g_prev : stages + r * span;
+    plane::argmax_rows(threadIdx.x, blockDim.x, stages + (r - 1) * span, value, column, H, W, p,
+                       count);
+    __syncthreads();
+    plane::argmax_cols(threadIdx.x, blockDim.x, value, column, arg, H, W, p, count);
+    __syncthreads();
+    plane::gather(threadIdx.x, blockDim.x, g, arg, grad_output + base + (r - 1) * C, g_prev, H, W,
+                  p, count, out_channels, 1);
+    __syncthreads();
+    acc* swap = g;
+    g = g_prev;
+    g_prev = swap;
+  }
+  plane::store_channels(threadIdx.x, blockDim.x, g, grad_input + n * hw * C + c0, C, count, hw);
+}
+
 // Shared memory of sppf_backward_plane_kernel: repeats + 2 planes of the accumulation type and
 // two of int.
 int64_t sppf_backward_plane_bytes(int64_t hw, int64_t repeats, size_t acc_size) {
@@ -656,6 +729,19 @@ int pick_sppf_tile(int p, int repeats, size_t acc_size) {
   return 0;
 }
 
+// The channels per block of the NHWC sppf kernels: the most (32, 16, ..., 1, at most C) whose
+// planes take at most half the opt-in shared memory (two blocks per SM), given the bytes per
+// plane element; 0 when not even one plane fits.
+int nhwc_group(int64_t C, int64_t hw, int64_t bytes_per_element, int device) {
+  const int64_t budget = launch::shared_bytes_opt_in(device) / 2;
+  for (int group = 32; group >= 1; group /= 2) {
+    if (group <= std::max<int64_t>(C, 1) && group * hw * bytes_per_element <= budget) {
+      return group;
+    }
+  }
+  return 0;
+}
+
 at::Tensor sppf_cuda(const at::Tensor& input_, int64_t kernel_size, int64_t repeats) {
   check_sppf_args(input_, kernel_size, repeats);
   const c10::cuda::CUDAGuard guard(input_.device());
@@ -679,6 +765,18 @@ at::Tensor sppf_cuda(const at::Tensor& input_, int64_t kernel_size, int64_t repe
               in, out, C, static_cast<int>(H), static_cast<int>(W), p, static_cast<int>(repeats));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
+    }
+    if (channels_last && H * W < (int64_t{1} << 24)) {
+      const int device = input.get_device();
+      const int group = nhwc_group(C, H * W, 2 * sizeof(acc), device);
+      const int64_t blocks = N * ((C + std::max(group, 1) - 1) / std::max(group, 1));
+      if (group > 0 && blocks < (int64_t{1} << 31)) {
+        launch::launch_with_shared(sppf_forward_nhwc_kernel<T>, static_cast<unsigned int>(blocks),
+                                   kPlaneThreads, 2 * group * H * W * sizeof(acc), device, stream,
+                                   in, out, C, static_cast<int>(H), static_cast<int>(W), p,
+                    static_cast<int>(repeats), group);
+        return;
+      }
     }
     // The tiled kernel walks planes, which reads NHWC memory with a stride of C: channels_last
     // takes the per-stage kernels, which enumerate it channels first (coalesced).
@@ -729,6 +827,21 @@ at::Tensor sppf_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& 
   dispatch_float_types(output.scalar_type(), "torch_ext spp CUDA kernels", [&](auto tag) {
     using T = decltype(tag);
     using acc = at::opmath_type<T>;
+    if (d.channels_last && H * W < (int64_t{1} << 24) && repeats < 64) {
+      const int device = output.get_device();
+      const int64_t per_element = (repeats + 2) * sizeof(acc) + 2 * sizeof(int);
+      const int group = nhwc_group(C, H * W, per_element, device);
+      const int64_t blocks = N * ((C + std::max(group, 1) - 1) / std::max(group, 1));
+      if (group > 0 && blocks < (int64_t{1} << 31)) {
+        launch::launch_with_shared(sppf_backward_nhwc_kernel<T>,
+                                   static_cast<unsigned int>(blocks), kPlaneThreads,
+                                   group * H * W * per_element, device, stream,
+                                   grad_output.const_data_ptr<T>(), output.const_data_ptr<T>(),
+                    grad_input.mutable_data_ptr<T>(), C, static_cast<int>(H),
+                    static_cast<int>(W), p, static_cast<int>(repeats), group);
+        return;
+      }
+    }
     const int64_t plane_bytes = sppf_backward_plane_bytes(H * W, repeats, sizeof(acc));
     if (!d.channels_last && plane_bytes <= kPlaneSharedBytes && N * C < (int64_t{1} << 31)) {
       sppf_backward_plane_kernel<T>

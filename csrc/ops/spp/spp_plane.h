@@ -9,6 +9,8 @@
 //
 // Positions inside a plane are int (the kernels that use these hold a plane in shared memory,
 // far below 2^31 elements). Values are in the accumulation type A (float for the half types).
+// The sppf phases take `planes` planes of H x W laid one after the other (a block of NHWC
+// channels held as planes), each on its own; the NCHW kernels pass one.
 
 #include <c10/macros/Macros.h>
 
@@ -41,15 +43,38 @@ C10_HOST_DEVICE inline void store(int tid, int threads, const A* src, T* dst, in
 
 // ---------------------------------------------------------------- sppf
 
+// `count` channels of an NHWC map from channel c0 on, pixel by pixel (src: the first pixel's
+// channel c0; pixels `pixel_stride` elements apart), into `count` planes of hw elements at dst:
+// consecutive threads read consecutive channels of a pixel.
+template <class T, class A>
+C10_HOST_DEVICE inline void load_channels(int tid, int threads, const T* src, int64_t pixel_stride,
+                                          A* dst, int count, int hw) {
+  for (int e = tid; e < count * hw; e += threads) {
+    const int pixel = e / count, c = e % count;
+    dst[c * hw + pixel] = static_cast<A>(src[pixel * pixel_stride + c]);
+  }
+}
+
+// The inverse: `count` planes of hw elements at src into an NHWC map's channels.
+template <class A, class T>
+C10_HOST_DEVICE inline void store_channels(int tid, int threads, const A* src, T* dst,
+                                           int64_t pixel_stride, int count, int hw) {
+  for (int e = tid; e < count * hw; e += threads) {
+    const int pixel = e / count, c = e % count;
+    dst[pixel * pixel_stride + c] = static_cast<T>(src[c * hw + pixel]);
+  }
+}
+
 // One max_pool2d stage of sppf (kernel 2p + 1, stride 1, padding p with -inf, which amounts to
 // windows clamped to the plane) in two phases: max_rows writes the row maxima of src into tmp,
 // max_cols the column maxima of tmp into dst. NaN propagates, as in max_pool2d.
 template <class A>
 C10_HOST_DEVICE inline void max_rows(int tid, int threads, const A* src, A* tmp, int H, int W,
-                                     int p) {
-  for (int e = tid; e < H * W; e += threads) {
-    const int y = e / W, x = e % W;
-    const A* row = src + y * W;
+                                     int p, int planes = 1) {
+  const int hw = H * W;
+  for (int e = tid; e < planes * hw; e += threads) {
+    const int q = e % hw, y = q / W, x = q % W;
+    const A* row = src + (e - q) + y * W;
     const int x1 = clamp_hi(x + p, W);
     A m = row[clamp_lo(x - p)];
     for (int xx = clamp_lo(x - p) + 1; xx <= x1; ++xx) m = max_nan(m, row[xx]);
@@ -59,12 +84,14 @@ C10_HOST_DEVICE inline void max_rows(int tid, int threads, const A* src, A* tmp,
 
 template <class A>
 C10_HOST_DEVICE inline void max_cols(int tid, int threads, const A* tmp, A* dst, int H, int W,
-                                     int p) {
-  for (int e = tid; e < H * W; e += threads) {
-    const int y = e / W, x = e % W;
+                                     int p, int planes = 1) {
+  const int hw = H * W;
+  for (int e = tid; e < planes * hw; e += threads) {
+    const int q = e % hw, y = q / W, x = q % W;
+    const A* plane = tmp + (e - q);
     const int y1 = clamp_hi(y + p, H);
-    A m = tmp[clamp_lo(y - p) * W + x];
-    for (int yy = clamp_lo(y - p) + 1; yy <= y1; ++yy) m = max_nan(m, tmp[yy * W + x]);
+    A m = plane[clamp_lo(y - p) * W + x];
+    for (int yy = clamp_lo(y - p) + 1; yy <= y1; ++yy) m = max_nan(m, plane[yy * W + x]);
     dst[e] = m;
   }
 }
@@ -73,19 +100,21 @@ C10_HOST_DEVICE inline void max_cols(int tid, int threads, const A* tmp, A* dst,
 // rule, starting from -inf at the window's first element) in two phases. argmax_rows: for each
 // window's row segment, scanned in order, its maximum and column (the segment's first column
 // when nothing takes over). argmax_cols: the segments of a window's rows, scanned in row order
-// with the same rule, give the window's argmax as a plane position. (A scan in row-major order
-// is the scan of the rows' own results in row order: ties keep the earlier row, whose result is
-// its first maximum; a NaN takes over, so the last NaN wins.)
+// with the same rule, give the window's argmax as a position in its plane. (A scan in row-major
+// order is the scan of the rows' own results in row order: ties keep the earlier row, whose
+// result is its first maximum; a NaN takes over, so the last NaN wins.)
 template <class A>
 C10_HOST_DEVICE inline void argmax_rows(int tid, int threads, const A* s, A* value, int* column,
-                                        int H, int W, int p) {
-  for (int e = tid; e < H * W; e += threads) {
-    const int y = e / W, x = e % W;
+                                        int H, int W, int p, int planes = 1) {
+  const int hw = H * W;
+  for (int e = tid; e < planes * hw; e += threads) {
+    const int q = e % hw, y = q / W, x = q % W;
+    const A* row = s + (e - q) + y * W;
     const int x0 = clamp_lo(x - p), x1 = clamp_hi(x + p, W);
     A best = numerics::neg_inf<A>();
     int best_x = x0;
     for (int xx = x0; xx <= x1; ++xx) {
-      const A v = s[y * W + xx];
+      const A v = row[xx];
       if (numerics::takes_over(v, best)) {
         best = v;
         best_x = xx;
@@ -98,17 +127,18 @@ C10_HOST_DEVICE inline void argmax_rows(int tid, int threads, const A* s, A* val
 
 template <class A>
 C10_HOST_DEVICE inline void argmax_cols(int tid, int threads, const A* value, const int* column,
-                                        int* arg, int H, int W, int p) {
-  for (int e = tid; e < H * W; e += threads) {
-    const int y = e / W, x = e % W;
+                                        int* arg, int H, int W, int p, int planes = 1) {
+  const int hw = H * W;
+  for (int e = tid; e < planes * hw; e += threads) {
+    const int q = e % hw, y = q / W, x = q % W, base = e - q;
     const int y0 = clamp_lo(y - p), y1 = clamp_hi(y + p, H);
     A best = numerics::neg_inf<A>();
     int best_at = y0 * W + clamp_lo(x - p);
     for (int yy = y0; yy <= y1; ++yy) {
-      const A v = value[yy * W + x];
+      const A v = value[base + yy * W + x];
       if (numerics::takes_over(v, best)) {
         best = v;
-        best_at = yy * W + column[yy * W + x];
+        best_at = yy * W + column[base + yy * W + x];
       }
     }
     arg[e] = best_at;
@@ -118,22 +148,25 @@ C10_HOST_DEVICE inline void argmax_cols(int tid, int threads, const A* value, co
 // One step of sppf's backward through stage r: g_prev[t] = (the sum, over the windows q around
 // t in row-major order whose argmax is t, of g[q]) + go[t], where g is stage r's gradient, arg
 // the argmaxes of stage r's windows over stage r - 1, and go stage r - 1's own slice of
-// grad_output (this plane's, contiguous). The order of the sums is that of the per-element
-// kernels, so both give the same bits.
+// grad_output: plane k's position t at go[k * go_plane + t * go_pixel] (NCHW: 1 apart; NHWC:
+// the output's channels apart, planes 1 apart). The order of the sums is that of the
+// per-element kernels, so both give the same bits.
 template <class A, class T>
 C10_HOST_DEVICE inline void gather(int tid, int threads, const A* g, const int* arg, const T* go,
-                                   A* g_prev, int H, int W, int p) {
-  for (int t = tid; t < H * W; t += threads) {
-    const int y = t / W, x = t % W;
+                                   A* g_prev, int H, int W, int p, int planes = 1,
+                                   int64_t go_pixel = 1, int64_t go_plane = 0) {
+  const int hw = H * W;
+  for (int e = tid; e < planes * hw; e += threads) {
+    const int t = e % hw, base = e - t, y = t / W, x = t % W;
     const int y1 = clamp_hi(y + p, H), x0 = clamp_lo(x - p), x1 = clamp_hi(x + p, W);
     A sum = 0;
     for (int yy = clamp_lo(y - p); yy <= y1; ++yy) {
       for (int xx = x0; xx <= x1; ++xx) {
-        const int q = yy * W + xx;
+        const int q = base + yy * W + xx;
         if (arg[q] == t) sum += g[q];
       }
     }
-    g_prev[t] = sum + static_cast<A>(go[t]);
+    g_prev[e] = sum + static_cast<A>(go[(e / hw) * go_plane + t * go_pixel]);
   }
 }
 
