@@ -49,6 +49,17 @@ inline int64_t shared_bytes_opt_in(int device) {
   return std::max<int64_t>(bytes, kDefaultSharedBytes);
 }
 
+// The dynamic shared memory per block with which `blocks` blocks fit on one SM together (the
+// SM's shared memory, less what the driver reserves per block), at most the opt-in maximum.
+inline int64_t shared_bytes_for_blocks(int device, int blocks) {
+  int per_sm = 0, reserved = 0;
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+  return std::min<int64_t>(shared_bytes_opt_in(device), per_sm / blocks - reserved);
+}
+
 // Launches kernel<<<blocks, threads, smem, stream>>>(args...), first opting the kernel in to the
 // device's maximum dynamic shared memory when smem exceeds the default (the same value on every
 // call, so that concurrent callers never lower it under each other's launch).

@@ -98,32 +98,34 @@ torch::Tensor sppf_backward_blocks(const torch::Tensor& grad_output, const torch
 }
 
 // sppf_forward_nhwc_kernel's and sppf_backward_nhwc_kernel's bodies, for every (image, group
-// of `group` channels) block of a channels_last map (the tensors' memory in NHWC order).
+// of `group` channels) block of a channels_last map (the tensors' memory in NHWC order), with
+// the kernels' odd plane stride.
 torch::Tensor sppf_forward_nhwc_blocks(const torch::Tensor& x, int p, int repeats, int group) {
   const int64_t N = x.size(0), C = x.size(1);
   const int H = static_cast<int>(x.size(2)), W = static_cast<int>(x.size(3)), hw = H * W;
+  const int ld = hw | 1;
   auto out = torch::empty({N, (repeats + 1) * C, H, W},
                           x.options().memory_format(torch::MemoryFormat::ChannelsLast));
-  std::vector<float> cur(group * hw), tmp(group * hw);
+  std::vector<float> cur(group * ld), tmp(group * ld);
   const int64_t out_channels = (repeats + 1) * C;
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t c0 = 0; c0 < C; c0 += group) {
       const int count = static_cast<int>(std::min<int64_t>(group, C - c0));
       const float* in = x.data_ptr<float>() + n * hw * C + c0;
       float* o = out.data_ptr<float>() + n * hw * out_channels + c0;
-      phase([&](int t, int k) { plane::load_channels(t, k, in, C, cur.data(), count, hw); });
+      phase([&](int t, int k) { plane::load_channels(t, k, in, C, cur.data(), count, hw, ld); });
       phase([&](int t, int k) {
-        plane::store_channels(t, k, cur.data(), o, out_channels, count, hw);
+        plane::store_channels(t, k, cur.data(), o, out_channels, count, hw, ld);
       });
       for (int r = 1; r <= repeats; ++r) {
         phase([&](int t, int k) {
-          plane::max_rows(t, k, cur.data(), tmp.data(), H, W, p, count);
+          plane::max_rows(t, k, cur.data(), tmp.data(), H, W, p, count, ld);
         });
         phase([&](int t, int k) {
-          plane::max_cols(t, k, tmp.data(), cur.data(), H, W, p, count);
+          plane::max_cols(t, k, tmp.data(), cur.data(), H, W, p, count, ld);
         });
         phase([&](int t, int k) {
-          plane::store_channels(t, k, cur.data(), o + r * C, out_channels, count, hw);
+          plane::store_channels(t, k, cur.data(), o + r * C, out_channels, count, hw, ld);
         });
       }
     }
@@ -136,7 +138,7 @@ torch::Tensor sppf_backward_nhwc_blocks(const torch::Tensor& grad_output,
                                         int group) {
   const int64_t N = output.size(0), C = output.size(1) / (repeats + 1);
   const int H = static_cast<int>(output.size(2)), W = static_cast<int>(output.size(3));
-  const int hw = H * W, span = group * hw;
+  const int hw = H * W, ld = hw | 1, span = group * ld;
   const int64_t out_channels = (repeats + 1) * C;
   auto grad_input = torch::empty({N, C, H, W},
                                  output.options().memory_format(torch::MemoryFormat::ChannelsLast));
@@ -154,29 +156,32 @@ torch::Tensor sppf_backward_nhwc_blocks(const torch::Tensor& grad_output,
       for (int r = 0; r < repeats; ++r) {
         phase([&](int t, int k) {
           plane::load_channels(t, k, out + base + r * C, out_channels, stages + r * span, count,
-                               hw);
+                               hw, ld);
         });
       }
       phase([&](int t, int k) {
-        plane::load_channels(t, k, go + base + repeats * C, out_channels, g, count, hw);
+        plane::load_channels(t, k, go + base + repeats * C, out_channels, g, count, hw, ld);
       });
       for (int r = repeats; r >= 1; --r) {
         float* value = r == repeats ? g_prev : stages + r * span;
         const float* s = stages + (r - 1) * span;
         phase([&](int t, int k) {
-          plane::argmax_rows(t, k, s, value, column.data(), H, W, p, count);
+          plane::argmax_rows(t, k, s, value, column.data(), H, W, p, count, ld);
         });
         phase([&](int t, int k) {
-          plane::argmax_cols(t, k, value, column.data(), arg.data(), H, W, p, count);
+          plane::argmax_cols(t, k, value, column.data(), arg.data(), H, W, p, count, ld);
         });
         phase([&](int t, int k) {
-          plane::gather(t, k, g, arg.data(), go + base + (r - 1) * C, g_prev, H, W, p, count,
-                        out_channels, 1);
+          plane::load_channels(t, k, go + base + (r - 1) * C, out_channels, g_prev, count, hw,
+                               ld);
+        });
+        phase([&](int t, int k) {
+          plane::gather(t, k, g, arg.data(), g_prev, g_prev, H, W, p, count, ld);
         });
         std::swap(g, g_prev);
       }
       float* gi = grad_input.data_ptr<float>() + n * hw * C + c0;
-      phase([&](int t, int k) { plane::store_channels(t, k, g, gi, C, count, hw); });
+      phase([&](int t, int k) { plane::store_channels(t, k, g, gi, C, count, hw, ld); });
     }
   }
   return grad_input;

@@ -262,10 +262,9 @@ void accumulate_cuda(at::Tensor& confmat, at::Tensor& report, const at::Tensor& 
                                  launch::launch_with_shared(
                                      scores_kernel<S, T>,
                                      grid_for(total, kScorePixels, device, smem), kThreads, smem,
-                                     device, stream,
-                                                 scores, t, in.batch, in.pixels,
-                                                 in.batch_stride, in.class_stride,
-                                                 in.pixel_stride, pb, vectorized);
+                                     device, stream, scores, t, in.batch, in.pixels,
+                                     in.batch_stride, in.class_stride, in.pixel_stride, pb,
+                                     vectorized);
                                });
         } else {
           dispatch_label_types(

@@ -9,8 +9,9 @@
 // NCHW maps whose planes fit in shared memory (the common case) take kernels with one block per
 // (image, channel) plane: the plane (and what the step needs of it) is read from global memory
 // once, with consecutive threads on consecutive elements, and every reduction then reads shared
-// memory. Their phases live in spp_plane.h (host-callable, tested on the CPU); the other kernels
-// here serve channels_last maps and planes too large for shared memory.
+// memory; channels_last sppf does the same with a group of channels per block, held as planes.
+// Their phases live in spp_plane.h (host-callable, tested on the CPU); the per-element kernels
+// here serve channels_last spp and planes too large for shared memory.
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -314,30 +315,32 @@ __global__ void sppf_forward_plane_kernel(const T* __restrict__ input, T* __rest
 }
 
 // channels_last: one block per (image, group of `group` channels), the group's channels held
-// as planes in shared memory (read and written pixel by pixel, consecutive threads on
-// consecutive channels), the stages as in sppf_forward_plane_kernel, every plane at once.
+// as planes in shared memory, `ld` (odd) elements apart (read and written pixel by pixel,
+// consecutive threads on consecutive channels), the stages as in sppf_forward_plane_kernel,
+// every plane at once.
 template <class T>
 __global__ void sppf_forward_nhwc_kernel(const T* __restrict__ input, T* __restrict__ output,
-                                         int64_t C, int H, int W, int p, int repeats, int group) {
+                                         int64_t C, int H, int W, int p, int repeats, int group,
+                                         int ld) {
   using acc = at::opmath_type<T>;
   extern __shared__ unsigned char smem_raw[];
   const int hw = H * W;
   acc* cur = reinterpret_cast<acc*>(smem_raw);
-  acc* tmp = cur + group * hw;
+  acc* tmp = cur + group * ld;
   const int64_t groups = (C + group - 1) / group;
   const int64_t n = blockIdx.x / groups, c0 = (blockIdx.x % groups) * group;
   const int count = static_cast<int>(std::min<int64_t>(group, C - c0));
   const int64_t out_channels = (int64_t{repeats} + 1) * C;
   T* out = output + n * hw * out_channels + c0;  // stage r's channels start at r * C
-  plane::load_channels(threadIdx.x, blockDim.x, input + n * hw * C + c0, C, cur, count, hw);
+  plane::load_channels(threadIdx.x, blockDim.x, input + n * hw * C + c0, C, cur, count, hw, ld);
   __syncthreads();
-  plane::store_channels(threadIdx.x, blockDim.x, cur, out, out_channels, count, hw);
+  plane::store_channels(threadIdx.x, blockDim.x, cur, out, out_channels, count, hw, ld);
   for (int64_t r = 1; r <= repeats; ++r) {
-    plane::max_rows(threadIdx.x, blockDim.x, cur, tmp, H, W, p, count);
+    plane::max_rows(threadIdx.x, blockDim.x, cur, tmp, H, W, p, count, ld);
     __syncthreads();
-    plane::max_cols(threadIdx.x, blockDim.x, tmp, cur, H, W, p, count);
+    plane::max_cols(threadIdx.x, blockDim.x, tmp, cur, H, W, p, count, ld);
     __syncthreads();
-    plane::store_channels(threadIdx.x, blockDim.x, cur, out + r * C, out_channels, count, hw);
+    plane::store_channels(threadIdx.x, blockDim.x, cur, out + r * C, out_channels, count, hw, ld);
   }
 }
 
@@ -568,16 +571,17 @@ __global__ void sppf_backward_plane_kernel(const T* __restrict__ grad_output,
 
 // channels_last: one block per (image, group of channels), the group's planes in shared memory
 // as in sppf_forward_nhwc_kernel, the backward as in sppf_backward_plane_kernel on every plane
-// at once.
+// at once; stage r - 1's slice of grad_output is first read into g_prev (pixel by pixel, so
+// the reads are coalesced), which the gather then reads and overwrites element by element.
 template <class T>
 __global__ void sppf_backward_nhwc_kernel(const T* __restrict__ grad_output,
                                           const T* __restrict__ output,
                                           T* __restrict__ grad_input, int64_t C, int H, int W,
-                                          int p, int repeats, int group) {
+                                          int p, int repeats, int group, int ld) {
   using acc = at::opmath_type<T>;
   extern __shared__ unsigned char smem_raw[];
-  const int hw = H * W, span = group * hw;
-  acc* stages = reinterpret_cast<acc*>(smem_raw);  // [repeats][group][hw]
+  const int hw = H * W, span = group * ld;
+  acc* stages = reinterpret_cast<acc*>(smem_raw);  // [repeats][group][ld]
   acc* g = stages + repeats * span;
   acc* g_prev = g + span;
   int* column = reinterpret_cast<int*>(g_prev + span);
@@ -589,26 +593,29 @@ __global__ void sppf_backward_nhwc_kernel(const T* __restrict__ grad_output,
   const int64_t base = n * hw * out_channels + c0;  // stage r's channels start at r * C
   for (int64_t r = 0; r < repeats; ++r) {
     plane::load_channels(threadIdx.x, blockDim.x, output + base + r * C, out_channels,
-                         stages + r * span, count, hw);
+                         stages + r * span, count, hw, ld);
   }
   plane::load_channels(threadIdx.x, blockDim.x, grad_output + base + repeats * C, out_channels, g,
-                       count, hw);
+                       count, hw, ld);
   __syncthreads();
   for (int64_t r = repeats; r >= 1; --r) {
     acc* value = r == repeats ? g_prev : stages + r * span;
     plane::argmax_rows(threadIdx.x, blockDim.x, stages + (r - 1) * span, value, column, H, W, p,
-                       count);
+                       count, ld);
     __syncthreads();
-    plane::argmax_cols(threadIdx.x, blockDim.x, value, column, arg, H, W, p, count);
+    plane::argmax_cols(threadIdx.x, blockDim.x, value, column, arg, H, W, p, count, ld);
     __syncthreads();
-    plane::gather(threadIdx.x, blockDim.x, g, arg, grad_output + base + (r - 1) * C, g_prev, H, W,
-                  p, count, out_channels, 1);
+    plane::load_channels(threadIdx.x, blockDim.x, grad_output + base + (r - 1) * C, out_channels,
+                         g_prev, count, hw, ld);
+    __syncthreads();
+    plane::gather(threadIdx.x, blockDim.x, g, arg, g_prev, g_prev, H, W, p, count, ld);
     __syncthreads();
     acc* swap = g;
     g = g_prev;
     g_prev = swap;
   }
-  plane::store_channels(threadIdx.x, blockDim.x, g, grad_input + n * hw * C + c0, C, count, hw);
+  plane::store_channels(threadIdx.x, blockDim.x, g, grad_input + n * hw * C + c0, C, count, hw,
+                        ld);
 }
 
 // Shared memory of sppf_backward_plane_kernel: repeats + 2 planes of the accumulation type and
@@ -729,17 +736,25 @@ int pick_sppf_tile(int p, int repeats, size_t acc_size) {
   return 0;
 }
 
+// The NHWC sppf kernels' plane stride: odd, so that one pixel's channels fall on different
+// shared-memory banks.
+int64_t nhwc_plane_stride(int64_t hw) { return hw | 1; }
+
 // The channels per block of the NHWC sppf kernels: the most (32, 16, ..., 1, at most C) whose
-// planes take at most half the opt-in shared memory (two blocks per SM), given the bytes per
-// plane element; 0 when not even one plane fits.
-int nhwc_group(int64_t C, int64_t hw, int64_t bytes_per_element, int device) {
-  const int64_t budget = launch::shared_bytes_opt_in(device) / 2;
-  for (int group = 32; group >= 1; group /= 2) {
-    if (group <= std::max<int64_t>(C, 1) && group * hw * bytes_per_element <= budget) {
-      return group;
-    }
-  }
-  return 0;
+// planes let two blocks share an SM, given the shared bytes per plane element; fewer (down to
+// 32 bytes of channels per pixel) while the blocks would not fill the GPU twice over; 0 when
+// not even one plane fits.
+int nhwc_group(int64_t N, int64_t C, int64_t hw, int64_t bytes_per_element, size_t value_size,
+               int device) {
+  const int64_t budget = launch::shared_bytes_for_blocks(device, 2);
+  const int64_t ld = nhwc_plane_stride(hw);
+  int group = 32;
+  while (group > 1 && (group > C || group * ld * bytes_per_element > budget)) group /= 2;
+  if (ld * bytes_per_element > budget) return 0;
+  const int64_t sms = launch::multiprocessor_count(device);
+  const int floor = static_cast<int>(std::max<size_t>(1, 32 / value_size));
+  while (group > floor && N * ((C + group - 1) / group) < 2 * sms) group /= 2;
+  return group;
 }
 
 at::Tensor sppf_cuda(const at::Tensor& input_, int64_t kernel_size, int64_t repeats) {
@@ -768,18 +783,21 @@ at::Tensor sppf_cuda(const at::Tensor& input_, int64_t kernel_size, int64_t repe
     }
     if (channels_last && H * W < (int64_t{1} << 24)) {
       const int device = input.get_device();
-      const int group = nhwc_group(C, H * W, 2 * sizeof(acc), device);
-      const int64_t blocks = N * ((C + std::max(group, 1) - 1) / std::max(group, 1));
-      if (group > 0 && blocks < (int64_t{1} << 31)) {
-        launch::launch_with_shared(sppf_forward_nhwc_kernel<T>, static_cast<unsigned int>(blocks),
-                                   kPlaneThreads, 2 * group * H * W * sizeof(acc), device, stream,
-                                   in, out, C, static_cast<int>(H), static_cast<int>(W), p,
-                    static_cast<int>(repeats), group);
+      const int group = nhwc_group(N, C, H * W, 2 * sizeof(acc), sizeof(T), device);
+      const int64_t ld = nhwc_plane_stride(H * W);
+      const int64_t nhwc_blocks = N * ((C + std::max(group, 1) - 1) / std::max(group, 1));
+      if (group > 0 && nhwc_blocks < (int64_t{1} << 31)) {
+        launch::launch_with_shared(sppf_forward_nhwc_kernel<T>,
+                                   static_cast<unsigned int>(nhwc_blocks), kPlaneThreads,
+                                   2 * group * ld * static_cast<int64_t>(sizeof(acc)), device,
+                                   stream, in, out, C, static_cast<int>(H), static_cast<int>(W), p,
+                                   static_cast<int>(repeats), group, static_cast<int>(ld));
         return;
       }
     }
     // The tiled kernel walks planes, which reads NHWC memory with a stride of C: channels_last
-    // takes the per-stage kernels, which enumerate it channels first (coalesced).
+    // maps whose planes fit no group take the per-stage kernels, which enumerate them channels
+    // first (coalesced).
     const int tile = channels_last ? 0 : pick_sppf_tile(p, static_cast<int>(repeats), sizeof(acc));
     const int64_t tiles_h = (H + std::max(tile, 1) - 1) / std::max(tile, 1);
     const int64_t tiles_w = (W + std::max(tile, 1) - 1) / std::max(tile, 1);
@@ -830,15 +848,15 @@ at::Tensor sppf_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& 
     if (d.channels_last && H * W < (int64_t{1} << 24) && repeats < 64) {
       const int device = output.get_device();
       const int64_t per_element = (repeats + 2) * sizeof(acc) + 2 * sizeof(int);
-      const int group = nhwc_group(C, H * W, per_element, device);
-      const int64_t blocks = N * ((C + std::max(group, 1) - 1) / std::max(group, 1));
-      if (group > 0 && blocks < (int64_t{1} << 31)) {
-        launch::launch_with_shared(sppf_backward_nhwc_kernel<T>,
-                                   static_cast<unsigned int>(blocks), kPlaneThreads,
-                                   group * H * W * per_element, device, stream,
-                                   grad_output.const_data_ptr<T>(), output.const_data_ptr<T>(),
-                    grad_input.mutable_data_ptr<T>(), C, static_cast<int>(H),
-                    static_cast<int>(W), p, static_cast<int>(repeats), group);
+      const int group = nhwc_group(N, C, H * W, per_element, sizeof(T), device);
+      const int64_t ld = nhwc_plane_stride(H * W);
+      const int64_t nhwc_blocks = N * ((C + std::max(group, 1) - 1) / std::max(group, 1));
+      if (group > 0 && nhwc_blocks < (int64_t{1} << 31)) {
+        launch::launch_with_shared(
+            sppf_backward_nhwc_kernel<T>, static_cast<unsigned int>(nhwc_blocks), kPlaneThreads,
+            group * ld * per_element, device, stream, grad_output.const_data_ptr<T>(),
+            output.const_data_ptr<T>(), grad_input.mutable_data_ptr<T>(), C, static_cast<int>(H),
+            static_cast<int>(W), p, static_cast<int>(repeats), group, static_cast<int>(ld));
         return;
       }
     }

@@ -9,8 +9,9 @@
 //
 // Positions inside a plane are int (the kernels that use these hold a plane in shared memory,
 // far below 2^31 elements). Values are in the accumulation type A (float for the half types).
-// The sppf phases take `planes` planes of H x W laid one after the other (a block of NHWC
-// channels held as planes), each on its own; the NCHW kernels pass one.
+// The sppf phases take `planes` planes of H x W, `ld` elements apart (a block of NHWC channels
+// held as planes; an odd ld keeps the reads of one pixel's channels off a single bank), each on
+// its own; the NCHW kernels pass one plane (ld = H * W).
 
 #include <c10/macros/Macros.h>
 
@@ -48,21 +49,29 @@ C10_HOST_DEVICE inline void store(int tid, int threads, const A* src, T* dst, in
 // consecutive threads read consecutive channels of a pixel.
 template <class T, class A>
 C10_HOST_DEVICE inline void load_channels(int tid, int threads, const T* src, int64_t pixel_stride,
-                                          A* dst, int count, int hw) {
+                                          A* dst, int count, int hw, int ld) {
   for (int e = tid; e < count * hw; e += threads) {
     const int pixel = e / count, c = e % count;
-    dst[c * hw + pixel] = static_cast<A>(src[pixel * pixel_stride + c]);
+    dst[c * ld + pixel] = static_cast<A>(src[pixel * pixel_stride + c]);
   }
 }
 
-// The inverse: `count` planes of hw elements at src into an NHWC map's channels.
+// The inverse: `count` planes of hw elements (ld apart) at src into an NHWC map's channels.
 template <class A, class T>
 C10_HOST_DEVICE inline void store_channels(int tid, int threads, const A* src, T* dst,
-                                           int64_t pixel_stride, int count, int hw) {
+                                           int64_t pixel_stride, int count, int hw, int ld) {
   for (int e = tid; e < count * hw; e += threads) {
     const int pixel = e / count, c = e % count;
-    dst[pixel * pixel_stride + c] = static_cast<T>(src[c * hw + pixel]);
+    dst[pixel * pixel_stride + c] = static_cast<T>(src[c * ld + pixel]);
   }
+}
+
+// Item e of `planes` planes of hw elements: its plane's first element (planes ld apart), and
+// its position q in the plane.
+C10_HOST_DEVICE inline int plane_base(int e, int hw, int ld, int& q) {
+  const int k = e / hw;
+  q = e - k * hw;
+  return k * (ld > 0 ? ld : hw);
 }
 
 // One max_pool2d stage of sppf (kernel 2p + 1, stride 1, padding p with -inf, which amounts to
@@ -70,29 +79,31 @@ C10_HOST_DEVICE inline void store_channels(int tid, int threads, const A* src, T
 // max_cols the column maxima of tmp into dst. NaN propagates, as in max_pool2d.
 template <class A>
 C10_HOST_DEVICE inline void max_rows(int tid, int threads, const A* src, A* tmp, int H, int W,
-                                     int p, int planes = 1) {
+                                     int p, int planes = 1, int ld = 0) {
   const int hw = H * W;
   for (int e = tid; e < planes * hw; e += threads) {
-    const int q = e % hw, y = q / W, x = q % W;
-    const A* row = src + (e - q) + y * W;
+    int q;
+    const int base = plane_base(e, hw, ld, q), y = q / W, x = q % W;
+    const A* row = src + base + y * W;
     const int x1 = clamp_hi(x + p, W);
     A m = row[clamp_lo(x - p)];
     for (int xx = clamp_lo(x - p) + 1; xx <= x1; ++xx) m = max_nan(m, row[xx]);
-    tmp[e] = m;
+    tmp[base + q] = m;
   }
 }
 
 template <class A>
 C10_HOST_DEVICE inline void max_cols(int tid, int threads, const A* tmp, A* dst, int H, int W,
-                                     int p, int planes = 1) {
+                                     int p, int planes = 1, int ld = 0) {
   const int hw = H * W;
   for (int e = tid; e < planes * hw; e += threads) {
-    const int q = e % hw, y = q / W, x = q % W;
-    const A* plane = tmp + (e - q);
+    int q;
+    const int base = plane_base(e, hw, ld, q), y = q / W, x = q % W;
+    const A* plane = tmp + base;
     const int y1 = clamp_hi(y + p, H);
     A m = plane[clamp_lo(y - p) * W + x];
     for (int yy = clamp_lo(y - p) + 1; yy <= y1; ++yy) m = max_nan(m, plane[yy * W + x]);
-    dst[e] = m;
+    dst[base + q] = m;
   }
 }
 
@@ -105,11 +116,12 @@ C10_HOST_DEVICE inline void max_cols(int tid, int threads, const A* tmp, A* dst,
 // result is its first maximum; a NaN takes over, so the last NaN wins.)
 template <class A>
 C10_HOST_DEVICE inline void argmax_rows(int tid, int threads, const A* s, A* value, int* column,
-                                        int H, int W, int p, int planes = 1) {
+                                        int H, int W, int p, int planes = 1, int ld = 0) {
   const int hw = H * W;
   for (int e = tid; e < planes * hw; e += threads) {
-    const int q = e % hw, y = q / W, x = q % W;
-    const A* row = s + (e - q) + y * W;
+    int q;
+    const int base = plane_base(e, hw, ld, q), y = q / W, x = q % W;
+    const A* row = s + base + y * W;
     const int x0 = clamp_lo(x - p), x1 = clamp_hi(x + p, W);
     A best = numerics::neg_inf<A>();
     int best_x = x0;
@@ -120,17 +132,19 @@ C10_HOST_DEVICE inline void argmax_rows(int tid, int threads, const A* s, A* val
         best_x = xx;
       }
     }
-    value[e] = best;
-    column[e] = best_x;
+    value[base + q] = best;
+    column[base + q] = best_x;
   }
 }
 
 template <class A>
 C10_HOST_DEVICE inline void argmax_cols(int tid, int threads, const A* value, const int* column,
-                                        int* arg, int H, int W, int p, int planes = 1) {
+                                        int* arg, int H, int W, int p, int planes = 1,
+                                        int ld = 0) {
   const int hw = H * W;
   for (int e = tid; e < planes * hw; e += threads) {
-    const int q = e % hw, y = q / W, x = q % W, base = e - q;
+    int q;
+    const int base = plane_base(e, hw, ld, q), y = q / W, x = q % W;
     const int y0 = clamp_lo(y - p), y1 = clamp_hi(y + p, H);
     A best = numerics::neg_inf<A>();
     int best_at = y0 * W + clamp_lo(x - p);
@@ -141,23 +155,23 @@ C10_HOST_DEVICE inline void argmax_cols(int tid, int threads, const A* value, co
         best_at = yy * W + column[base + yy * W + x];
       }
     }
-    arg[e] = best_at;
+    arg[base + q] = best_at;
   }
 }
 
 // One step of sppf's backward through stage r: g_prev[t] = (the sum, over the windows q around
 // t in row-major order whose argmax is t, of g[q]) + go[t], where g is stage r's gradient, arg
 // the argmaxes of stage r's windows over stage r - 1, and go stage r - 1's own slice of
-// grad_output: plane k's position t at go[k * go_plane + t * go_pixel] (NCHW: 1 apart; NHWC:
-// the output's channels apart, planes 1 apart). The order of the sums is that of the
-// per-element kernels, so both give the same bits.
+// grad_output, laid out like g (or go may be g_prev itself: each element is read before it is
+// written, by the same thread). The order of the sums is that of the per-element kernels, so
+// both give the same bits.
 template <class A, class T>
 C10_HOST_DEVICE inline void gather(int tid, int threads, const A* g, const int* arg, const T* go,
-                                   A* g_prev, int H, int W, int p, int planes = 1,
-                                   int64_t go_pixel = 1, int64_t go_plane = 0) {
+                                   A* g_prev, int H, int W, int p, int planes = 1, int ld = 0) {
   const int hw = H * W;
   for (int e = tid; e < planes * hw; e += threads) {
-    const int t = e % hw, base = e - t, y = t / W, x = t % W;
+    int t;
+    const int base = plane_base(e, hw, ld, t), y = t / W, x = t % W;
     const int y1 = clamp_hi(y + p, H), x0 = clamp_lo(x - p), x1 = clamp_hi(x + p, W);
     A sum = 0;
     for (int yy = clamp_lo(y - p); yy <= y1; ++yy) {
@@ -166,7 +180,7 @@ C10_HOST_DEVICE inline void gather(int tid, int threads, const A* g, const int* 
         if (arg[q] == t) sum += g[q];
       }
     }
-    g_prev[e] = sum + static_cast<A>(go[(e / hw) * go_plane + t * go_pixel]);
+    g_prev[base + t] = sum + static_cast<A>(go[base + t]);
   }
 }
 
