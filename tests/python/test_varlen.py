@@ -320,6 +320,21 @@ def test_unpad_non_contiguous_mask(device, mask_layout, gen):
     check_unpad(varlen.unpad_input(hidden, mask), hidden, mask, what=mask_layout)
 
 
+@pytest.mark.parametrize(
+    "dtype,width", [(torch.float32, 1030), (torch.bfloat16, 1024)], ids=["f32-4120B", "bf16-2KiB"]
+)
+def test_unpad_pad_wide_rows(device, dtype, width, gen):
+    """Rows of at least 128 copy units (8-byte units of a 4120-byte row, 16-byte units of a
+    2 KiB one): the CUDA row copies take a block per row."""
+    batch, seqlen = 6, 33
+    mask = make_mask("holes", batch, seqlen, gen).to(device)
+    hidden = make_hidden(batch, seqlen, (width,), "contiguous", gen, dtype=dtype, device=device)
+    result = varlen.unpad_input(hidden, mask)
+    check_unpad(result, hidden, mask, what=str(dtype))
+    restored = varlen.pad_input(result[0], result[1], batch, seqlen)
+    assert torch.equal(restored.cpu(), masked_reference(hidden, mask))
+
+
 @pytest.mark.parametrize("kind", ["right", "left", "holes", "padded-rows"])
 def test_unpad_large(device, kind, gen):
     """Enough rows (67 x 300, 20,100 slots) for the kernels to split the work over threads."""

@@ -157,22 +157,64 @@ std::tuple<at::Tensor, at::Tensor, c10::SymInt, at::Tensor> unpad_plan_cuda(
 
 // ---------------------------------------------------------------- row copies
 
-// dst row i <- src row idx[i], in units U. Source rows are read src_row_units apart (the
-// input's row stride: rows that are each contiguous, of an expanded or sliced first axis, are
-// read in place).
-template <class U>
-__global__ void copy_rows(const U* __restrict__ src, U* __restrict__ dst,
-                          const int64_t* __restrict__ idx, int64_t rows, int64_t units,
-                          int64_t src_row_units, int64_t limit) {
+// The source row of each destination row of a gather: idx[r], checked (out of range: a
+// device-side assert; where asserts are compiled out, no row: zeros).
+struct GatherSource {
+  const int64_t* idx;
+  int64_t limit;
+  __device__ __forceinline__ int64_t operator()(int64_t r) const {
+    const int64_t target = idx[r];
+    CUDA_KERNEL_ASSERT(target >= 0 && target < limit);
+    return target >= 0 && target < limit ? target : -1;
+  }
+};
+
+// ... of a scatter written as a gather: the inverted index (-1: a row of zeros).
+struct InverseSource {
+  const int64_t* src_of;
+  __device__ __forceinline__ int64_t operator()(int64_t r) const { return src_of[r]; }
+};
+
+// Rows of at least this many units take a block per row (no division per element).
+constexpr int64_t kWideRowUnits = 128;
+constexpr int kRowThreads = 128;
+
+// dst row r <- src row source(r) (zeros where it is -1), in units U; source rows are read
+// src_row_units apart (the input's row stride: rows that are each contiguous, of an expanded or
+// sliced first axis, are read in place). Wide rows: blocks stride over rows, threads over a
+// row's units; narrow ones: threads stride over all units.
+template <class U, class Source>
+__global__ void copy_rows(const U* __restrict__ src, U* __restrict__ dst, Source source,
+                          int64_t rows, int64_t units, int64_t src_row_units) {
+  if (units >= kWideRowUnits) {
+    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+      const int64_t from = source(r);
+      const U* s = src + (from >= 0 ? from : 0) * src_row_units;
+      U* d = dst + r * units;
+      for (int64_t u = threadIdx.x; u < units; u += blockDim.x) d[u] = from >= 0 ? s[u] : U{};
+    }
+    return;
+  }
   const int64_t total = rows * units;
   for (int64_t e = launch::grid_stride_first(); e < total;
        e += launch::grid_stride_step()) {
     const int64_t r = e / units, u = e % units;
-    const int64_t target = idx[r];
-    CUDA_KERNEL_ASSERT(target >= 0 && target < limit);
-    // Where the assert is compiled out, an index outside the input reads nothing: zeros.
-    dst[e] = target >= 0 && target < limit ? src[target * src_row_units + u] : U{};
+    const int64_t from = source(r);
+    dst[e] = from >= 0 ? src[from * src_row_units + u] : U{};
   }
+}
+
+template <class U, class Source>
+void launch_rows(const void* src, void* dst, Source source, int64_t rows, int64_t units,
+                 int64_t src_row_units, cudaStream_t stream) {
+  if (units >= kWideRowUnits) {
+    copy_rows<U><<<launch::grid_stride_blocks(rows, 1), kRowThreads, 0, stream>>>(
+        static_cast<const U*>(src), static_cast<U*>(dst), source, rows, units, src_row_units);
+  } else {
+    copy_rows<U><<<launch::grid_stride_blocks(rows * units, kThreads), kThreads, 0, stream>>>(
+        static_cast<const U*>(src), static_cast<U*>(dst), source, rows, units, src_row_units);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // src_of[idx[r]] = r for the rows r of a scatter (src_of holds -1 before): its index inverted.
@@ -182,19 +224,6 @@ __global__ void invert_rows(const int64_t* __restrict__ idx, int64_t rows,
     const int64_t target = idx[r];
     CUDA_KERNEL_ASSERT(target >= 0 && target < limit);
     if (target >= 0 && target < limit) src_of[target] = r;  // else: no row (asserts compiled out)
-  }
-}
-
-// dst row o <- src row src_of[o], or zeros where src_of[o] < 0, in units U: every row of dst
-// written once.
-template <class U>
-__global__ void fill_rows(const U* __restrict__ src, U* __restrict__ dst,
-                          const int64_t* __restrict__ src_of, int64_t rows, int64_t units) {
-  const int64_t total = rows * units;
-  for (int64_t e = launch::grid_stride_first(); e < total;
-       e += launch::grid_stride_step()) {
-    const int64_t from = src_of[e / units];
-    dst[e] = from >= 0 ? src[from * units + e % units] : U{};
   }
 }
 
@@ -222,13 +251,9 @@ void launch_copy_rows(const void* src, void* dst, const int64_t* idx, int64_t ro
   auto stream = c10::cuda::getCurrentCUDAStream();
   with_row_unit(src, dst, row_bytes, src_row_bytes, [&](auto tag) {
     using U = decltype(tag);
-    const int64_t units = row_bytes / static_cast<int64_t>(sizeof(U));
-    const int64_t src_row_units = src_row_bytes / static_cast<int64_t>(sizeof(U));
-    const unsigned int blocks = launch::grid_stride_blocks(rows * units, kThreads);
-    copy_rows<U><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const U*>(src), static_cast<U*>(dst), idx, rows, units, src_row_units,
-        limit);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_rows<U>(src, dst, GatherSource{idx, limit}, rows,
+                   row_bytes / static_cast<int64_t>(sizeof(U)),
+                   src_row_bytes / static_cast<int64_t>(sizeof(U)), stream);
   });
 }
 
@@ -275,12 +300,9 @@ at::Tensor index_put_first_axis_cuda(const at::Tensor& values_, const at::Tensor
                 [&](auto tag) {
                   using U = decltype(tag);
                   const int64_t units = row_bytes / static_cast<int64_t>(sizeof(U));
-                  fill_rows<U><<<launch::grid_stride_blocks(first_axis_dim * units, kThreads),
-                                 kThreads, 0, stream>>>(
-                      static_cast<const U*>(values.const_data_ptr()),
-                      static_cast<U*>(output.mutable_data_ptr()),
-                      src_of.const_data_ptr<int64_t>(), first_axis_dim, units);
-                  C10_CUDA_KERNEL_LAUNCH_CHECK();
+                  launch_rows<U>(values.const_data_ptr(), output.mutable_data_ptr(),
+                                 InverseSource{src_of.const_data_ptr<int64_t>()}, first_axis_dim,
+                                 units, units, stream);
                 });
   return output;
 }
