@@ -37,85 +37,29 @@ torch::Tensor tied_values(std::vector<int64_t> shape, bool with_nan, int64_t see
   return x;
 }
 
-// sppf_forward_plane_kernel's body, for every plane.
-torch::Tensor sppf_forward_blocks(const torch::Tensor& x, int p, int repeats) {
+// sppf_forward_plane_kernel's body, for every (image, group of `group` channels) block: NCHW
+// maps with one channel per block and contiguous planes, channels_last ones (the tensors'
+// memory in NHWC order) with the host's odd plane stride.
+torch::Tensor sppf_forward_blocks(const torch::Tensor& x, int p, int repeats, int group,
+                                  bool cl) {
   const int64_t N = x.size(0), C = x.size(1);
   const int H = static_cast<int>(x.size(2)), W = static_cast<int>(x.size(3)), hw = H * W;
-  auto out = torch::empty({N, (repeats + 1) * C, H, W}, x.options());
-  std::vector<float> cur(hw), tmp(hw);
-  for (int64_t id = 0; id < N * C; ++id) {
-    const int64_t n = id / C, c = id % C;
-    float* o = out.data_ptr<float>() + (n * (repeats + 1) * C + c) * hw;
-    const float* in = x.data_ptr<float>() + id * hw;
-    phase([&](int t, int k) { plane::load(t, k, in, cur.data(), hw); });
-    phase([&](int t, int k) { plane::store(t, k, cur.data(), o, hw); });
-    for (int r = 1; r <= repeats; ++r) {
-      phase([&](int t, int k) { plane::max_rows(t, k, cur.data(), tmp.data(), H, W, p); });
-      phase([&](int t, int k) { plane::max_cols(t, k, tmp.data(), cur.data(), H, W, p); });
-      phase([&](int t, int k) { plane::store(t, k, cur.data(), o + r * C * hw, hw); });
-    }
-  }
-  return out;
-}
-
-// sppf_backward_plane_kernel's body, for every plane (its buffer reuse included).
-torch::Tensor sppf_backward_blocks(const torch::Tensor& grad_output, const torch::Tensor& output,
-                                   int p, int repeats) {
-  const int64_t N = output.size(0), C = output.size(1) / (repeats + 1);
-  const int H = static_cast<int>(output.size(2)), W = static_cast<int>(output.size(3));
-  const int hw = H * W;
-  auto grad_input = torch::empty({N, C, H, W}, output.options());
-  std::vector<float> smem((repeats + 2) * hw);
-  std::vector<int> column(hw), arg(hw);
-  for (int64_t id = 0; id < N * C; ++id) {
-    const int64_t n = id / C, c = id % C;
-    const int64_t base = (n * (repeats + 1) * C + c) * hw, stride = C * hw;
-    float* stages = smem.data();
-    float* g = stages + repeats * hw;
-    float* g_prev = g + hw;
-    const float* out = output.data_ptr<float>();
-    const float* go = grad_output.data_ptr<float>();
-    for (int r = 0; r < repeats; ++r) {
-      phase([&](int t, int k) { plane::load(t, k, out + base + r * stride, stages + r * hw, hw); });
-    }
-    phase([&](int t, int k) { plane::load(t, k, go + base + repeats * stride, g, hw); });
-    for (int r = repeats; r >= 1; --r) {
-      float* value = r == repeats ? g_prev : stages + r * hw;
-      const float* s = stages + (r - 1) * hw;
-      phase([&](int t, int k) { plane::argmax_rows(t, k, s, value, column.data(), H, W, p); });
-      phase([&](int t, int k) {
-        plane::argmax_cols(t, k, value, column.data(), arg.data(), H, W, p);
-      });
-      phase([&](int t, int k) {
-        plane::gather(t, k, g, arg.data(), go + base + (r - 1) * stride, g_prev, H, W, p);
-      });
-      std::swap(g, g_prev);
-    }
-    float* gi = grad_input.data_ptr<float>() + id * hw;
-    phase([&](int t, int k) { plane::store(t, k, g, gi, hw); });
-  }
-  return grad_input;
-}
-
-// sppf_forward_nhwc_kernel's and sppf_backward_nhwc_kernel's bodies, for every (image, group
-// of `group` channels) block of a channels_last map (the tensors' memory in NHWC order), with
-// the kernels' odd plane stride.
-torch::Tensor sppf_forward_nhwc_blocks(const torch::Tensor& x, int p, int repeats, int group) {
-  const int64_t N = x.size(0), C = x.size(1);
-  const int H = static_cast<int>(x.size(2)), W = static_cast<int>(x.size(3)), hw = H * W;
-  const int ld = hw | 1;
-  auto out = torch::empty({N, (repeats + 1) * C, H, W},
-                          x.options().memory_format(torch::MemoryFormat::ChannelsLast));
+  const int ld = cl ? (hw | 1) : hw;
+  const auto format = cl ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
+  auto out = torch::empty({N, (repeats + 1) * C, H, W}, x.options().memory_format(format));
   std::vector<float> cur(group * ld), tmp(group * ld);
-  const int64_t out_channels = (repeats + 1) * C;
+  const int64_t out_channels = (repeats + 1) * C, channel = cl ? 1 : hw;
+  const int64_t in_pixel = cl ? C : 1, out_pixel = cl ? out_channels : 1;
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t c0 = 0; c0 < C; c0 += group) {
       const int count = static_cast<int>(std::min<int64_t>(group, C - c0));
-      const float* in = x.data_ptr<float>() + n * hw * C + c0;
-      float* o = out.data_ptr<float>() + n * hw * out_channels + c0;
-      phase([&](int t, int k) { plane::load_channels(t, k, in, C, cur.data(), count, hw, ld); });
+      const float* in = x.data_ptr<float>() + n * hw * C + c0 * channel;
+      float* o = out.data_ptr<float>() + n * hw * out_channels + c0 * channel;
       phase([&](int t, int k) {
-        plane::store_channels(t, k, cur.data(), o, out_channels, count, hw, ld);
+        plane::load_channels(t, k, in, in_pixel, channel, cur.data(), count, hw, ld);
+      });
+      phase([&](int t, int k) {
+        plane::store_channels(t, k, cur.data(), o, out_pixel, channel, count, hw, ld);
       });
       for (int r = 1; r <= repeats; ++r) {
         phase([&](int t, int k) {
@@ -125,7 +69,8 @@ torch::Tensor sppf_forward_nhwc_blocks(const torch::Tensor& x, int p, int repeat
           plane::max_cols(t, k, tmp.data(), cur.data(), H, W, p, count, ld);
         });
         phase([&](int t, int k) {
-          plane::store_channels(t, k, cur.data(), o + r * C, out_channels, count, hw, ld);
+          plane::store_channels(t, k, cur.data(), o + r * C * channel, out_pixel, channel, count,
+                                hw, ld);
         });
       }
     }
@@ -133,21 +78,22 @@ torch::Tensor sppf_forward_nhwc_blocks(const torch::Tensor& x, int p, int repeat
   return out;
 }
 
-torch::Tensor sppf_backward_nhwc_blocks(const torch::Tensor& grad_output,
-                                        const torch::Tensor& output, int p, int repeats,
-                                        int group) {
+// sppf_backward_plane_kernel's body (its buffer reuse included), blocks as above.
+torch::Tensor sppf_backward_blocks(const torch::Tensor& grad_output, const torch::Tensor& output,
+                                   int p, int repeats, int group, bool cl) {
   const int64_t N = output.size(0), C = output.size(1) / (repeats + 1);
   const int H = static_cast<int>(output.size(2)), W = static_cast<int>(output.size(3));
-  const int hw = H * W, ld = hw | 1, span = group * ld;
-  const int64_t out_channels = (repeats + 1) * C;
-  auto grad_input = torch::empty({N, C, H, W},
-                                 output.options().memory_format(torch::MemoryFormat::ChannelsLast));
+  const int hw = H * W, ld = cl ? (hw | 1) : hw, span = group * ld;
+  const int64_t out_channels = (repeats + 1) * C, channel = cl ? 1 : hw;
+  const int64_t in_pixel = cl ? C : 1, out_pixel = cl ? out_channels : 1, stage = C * channel;
+  const auto format = cl ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
+  auto grad_input = torch::empty({N, C, H, W}, output.options().memory_format(format));
   std::vector<float> smem((repeats + 2) * span);
   std::vector<int> column(span), arg(span);
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t c0 = 0; c0 < C; c0 += group) {
       const int count = static_cast<int>(std::min<int64_t>(group, C - c0));
-      const int64_t base = n * hw * out_channels + c0;
+      const int64_t base = n * hw * out_channels + c0 * channel;
       const float* out = output.data_ptr<float>();
       const float* go = grad_output.data_ptr<float>();
       float* stages = smem.data();
@@ -155,12 +101,13 @@ torch::Tensor sppf_backward_nhwc_blocks(const torch::Tensor& grad_output,
       float* g_prev = g + span;
       for (int r = 0; r < repeats; ++r) {
         phase([&](int t, int k) {
-          plane::load_channels(t, k, out + base + r * C, out_channels, stages + r * span, count,
-                               hw, ld);
+          plane::load_channels(t, k, out + base + r * stage, out_pixel, channel,
+                               stages + r * span, count, hw, ld);
         });
       }
       phase([&](int t, int k) {
-        plane::load_channels(t, k, go + base + repeats * C, out_channels, g, count, hw, ld);
+        plane::load_channels(t, k, go + base + repeats * stage, out_pixel, channel, g, count, hw,
+                             ld);
       });
       for (int r = repeats; r >= 1; --r) {
         float* value = r == repeats ? g_prev : stages + r * span;
@@ -172,16 +119,18 @@ torch::Tensor sppf_backward_nhwc_blocks(const torch::Tensor& grad_output,
           plane::argmax_cols(t, k, value, column.data(), arg.data(), H, W, p, count, ld);
         });
         phase([&](int t, int k) {
-          plane::load_channels(t, k, go + base + (r - 1) * C, out_channels, g_prev, count, hw,
-                               ld);
+          plane::load_channels(t, k, go + base + (r - 1) * stage, out_pixel, channel, g_prev,
+                               count, hw, ld);
         });
         phase([&](int t, int k) {
           plane::gather(t, k, g, arg.data(), g_prev, g_prev, H, W, p, count, ld);
         });
         std::swap(g, g_prev);
       }
-      float* gi = grad_input.data_ptr<float>() + n * hw * C + c0;
-      phase([&](int t, int k) { plane::store_channels(t, k, g, gi, C, count, hw, ld); });
+      float* gi = grad_input.data_ptr<float>() + n * hw * C + c0 * channel;
+      phase([&](int t, int k) {
+        plane::store_channels(t, k, g, gi, in_pixel, channel, count, hw, ld);
+      });
     }
   }
   return grad_input;
@@ -200,7 +149,7 @@ TEST_P(SppfPlane, BlocksMatchTheCpuOps) {
   const auto x = tied_values(cs.shape, cs.with_nan, 7);
   const int p = static_cast<int>(cs.kernel / 2), repeats = static_cast<int>(cs.repeats);
   const auto expected = torch_ext::sppf(x, cs.kernel, cs.repeats);
-  const auto output = sppf_forward_blocks(x, p, repeats);
+  const auto output = sppf_forward_blocks(x, p, repeats, 1, false);
   EXPECT_TRUE(torch::allclose(output, expected, 0, 0, /*equal_nan=*/true));
 
   // Gradients: integers, so that every sum is exact.
@@ -208,7 +157,7 @@ TEST_P(SppfPlane, BlocksMatchTheCpuOps) {
   const auto grad_output = torch::randint(-4, 5, expected.sizes(), torch::kFloat);
   auto leaf = x.clone().requires_grad_(true);
   torch_ext::sppf(leaf, cs.kernel, cs.repeats).backward(grad_output);
-  const auto grad_input = sppf_backward_blocks(grad_output, expected, p, repeats);
+  const auto grad_input = sppf_backward_blocks(grad_output, expected, p, repeats, 1, false);
   EXPECT_TRUE(torch::equal(grad_input, leaf.grad()))
       << "max |diff| " << (grad_input - leaf.grad()).abs().max().item<float>();
 
@@ -218,9 +167,10 @@ TEST_P(SppfPlane, BlocksMatchTheCpuOps) {
   const auto expected_cl = expected.contiguous(cl);
   const auto grad_output_cl = grad_output.contiguous(cl);
   for (const int group : {1, 2, 32}) {
-    const auto output_cl = sppf_forward_nhwc_blocks(x_cl, p, repeats, group);
+    const auto output_cl = sppf_forward_blocks(x_cl, p, repeats, group, true);
     EXPECT_TRUE(torch::allclose(output_cl, expected, 0, 0, /*equal_nan=*/true)) << group;
-    const auto grad_cl = sppf_backward_nhwc_blocks(grad_output_cl, expected_cl, p, repeats, group);
+    const auto grad_cl = sppf_backward_blocks(grad_output_cl, expected_cl, p, repeats, group,
+                                              true);
     EXPECT_TRUE(torch::equal(grad_cl, leaf.grad())) << group;
   }
 }

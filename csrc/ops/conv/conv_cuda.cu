@@ -267,6 +267,32 @@ __global__ void depthwise_backward_weight(const T* __restrict__ gy, const T* __r
 // enough blocks fill the GPU), so grad_output is read once for all taps, not once per tap; each
 // thread sums its positions in order, the lanes of a warp by a fixed shuffle tree, the warps in
 // order; depthwise_weight_total then adds the splits in order. No float atomics: deterministic.
+// acc[i * KW + j] += go * x[ih * row + iw * col] for the taps (ih = ih0 + i * dh, iw = iw0 + j *
+// dw) inside the map: one output position's share of every tap's weight gradient (x: the
+// channel's plane, element strides `row` and `col`: NCHW w and 1, NHWC w * C and C).
+template <int KH, int KW, class A, class T, class I>
+__device__ __forceinline__ void add_tap_products(A (&acc)[KH * KW], A go, const T* x, I ih0,
+                                                 I iw0, const GeoI<I>& g, I row, I col) {
+#pragma unroll
+  for (int i = 0; i < KH; ++i) {
+    const I ih = ih0 + i * g.dh;
+    if (ih < 0 || ih >= g.h) continue;
+#pragma unroll
+    for (int j = 0; j < KW; ++j) {
+      const I iw = iw0 + j * g.dw;
+      if (iw >= 0 && iw < g.w) acc[i * KW + j] += go * A(x[ih * row + iw * col]);
+    }
+  }
+}
+
+// The output positions [begin, end) of split `split` of `splits` over `total`.
+template <class I>
+__device__ __forceinline__ void split_range(I total, int splits, int split, I& begin, I& end) {
+  const I chunk = (total + splits - 1) / splits;
+  begin = chunk * static_cast<I>(split);
+  end = begin + chunk < total ? begin + chunk : total;
+}
+
 template <class T, class I, int KH, int KW>
 __global__ void depthwise_weight_partials(const T* __restrict__ gy, const T* __restrict__ x,
                                           at::opmath_type<T>* __restrict__ partials, GeoI<I> g,
@@ -275,28 +301,17 @@ __global__ void depthwise_weight_partials(const T* __restrict__ gy, const T* __r
   constexpr int kTaps = KH * KW, kWarps = kThreads / 32;
   __shared__ A warp_sums[kWarps][kTaps];
   const I co = static_cast<I>(blockIdx.x), ci = co / (g.c_out / g.c_in);
-  const I per_image = g.oh * g.ow, total = g.n * per_image;
-  const I chunk = (total + splits - 1) / splits;
-  const I begin = chunk * static_cast<I>(blockIdx.y);
-  const I end = begin + chunk < total ? begin + chunk : total;
+  const I per_image = g.oh * g.ow;
+  I begin, end;
+  split_range(g.n * per_image, splits, blockIdx.y, begin, end);
   A acc[kTaps];
 #pragma unroll
   for (int t = 0; t < kTaps; ++t) acc[t] = A(0);
   for (I e = begin + threadIdx.x; e < end; e += kThreads) {
     const I n = e / per_image, p = e % per_image, oh = p / g.ow, ow = p % g.ow;
     const A go = A(gy[(n * g.c_out + co) * per_image + p]);
-    const T* xp = x + (n * g.c_in + ci) * g.h * g.w;
-    const I ih0 = oh * g.sh - g.pt, iw0 = ow * g.sw - g.pl;
-#pragma unroll
-    for (int i = 0; i < KH; ++i) {
-      const I ih = ih0 + i * g.dh;
-      if (ih < 0 || ih >= g.h) continue;
-#pragma unroll
-      for (int j = 0; j < KW; ++j) {
-        const I iw = iw0 + j * g.dw;
-        if (iw >= 0 && iw < g.w) acc[i * KW + j] += go * A(xp[ih * g.w + iw]);
-      }
-    }
+    add_tap_products<KH, KW>(acc, go, x + (n * g.c_in + ci) * g.h * g.w, oh * g.sh - g.pt,
+                             ow * g.sw - g.pl, g, g.w, I(1));
   }
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
@@ -328,25 +343,57 @@ __global__ void depthwise_weight_total(const at::opmath_type<T>* __restrict__ pa
   }
 }
 
+// The weight gradient through partial sums: partials(part) launches the kernel that writes
+// [c_out][splits][taps] partial sums into `part`, then depthwise_weight_total adds them up.
+template <class T, class Launch>
+void weight_from_partials(T* gw, int64_t c_out, int64_t taps, int splits,
+                          const at::TensorOptions& options, cudaStream_t stream,
+                          Launch&& partials) {
+  using A = at::opmath_type<T>;
+  at::Tensor buffer =
+      at::empty({c_out * splits * taps}, options.dtype(c10::CppTypeToScalarType<A>::value));
+  A* part = buffer.mutable_data_ptr<A>();
+  partials(part);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  depthwise_weight_total<T><<<launch::grid_stride_blocks(c_out * taps), kThreads, 0, stream>>>(
+      part, gw, c_out, taps, splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <class T, class I, int KH, int KW>
 void run_weight_all_taps(const T* gy, const T* x, T* gw, const Geo& g, const GeoI<I>& geo,
                          const at::TensorOptions& options, cudaStream_t stream) {
-  using A = at::opmath_type<T>;
   const int sms = launch::multiprocessor_count(options.device().index());
   const int64_t positions = g.n * g.oh * g.ow;
   // Four blocks per SM in all, each with at least a few thousand positions.
   const int splits = static_cast<int>(std::clamp<int64_t>(
       std::min((4 * int64_t{sms} + g.c_out - 1) / g.c_out, positions / 4096), 1, 64));
-  at::Tensor partials = at::empty({g.c_out * splits * KH * KW},
-                                  options.dtype(c10::CppTypeToScalarType<A>::value));
-  A* part = partials.mutable_data_ptr<A>();
-  depthwise_weight_partials<T, I, KH, KW>
-      <<<dim3(static_cast<unsigned int>(g.c_out), splits), kThreads, 0, stream>>>(gy, x, part, geo,
-                                                                                  splits);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  depthwise_weight_total<T><<<launch::grid_stride_blocks(g.c_out * KH * KW), kThreads, 0,
-                              stream>>>(part, gw, g.c_out, KH * KW, splits);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  weight_from_partials(gw, g.c_out, KH * KW, splits, options, stream, [&](auto* part) {
+    depthwise_weight_partials<T, I, KH, KW>
+        <<<dim3(static_cast<unsigned int>(g.c_out), splits), kThreads, 0, stream>>>(
+            gy, x, part, geo, splits);
+  });
+}
+
+// fn(std::integral_constant<int, K>{}) when the kernel (kh x kw) is K x K with K = 3, 5 or 7
+// (the sizes the all-taps weight gradients are compiled for); false, without calling it,
+// otherwise.
+template <class F>
+bool with_square_kernel(int64_t kh, int64_t kw, F&& fn) {
+  if (kw != kh) return false;
+  switch (kh) {
+    case 3:
+      fn(std::integral_constant<int, 3>{});
+      return true;
+    case 5:
+      fn(std::integral_constant<int, 5>{});
+      return true;
+    case 7:
+      fn(std::integral_constant<int, 7>{});
+      return true;
+    default:
+      return false;
+  }
 }
 
 // Launches the all-taps weight gradient when the kernel is 3x3, 5x5 or 7x7; false otherwise.
@@ -354,16 +401,10 @@ template <class T, class I>
 bool launch_weight_all_taps(const T* gy, const T* x, T* gw, const Geo& g, const GeoI<I>& geo,
                             const at::TensorOptions& options, cudaStream_t stream) {
   if (g.c_out >= (int64_t{1} << 31)) return false;
-  if (g.kh == 3 && g.kw == 3) {
-    run_weight_all_taps<T, I, 3, 3>(gy, x, gw, g, geo, options, stream);
-  } else if (g.kh == 5 && g.kw == 5) {
-    run_weight_all_taps<T, I, 5, 5>(gy, x, gw, g, geo, options, stream);
-  } else if (g.kh == 7 && g.kw == 7) {
-    run_weight_all_taps<T, I, 7, 7>(gy, x, gw, g, geo, options, stream);
-  } else {
-    return false;
-  }
-  return true;
+  return with_square_kernel(g.kh, g.kw, [&](auto size) {
+    constexpr int K = decltype(size)::value;
+    run_weight_all_taps<T, I, K, K>(gy, x, gw, g, geo, options, stream);
+  });
 }
 
 // ---------------------------------------------------------------- depthwise, channels_last
@@ -434,28 +475,17 @@ __global__ void depthwise_weight_partials_nhwc(const T* __restrict__ gy, const T
   const I C = g.c_in;
   const I c = static_cast<I>(blockIdx.x) * kThreads + static_cast<I>(threadIdx.x);
   if (c >= C) return;
-  const I per_image = g.oh * g.ow, total = g.n * per_image;
-  const I chunk = (total + splits - 1) / splits;
-  const I begin = chunk * static_cast<I>(blockIdx.y);
-  const I end = begin + chunk < total ? begin + chunk : total;
+  const I per_image = g.oh * g.ow;
+  I begin, end;
+  split_range(g.n * per_image, splits, blockIdx.y, begin, end);
   A acc[kTaps];
 #pragma unroll
   for (int t = 0; t < kTaps; ++t) acc[t] = A(0);
   for (I p = begin; p < end; ++p) {
     const I n = p / per_image, q = p % per_image, oh = q / g.ow, ow = q % g.ow;
     const A go = A(gy[p * C + c]);
-    const I ih0 = oh * g.sh - g.pt, iw0 = ow * g.sw - g.pl;
-#pragma unroll
-    for (int i = 0; i < KH; ++i) {
-      const I ih = ih0 + i * g.dh;
-      if (ih < 0 || ih >= g.h) continue;
-      const T* row = x + (n * g.h + ih) * g.w * C + c;
-#pragma unroll
-      for (int j = 0; j < KW; ++j) {
-        const I iw = iw0 + j * g.dw;
-        if (iw >= 0 && iw < g.w) acc[i * KW + j] += go * A(row[iw * C]);
-      }
-    }
+    add_tap_products<KH, KW>(acc, go, x + n * g.h * g.w * C + c, oh * g.sh - g.pt,
+                             ow * g.sw - g.pl, g, g.w * C, C);
   }
 #pragma unroll
   for (int t = 0; t < kTaps; ++t) {
@@ -466,7 +496,6 @@ __global__ void depthwise_weight_partials_nhwc(const T* __restrict__ gy, const T
 template <class T, class I, int KH, int KW>
 void run_weight_nhwc(const T* gy, const T* x, T* gw, const Geo& g, const GeoI<I>& geo,
                      const at::TensorOptions& options, cudaStream_t stream) {
-  using A = at::opmath_type<T>;
   const int sms = launch::multiprocessor_count(options.device().index());
   const int64_t channel_blocks = (g.c_in + kThreads - 1) / kThreads;
   const int64_t active = std::min<int64_t>(g.c_in, kThreads);  // working threads per block
@@ -477,25 +506,20 @@ void run_weight_nhwc(const T* gy, const T* x, T* gw, const Geo& g, const GeoI<I>
                          (channel_blocks * active);
   const int splits =
       static_cast<int>(std::clamp<int64_t>(std::min(wanted, positions / 64), 1, 1024));
-  at::Tensor partials = at::empty({g.c_in * splits * KH * KW},
-                                  options.dtype(c10::CppTypeToScalarType<A>::value));
-  A* part = partials.mutable_data_ptr<A>();
-  depthwise_weight_partials_nhwc<T, I, KH, KW>
-      <<<dim3(static_cast<unsigned int>(channel_blocks), splits), kThreads, 0, stream>>>(
-          gy, x, part, geo, splits);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  depthwise_weight_total<T><<<launch::grid_stride_blocks(g.c_in * KH * KW), kThreads, 0,
-                              stream>>>(part, gw, g.c_in, KH * KW, splits);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  weight_from_partials(gw, g.c_in, KH * KW, splits, options, stream, [&](auto* part) {
+    depthwise_weight_partials_nhwc<T, I, KH, KW>
+        <<<dim3(static_cast<unsigned int>(channel_blocks), splits), kThreads, 0, stream>>>(
+            gy, x, part, geo, splits);
+  });
 }
 
 // Whether channels_last depthwise convolutions of g run on the NHWC kernels: multiplier 1 and,
 // when the backward needs the weight gradient, a 3x3, 5x5 or 7x7 kernel (with another kernel
 // size, such a backward goes through NCHW copies, its input gradient included).
 bool nhwc_depthwise(const ConvGeometry& g, at::MemoryFormat format, bool weight_gradient) {
-  const bool square = (g.kh == 3 || g.kh == 5 || g.kh == 7) && g.kw == g.kh;
   return format == at::MemoryFormat::ChannelsLast && g.depthwise() && g.c_out == g.c_in &&
-         g.c_in < (int64_t{1} << 31) && (!weight_gradient || square);
+         g.c_in < (int64_t{1} << 31) &&
+         (!weight_gradient || with_square_kernel(g.kh, g.kw, [](auto) {}));
 }
 
 // Launches `unit` (the kernel specialized for stride 1) or `general` over `blocks` blocks.
@@ -752,16 +776,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_backward_nhwc(
           const T* xp = x.const_data_ptr<T>();
           T* gwp = gw.mutable_data_ptr<T>();
           const auto options = x.options();
-          if (g.kh == 3 && g.kw == 3) {
-            run_weight_nhwc<T, I, 3, 3>(gyp, xp, gwp, g, geo, options, stream);
-          } else if (g.kh == 5 && g.kw == 5) {
-            run_weight_nhwc<T, I, 5, 5>(gyp, xp, gwp, g, geo, options, stream);
-          } else if (g.kh == 7 && g.kw == 7) {
-            run_weight_nhwc<T, I, 7, 7>(gyp, xp, gwp, g, geo, options, stream);
-          } else {
-            TORCH_CHECK(false, "dilated_conv2d: no NHWC weight gradient for a ", g.kh, "x", g.kw,
-                        " kernel (internal routing error)");
-          }
+          const bool done = with_square_kernel(g.kh, g.kw, [&](auto size) {
+            constexpr int K = decltype(size)::value;
+            run_weight_nhwc<T, I, K, K>(gyp, xp, gwp, g, geo, options, stream);
+          });
+          TORCH_CHECK(done, "dilated_conv2d: no NHWC weight gradient for a ", g.kh, "x", g.kw,
+                      " kernel (internal routing error)");
         }
       });
     });

@@ -286,42 +286,15 @@ __global__ void spp_backward_plane_kernel(const T* __restrict__ grad_output,
 
 // ------------------------------------------------------------------ sppf forward
 
-// NCHW planes that fit in shared memory twice: one block per plane. The plane is read once,
-// each stage is a row pass and a column pass in shared memory (windows clamped to the plane,
-// which is max_pool2d's -inf padding), and every stage's plane is written once.
+// One block per (image, group of `group` channels): the group's channels are read once into
+// shared memory as planes `ld` elements apart, each stage is a row pass and a column pass there
+// (windows clamped to the plane, which is max_pool2d's -inf padding), and every stage is
+// written once. channels_last: a pixel's channels are adjacent, so groups of channels are read
+// and written pixel by pixel; NCHW: one channel per block (group 1), its plane contiguous.
 template <class T>
 __global__ void sppf_forward_plane_kernel(const T* __restrict__ input, T* __restrict__ output,
-                                          int64_t C, int H, int W, int p, int repeats) {
-  using acc = at::opmath_type<T>;
-  extern __shared__ unsigned char smem_raw[];
-  const int hw = H * W;
-  acc* cur = reinterpret_cast<acc*>(smem_raw);
-  acc* tmp = cur + hw;
-  const int64_t plane_id = blockIdx.x;
-  const int64_t n = plane_id / C, c = plane_id % C;
-  // Stage r of this plane: output[n, r * C + c].
-  T* out = output + (n * (int64_t{repeats} + 1) * C + c) * hw;
-  const int64_t stage_stride = C * hw;
-  plane::load(threadIdx.x, blockDim.x, input + plane_id * hw, cur, hw);
-  __syncthreads();
-  plane::store(threadIdx.x, blockDim.x, cur, out, hw);
-  for (int64_t r = 1; r <= repeats; ++r) {
-    plane::max_rows(threadIdx.x, blockDim.x, cur, tmp, H, W, p);
-    __syncthreads();
-    plane::max_cols(threadIdx.x, blockDim.x, tmp, cur, H, W, p);
-    __syncthreads();
-    plane::store(threadIdx.x, blockDim.x, cur, out + r * stage_stride, hw);
-  }
-}
-
-// channels_last: one block per (image, group of `group` channels), the group's channels held
-// as planes in shared memory, `ld` (odd) elements apart (read and written pixel by pixel,
-// consecutive threads on consecutive channels), the stages as in sppf_forward_plane_kernel,
-// every plane at once.
-template <class T>
-__global__ void sppf_forward_nhwc_kernel(const T* __restrict__ input, T* __restrict__ output,
-                                         int64_t C, int H, int W, int p, int repeats, int group,
-                                         int ld) {
+                                          int64_t C, int H, int W, int p, int repeats, int group,
+                                          int ld, bool channels_last) {
   using acc = at::opmath_type<T>;
   extern __shared__ unsigned char smem_raw[];
   const int hw = H * W;
@@ -331,23 +304,23 @@ __global__ void sppf_forward_nhwc_kernel(const T* __restrict__ input, T* __restr
   const int64_t n = blockIdx.x / groups, c0 = (blockIdx.x % groups) * group;
   const int count = static_cast<int>(std::min<int64_t>(group, C - c0));
   const int64_t out_channels = (int64_t{repeats} + 1) * C;
-  T* out = output + n * hw * out_channels + c0;  // stage r's channels start at r * C
-  plane::load_channels(threadIdx.x, blockDim.x, input + n * hw * C + c0, C, cur, count, hw, ld);
+  const int64_t channel = channels_last ? 1 : hw;  // element strides of both maps
+  const int64_t in_pixel = channels_last ? C : 1, out_pixel = channels_last ? out_channels : 1;
+  T* out = output + n * hw * out_channels + c0 * channel;  // stage r: channels r * C on
+  plane::load_channels(threadIdx.x, blockDim.x, input + n * hw * C + c0 * channel, in_pixel,
+                       channel, cur, count, hw, ld);
   __syncthreads();
-  plane::store_channels(threadIdx.x, blockDim.x, cur, out, out_channels, count, hw, ld);
+  plane::store_channels(threadIdx.x, blockDim.x, cur, out, out_pixel, channel, count, hw, ld);
   for (int64_t r = 1; r <= repeats; ++r) {
     plane::max_rows(threadIdx.x, blockDim.x, cur, tmp, H, W, p, count, ld);
     __syncthreads();
     plane::max_cols(threadIdx.x, blockDim.x, tmp, cur, H, W, p, count, ld);
     __syncthreads();
-    plane::store_channels(threadIdx.x, blockDim.x, cur, out + r * C, out_channels, count, hw, ld);
+    plane::store_channels(threadIdx.x, blockDim.x, cur, out + r * C * channel, out_pixel, channel,
+                          count, hw, ld);
   }
 }
 
-// Shared memory of sppf_forward_plane_kernel for a plane of hw elements.
-int64_t sppf_forward_plane_bytes(int64_t hw, size_t acc_size) {
-  return 2 * hw * static_cast<int64_t>(acc_size);
-}
 
 // One block per (plane, tile): the tile plus a halo of repeats * (k / 2) is loaded into shared
 // memory once (outside the image: -inf, max_pool2d's padding); each stage is a separable max
@@ -526,58 +499,19 @@ __global__ void sppf_store_grad_kernel(const at::opmath_type<T>* __restrict__ g,
   }
 }
 
-// NCHW planes: one block per plane, the whole backward in shared memory. Stages 0 .. R - 1 of
-// the plane are read from `output` (as the per-stage kernels do), stage R's gradient from
-// grad_output; then for r = R .. 1, the argmax of each window of stage r - 1 (plane::argmax_rows
-// and argmax_cols) and the gather into stage r - 1's gradient (plane::gather), all in shared
-// memory; the input's gradient is written once. The buffer of the row maxima is stage r's
-// (no longer needed) for r < R, and the not yet written g_prev for r = R.
+// The backward, blocks and planes as in sppf_forward_plane_kernel, all in shared memory:
+// stages 0 .. R - 1 of the group are read from `output` (as the per-stage kernels do), stage
+// R's gradient from grad_output; then for r = R .. 1, the argmax of each window of stage r - 1
+// (plane::argmax_rows and argmax_cols), stage r - 1's slice of grad_output read into g_prev,
+// and the gather into stage r - 1's gradient (plane::gather, which reads and overwrites g_prev
+// element by element); the input's gradient is written once. The buffer of the row maxima is
+// stage r's (no longer needed) for r < R, and g_prev (not yet written) for r = R.
 template <class T>
 __global__ void sppf_backward_plane_kernel(const T* __restrict__ grad_output,
                                            const T* __restrict__ output,
                                            T* __restrict__ grad_input, int64_t C, int H, int W,
-                                           int p, int repeats) {
-  using acc = at::opmath_type<T>;
-  extern __shared__ unsigned char smem_raw[];
-  const int hw = H * W;
-  acc* stages = reinterpret_cast<acc*>(smem_raw);  // [repeats][hw]
-  acc* g = stages + repeats * hw;
-  acc* g_prev = g + hw;
-  int* column = reinterpret_cast<int*>(g_prev + hw);
-  int* arg = column + hw;
-  const int64_t plane_id = blockIdx.x;
-  const int64_t n = plane_id / C, c = plane_id % C;
-  const int64_t base = (n * (int64_t{repeats} + 1) * C + c) * hw, stage_stride = C * hw;
-  for (int64_t r = 0; r < repeats; ++r) {
-    plane::load(threadIdx.x, blockDim.x, output + base + r * stage_stride, stages + r * hw, hw);
-  }
-  plane::load(threadIdx.x, blockDim.x, grad_output + base + repeats * stage_stride, g, hw);
-  __syncthreads();
-  for (int64_t r = repeats; r >= 1; --r) {
-    acc* value = r == repeats ? g_prev : stages + r * hw;
-    plane::argmax_rows(threadIdx.x, blockDim.x, stages + (r - 1) * hw, value, column, H, W, p);
-    __syncthreads();
-    plane::argmax_cols(threadIdx.x, blockDim.x, value, column, arg, H, W, p);
-    __syncthreads();
-    plane::gather(threadIdx.x, blockDim.x, g, arg, grad_output + base + (r - 1) * stage_stride,
-                  g_prev, H, W, p);
-    __syncthreads();
-    acc* swap = g;
-    g = g_prev;
-    g_prev = swap;
-  }
-  plane::store(threadIdx.x, blockDim.x, g, grad_input + plane_id * hw, hw);
-}
-
-// channels_last: one block per (image, group of channels), the group's planes in shared memory
-// as in sppf_forward_nhwc_kernel, the backward as in sppf_backward_plane_kernel on every plane
-// at once; stage r - 1's slice of grad_output is first read into g_prev (pixel by pixel, so
-// the reads are coalesced), which the gather then reads and overwrites element by element.
-template <class T>
-__global__ void sppf_backward_nhwc_kernel(const T* __restrict__ grad_output,
-                                          const T* __restrict__ output,
-                                          T* __restrict__ grad_input, int64_t C, int H, int W,
-                                          int p, int repeats, int group, int ld) {
+                                           int p, int repeats, int group, int ld,
+                                           bool channels_last) {
   using acc = at::opmath_type<T>;
   extern __shared__ unsigned char smem_raw[];
   const int hw = H * W, span = group * ld;
@@ -590,13 +524,16 @@ __global__ void sppf_backward_nhwc_kernel(const T* __restrict__ grad_output,
   const int64_t n = blockIdx.x / groups, c0 = (blockIdx.x % groups) * group;
   const int count = static_cast<int>(std::min<int64_t>(group, C - c0));
   const int64_t out_channels = (int64_t{repeats} + 1) * C;
-  const int64_t base = n * hw * out_channels + c0;  // stage r's channels start at r * C
+  const int64_t channel = channels_last ? 1 : hw;  // element strides of all three maps
+  const int64_t in_pixel = channels_last ? C : 1, out_pixel = channels_last ? out_channels : 1;
+  const int64_t base = n * hw * out_channels + c0 * channel;  // stage r: channels r * C on
+  const int64_t stage = C * channel;
   for (int64_t r = 0; r < repeats; ++r) {
-    plane::load_channels(threadIdx.x, blockDim.x, output + base + r * C, out_channels,
+    plane::load_channels(threadIdx.x, blockDim.x, output + base + r * stage, out_pixel, channel,
                          stages + r * span, count, hw, ld);
   }
-  plane::load_channels(threadIdx.x, blockDim.x, grad_output + base + repeats * C, out_channels, g,
-                       count, hw, ld);
+  plane::load_channels(threadIdx.x, blockDim.x, grad_output + base + repeats * stage, out_pixel,
+                       channel, g, count, hw, ld);
   __syncthreads();
   for (int64_t r = repeats; r >= 1; --r) {
     acc* value = r == repeats ? g_prev : stages + r * span;
@@ -605,8 +542,8 @@ __global__ void sppf_backward_nhwc_kernel(const T* __restrict__ grad_output,
     __syncthreads();
     plane::argmax_cols(threadIdx.x, blockDim.x, value, column, arg, H, W, p, count, ld);
     __syncthreads();
-    plane::load_channels(threadIdx.x, blockDim.x, grad_output + base + (r - 1) * C, out_channels,
-                         g_prev, count, hw, ld);
+    plane::load_channels(threadIdx.x, blockDim.x, grad_output + base + (r - 1) * stage,
+                         out_pixel, channel, g_prev, count, hw, ld);
     __syncthreads();
     plane::gather(threadIdx.x, blockDim.x, g, arg, g_prev, g_prev, H, W, p, count, ld);
     __syncthreads();
@@ -614,14 +551,14 @@ __global__ void sppf_backward_nhwc_kernel(const T* __restrict__ grad_output,
     g = g_prev;
     g_prev = swap;
   }
-  plane::store_channels(threadIdx.x, blockDim.x, g, grad_input + n * hw * C + c0, C, count, hw,
-                        ld);
+  plane::store_channels(threadIdx.x, blockDim.x, g, grad_input + n * hw * C + c0 * channel,
+                        in_pixel, channel, count, hw, ld);
 }
 
-// Shared memory of sppf_backward_plane_kernel: repeats + 2 planes of the accumulation type and
-// two of int.
-int64_t sppf_backward_plane_bytes(int64_t hw, int64_t repeats, size_t acc_size) {
-  return (repeats + 2) * hw * static_cast<int64_t>(acc_size) + 2 * hw * int64_t{sizeof(int)};
+// Shared memory per plane element of sppf_backward_plane_kernel: repeats + 2 values of the
+// accumulation type and two ints (sppf_forward_plane_kernel: two values).
+int64_t sppf_backward_bytes_per_element(int64_t repeats, size_t acc_size) {
+  return (repeats + 2) * static_cast<int64_t>(acc_size) + 2 * int64_t{sizeof(int)};
 }
 
 // ------------------------------------------------------------------ host side
@@ -757,6 +694,33 @@ int nhwc_group(int64_t N, int64_t C, int64_t hw, int64_t bytes_per_element, size
   return group;
 }
 
+// How sppf's plane kernels split a map: `group` channels per block (0: the map takes the other
+// kernels), their planes `ld` apart, `bytes` of shared memory per block, `blocks` blocks. NCHW:
+// a channel per block while its plane fits without opting in to more shared memory;
+// channels_last: nhwc_group's choice.
+struct PlaneGroups {
+  int group = 0, ld = 0;
+  int64_t bytes = 0;
+  unsigned int blocks = 0;
+};
+
+PlaneGroups plane_groups(int64_t N, int64_t C, int64_t hw, int64_t bytes_per_element,
+                         size_t value_size, bool channels_last, int device) {
+  PlaneGroups pg;
+  if (hw >= (int64_t{1} << 24)) return pg;
+  const int64_t ld = channels_last ? nhwc_plane_stride(hw) : hw;
+  const int group = channels_last
+                        ? nhwc_group(N, C, hw, bytes_per_element, value_size, device)
+                        : static_cast<int>(hw * bytes_per_element <= kPlaneSharedBytes);
+  const int64_t blocks = N * ((C + std::max(group, 1) - 1) / std::max(group, 1));
+  if (group == 0 || blocks >= (int64_t{1} << 31)) return pg;
+  pg.group = group;
+  pg.ld = static_cast<int>(ld);
+  pg.bytes = group * ld * bytes_per_element;
+  pg.blocks = static_cast<unsigned int>(blocks);
+  return pg;
+}
+
 at::Tensor sppf_cuda(const at::Tensor& input_, int64_t kernel_size, int64_t repeats) {
   check_sppf_args(input_, kernel_size, repeats);
   const c10::cuda::CUDAGuard guard(input_.device());
@@ -773,27 +737,14 @@ at::Tensor sppf_cuda(const at::Tensor& input_, int64_t kernel_size, int64_t repe
     const T* in = input.const_data_ptr<T>();
     T* out = output.mutable_data_ptr<T>();
     const bool channels_last = format == c10::MemoryFormat::ChannelsLast;
-    const int64_t plane_bytes = sppf_forward_plane_bytes(H * W, sizeof(acc));
-    if (!channels_last && plane_bytes <= kPlaneSharedBytes && N * C < (int64_t{1} << 31)) {
-      sppf_forward_plane_kernel<T>
-          <<<static_cast<unsigned int>(N * C), kPlaneThreads, plane_bytes, stream>>>(
-              in, out, C, static_cast<int>(H), static_cast<int>(W), p, static_cast<int>(repeats));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const PlaneGroups pg = plane_groups(N, C, H * W, 2 * sizeof(acc), sizeof(T), channels_last,
+                                        input.get_device());
+    if (pg.group > 0) {
+      launch::launch_with_shared(sppf_forward_plane_kernel<T>, pg.blocks, kPlaneThreads, pg.bytes,
+                                 input.get_device(), stream, in, out, C, static_cast<int>(H),
+                                 static_cast<int>(W), p, static_cast<int>(repeats), pg.group,
+                                 pg.ld, channels_last);
       return;
-    }
-    if (channels_last && H * W < (int64_t{1} << 24)) {
-      const int device = input.get_device();
-      const int group = nhwc_group(N, C, H * W, 2 * sizeof(acc), sizeof(T), device);
-      const int64_t ld = nhwc_plane_stride(H * W);
-      const int64_t nhwc_blocks = N * ((C + std::max(group, 1) - 1) / std::max(group, 1));
-      if (group > 0 && nhwc_blocks < (int64_t{1} << 31)) {
-        launch::launch_with_shared(sppf_forward_nhwc_kernel<T>,
-                                   static_cast<unsigned int>(nhwc_blocks), kPlaneThreads,
-                                   2 * group * ld * static_cast<int64_t>(sizeof(acc)), device,
-                                   stream, in, out, C, static_cast<int>(H), static_cast<int>(W), p,
-                                   static_cast<int>(repeats), group, static_cast<int>(ld));
-        return;
-      }
     }
     // The tiled kernel walks planes, which reads NHWC memory with a stride of C: channels_last
     // maps whose planes fit no group take the per-stage kernels, which enumerate them channels
@@ -845,29 +796,15 @@ at::Tensor sppf_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& 
   dispatch_float_types(output.scalar_type(), "torch_ext spp CUDA kernels", [&](auto tag) {
     using T = decltype(tag);
     using acc = at::opmath_type<T>;
-    if (d.channels_last && H * W < (int64_t{1} << 24) && repeats < 64) {
-      const int device = output.get_device();
-      const int64_t per_element = (repeats + 2) * sizeof(acc) + 2 * sizeof(int);
-      const int group = nhwc_group(N, C, H * W, per_element, sizeof(T), device);
-      const int64_t ld = nhwc_plane_stride(H * W);
-      const int64_t nhwc_blocks = N * ((C + std::max(group, 1) - 1) / std::max(group, 1));
-      if (group > 0 && nhwc_blocks < (int64_t{1} << 31)) {
-        launch::launch_with_shared(
-            sppf_backward_nhwc_kernel<T>, static_cast<unsigned int>(nhwc_blocks), kPlaneThreads,
-            group * ld * per_element, device, stream, grad_output.const_data_ptr<T>(),
-            output.const_data_ptr<T>(), grad_input.mutable_data_ptr<T>(), C, static_cast<int>(H),
-            static_cast<int>(W), p, static_cast<int>(repeats), group, static_cast<int>(ld));
-        return;
-      }
-    }
-    const int64_t plane_bytes = sppf_backward_plane_bytes(H * W, repeats, sizeof(acc));
-    if (!d.channels_last && plane_bytes <= kPlaneSharedBytes && N * C < (int64_t{1} << 31)) {
-      sppf_backward_plane_kernel<T>
-          <<<static_cast<unsigned int>(N * C), kPlaneThreads, plane_bytes, stream>>>(
-              grad_output.const_data_ptr<T>(), output.const_data_ptr<T>(),
-              grad_input.mutable_data_ptr<T>(), C, static_cast<int>(H), static_cast<int>(W), p,
-              static_cast<int>(repeats));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const PlaneGroups pg =
+        plane_groups(N, C, H * W, sppf_backward_bytes_per_element(repeats, sizeof(acc)),
+                     sizeof(T), d.channels_last, output.get_device());
+    if (pg.group > 0) {
+      launch::launch_with_shared(
+          sppf_backward_plane_kernel<T>, pg.blocks, kPlaneThreads, pg.bytes, output.get_device(),
+          stream, grad_output.const_data_ptr<T>(), output.const_data_ptr<T>(),
+          grad_input.mutable_data_ptr<T>(), C, static_cast<int>(H), static_cast<int>(W), p,
+          static_cast<int>(repeats), pg.group, pg.ld, d.channels_last);
       return;
     }
     // Scratch in the enumeration order of d (plain contiguous tensors, indexed by MapDims).

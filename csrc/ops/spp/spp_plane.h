@@ -11,7 +11,7 @@
 // far below 2^31 elements). Values are in the accumulation type A (float for the half types).
 // The sppf phases take `planes` planes of H x W, `ld` elements apart (a block of NHWC channels
 // held as planes; an odd ld keeps the reads of one pixel's channels off a single bank), each on
-// its own; the NCHW kernels pass one plane (ld = H * W).
+// its own; on NCHW maps a block holds one plane.
 
 #include <c10/macros/Macros.h>
 
@@ -36,33 +36,30 @@ C10_HOST_DEVICE inline void load(int tid, int threads, const T* src, A* dst, int
   for (int e = tid; e < n; e += threads) dst[e] = static_cast<A>(src[e]);
 }
 
-// dst[e] = T(src[e]) for e < n.
-template <class A, class T>
-C10_HOST_DEVICE inline void store(int tid, int threads, const A* src, T* dst, int n) {
-  for (int e = tid; e < n; e += threads) dst[e] = static_cast<T>(src[e]);
-}
-
 // ---------------------------------------------------------------- sppf
 
-// `count` channels of an NHWC map from channel c0 on, pixel by pixel (src: the first pixel's
-// channel c0; pixels `pixel_stride` elements apart), into `count` planes of hw elements at dst:
-// consecutive threads read consecutive channels of a pixel.
+// `count` channels of a map from channel c0 on (src: the first pixel's channel c0; pixels
+// `pixel_stride`, channels `channel_stride` elements apart) into `count` planes of hw elements,
+// ld apart, at dst, pixel by pixel: consecutive threads read consecutive channels of a pixel
+// (NHWC), or consecutive pixels of the one channel (NCHW, count 1).
 template <class T, class A>
 C10_HOST_DEVICE inline void load_channels(int tid, int threads, const T* src, int64_t pixel_stride,
-                                          A* dst, int count, int hw, int ld) {
+                                          int64_t channel_stride, A* dst, int count, int hw,
+                                          int ld) {
   for (int e = tid; e < count * hw; e += threads) {
     const int pixel = e / count, c = e % count;
-    dst[c * ld + pixel] = static_cast<A>(src[pixel * pixel_stride + c]);
+    dst[c * ld + pixel] = static_cast<A>(src[pixel * pixel_stride + c * channel_stride]);
   }
 }
 
-// The inverse: `count` planes of hw elements (ld apart) at src into an NHWC map's channels.
+// The inverse: `count` planes of hw elements (ld apart) at src into a map's channels.
 template <class A, class T>
 C10_HOST_DEVICE inline void store_channels(int tid, int threads, const A* src, T* dst,
-                                           int64_t pixel_stride, int count, int hw, int ld) {
+                                           int64_t pixel_stride, int64_t channel_stride,
+                                           int count, int hw, int ld) {
   for (int e = tid; e < count * hw; e += threads) {
     const int pixel = e / count, c = e % count;
-    dst[pixel * pixel_stride + c] = static_cast<T>(src[c * ld + pixel]);
+    dst[pixel * pixel_stride + c * channel_stride] = static_cast<T>(src[c * ld + pixel]);
   }
 }
 
