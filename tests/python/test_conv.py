@@ -469,6 +469,40 @@ def test_depthwise_channels_last_widths(device, channels, dtype, kernel, conv, g
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("channels", [128, 132], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_depthwise_channels_last_large_outputs(
+    device, dtype, channels, activation, gen, one_thread
+):
+    """Outputs past the CPU NHWC forward's streaming threshold (1 MiB per thread, one thread
+    here): written with non-temporal stores where C keeps every vector aligned (128 channels),
+    with plain stores otherwise (132); relu's epilogue in registers, gelu's with the saved
+    pre-activation (streamed too; its backward reads it). Against the reference: the forward,
+    and gelu's gradients (relu's would flip wherever an output lies within rounding of 0)."""
+    tensors = make_conv(
+        (1, channels, 64, 64),
+        channels,
+        (3, 3),
+        channels,
+        gen,
+        device=device,
+        dtype=dtype,
+        x_layout="channels_last",
+    )
+    grads = (activation == "gelu",) * 3
+    out, _ = check_conv(tensors, conv_kwargs(1, 2, 2, channels), activation, gen, requires=grads)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("kernel", [(3, 3), (5, 5)], ids=["k3", "k5"])
 def test_depthwise_large_maps_repeat_bit_for_bit(device, kernel, layout, gen):
@@ -836,6 +870,16 @@ for dtype, tol in tols.items():
                 torch.testing.assert_close(a.to(ref_dtype), e.detach(), rtol=tol,
                                            atol=tol * scale,
                                            msg=lambda m: f"{dtype} {layout} case {i}: {m}")
+# NHWC depthwise outputs past the streaming threshold (1 MiB per thread): non-temporal stores.
+torch.set_num_threads(1)
+for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)):
+    x = torch.randn(1, 128, 64, 64, generator=g).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(128, 1, 5, 5, generator=g) * 0.3).to(dtype)
+    b = torch.randn(128, generator=g).to(dtype)
+    out = torch_ext.dilated_conv2d(x, w, b, 1, 2, 1, 128, "relu")
+    ref = F.relu(F.conv2d(x.float(), w.float(), b.float(), 1, 2, 1, 128))
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 print("capability=" + torch_ext.cpu_capability())
 print("ok")
 """

@@ -14,11 +14,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -282,18 +284,63 @@ void depthwise_forward_nchw(const DepthwiseForwardArgs& a) {
   });
 }
 
+// v stored at p (aligned to the vector's size) past the caches, a non-temporal store, where the
+// instruction set has one. The caller fences (store_fence) before another thread reads the data.
+template <class S>
+C10_ALWAYS_INLINE void store_streaming(const Vec<S>& v, S* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<S, float>) {
+    _mm512_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<S, double>) {
+    _mm512_stream_pd(p, v);
+  } else {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<S, float>) {
+    _mm256_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<S, double>) {
+    _mm256_stream_pd(p, v);
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  }
+#else
+  v.store(p);
+#endif
+}
+
+// Orders this thread's streaming stores before its later stores (the end of a parallel task).
+inline void store_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // The first `count` lanes of V vectors of the compute type, stored as S at p (half types rounded,
-// two vectors at a time where whole).
+// two vectors at a time where whole). stream: whole vectors of S go through store_streaming (p
+// aligned to Vec<S>'s size).
 template <class S, int V>
-inline void store_vectors(const Vec<compute_t<S>> (&v)[V], S* p, int64_t count) {
+C10_ALWAYS_INLINE void store_vectors(const Vec<compute_t<S>> (&v)[V], S* p, int64_t count,
+                                     bool stream) {
   using T = compute_t<S>;
   constexpr int64_t L = Vec<T>::size();
   if (count == V * L) {
     if constexpr (std::is_same_v<S, T>) {
-      for (int i = 0; i < V; ++i) v[i].store(p + i * L);
+      for (int i = 0; i < V; ++i) {
+        if (stream) {
+          store_streaming(v[i], p + i * L);
+        } else {
+          v[i].store(p + i * L);
+        }
+      }
     } else if constexpr (V % 2 == 0) {
       for (int i = 0; i < V; i += 2) {
-        at::vec::convert_from_float<S>(v[i], v[i + 1]).store(p + i * L);
+        const auto h = at::vec::convert_from_float<S>(v[i], v[i + 1]);
+        if (stream) {
+          store_streaming(h, p + i * L);
+        } else {
+          h.store(p + i * L);
+        }
       }
     } else {
       for (int i = 0; i < V; ++i) at::vec::convert_from_float<S>(v[i], v[i]).store(p + i * L, L);
@@ -327,79 +374,102 @@ inline void load_block(const S* src, compute_t<S>* dst) {
 }
 
 // NHWC depthwise output pixels of one output row, summed from a ring of input rows held in the
-// compute type (one block of channels, `lanes` per pixel, zero-padded left and right): `rows`
+// compute type (one block of V vectors of channels per pixel, zero-padded left and right): `rows`
 // kernel rows fall inside the map (row: the ring row; row_tap: its kernel row). For P
-// neighbouring pixels (sharing each weight load) and V vectors of channels, the sum over the
-// taps stays in P * V vector registers (compile-time counts), then goes through the epilogue
-// (bias, pre-activation, activation) in registers and is stored once, pixel p at out + p * C
-// (`count` channels of the block: V * L but at the last channels).
+// neighbouring pixels (sharing each weight load), the sum over the taps stays in P * V vector
+// registers (compile-time counts), then goes through the epilogue (bias, pre-activation,
+// activation) in registers and is stored once, pixel p at out + p * C (`count` channels of the
+// block: V * L but at the last channels; streamed past the caches when `stream`).
 template <class T>
 struct RingTaps {
   const T* const* row;
   const int64_t* row_tap;
   int64_t rows;
-  int64_t kw, dil_w, stride_w, lanes;
+  int64_t kw, dil_w, stride_w;
   const T* weight;  // [tap][weight_stride], the block's channels at offset c
   int64_t weight_stride;
   const T* bias;
   Activation act;
   int64_t C;
+  bool stream;
 
-  // col: the padded column of pixel 0's first tap.
-  template <int P, int V, class S>
-  inline void block(int64_t col, int64_t c, int64_t count, S* out, S* pre) const {
+  // col: the padded column of pixel 0's first tap. KW: the kernel width when it is one of the
+  // common ones (the tap loop unrolled), 0 otherwise. kLight: no pre-activation to keep and an
+  // activation of none or relu, so that the epilogue needs no call (a call would spill every
+  // accumulator).
+  template <int P, int V, int KW, bool kLight, class S>
+  C10_ALWAYS_INLINE void block(int64_t col, int64_t c, int64_t count, S* out, S* pre) const {
     constexpr int64_t L = Vec<T>::size();
+    const int64_t width = KW > 0 ? KW : kw;
     Vec<T> acc[P][V];
     _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p) {
       _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) acc[p][v] = Vec<T>(T(0));
     }
+    // Pixels stride_w columns apart, taps dil_w columns apart, V * L lanes per column.
+    const int64_t pixel_step = stride_w * V * L, tap_step = dil_w * V * L;
     for (int64_t r = 0; r < rows; ++r) {
-      const T* in = row[r] + col * lanes;
-      const T* wrow = weight + row_tap[r] * kw * weight_stride + c;
-      for (int64_t j = 0; j < kw; ++j) {
-        const T* px = in + j * dil_w * lanes;
+      const T* px = row[r] + col * V * L;
+      const T* wp = weight + row_tap[r] * width * weight_stride + c;
+      _Pragma("GCC unroll 8") for (int64_t j = 0; j < width; ++j) {
         Vec<T> wv[V];
-        _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) {
-          wv[v] = Vec<T>::loadu(wrow + j * weight_stride + v * L);
-        }
+        _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) wv[v] = Vec<T>::loadu(wp + v * L);
         _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p) {
           _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) {
             acc[p][v] =
-                at::vec::fmadd(Vec<T>::loadu(px + p * stride_w * lanes + v * L), wv[v], acc[p][v]);
+                at::vec::fmadd(Vec<T>::loadu(px + p * pixel_step + v * L), wv[v], acc[p][v]);
           }
         }
+        px += tap_step;
+        wp += weight_stride;
       }
     }
     Vec<T> bv[V];
     _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) bv[v] = Vec<T>::loadu(bias + c + v * L);
+    const bool relu = act == Activation::Relu;
     _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p) {
       Vec<T> y[V];
       _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) y[v] = acc[p][v] + bv[v];
-      if (pre != nullptr) store_vectors<S, V>(y, pre + p * C, count);
-      if (act != Activation::None) {
-        _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) y[v] = activate(y[v], act);
+      if constexpr (kLight) {
+        if (relu) {
+          _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) {
+            y[v] = at::vec::clamp_min(y[v], Vec<T>(T(0)));  // NaN stays NaN, as in activate
+          }
+        }
+      } else {
+        if (pre != nullptr) store_vectors<S, V>(y, pre + p * C, count, stream);
+        if (act != Activation::None) {
+          _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) y[v] = activate(y[v], act);
+        }
       }
-      store_vectors<S, V>(y, out + p * C, count);
+      store_vectors<S, V>(y, out + p * C, count, stream);
     }
   }
 };
 
 // NHWC, multiplier 1. The channels go in blocks of kVectors vectors (then single vectors, the
-// last one partial); a task is (image, block, band of output rows). The block's slice of the
-// input rows the kernel spans is kept in a ring of rows in the compute type, zero-padded left
-// and right (each input element is read from the map once per task, widened once, and the taps
-// never need a bounds check; consecutive pixels are contiguous in the ring, where in the map
-// they lie C elements apart, a stride that maps them all onto a few cache sets). Each output
-// row is swept kPixels pixels at a time: the taps summed in registers, then the epilogue, and
-// stored once. The ring holds a band's rows as it moves down: each output row loads only the
-// input rows it is the first to reach.
+// last one partial); a task is (image, group of blocks, band of output rows). Each block's slice
+// of the input rows the kernel spans is kept in a ring of rows in the compute type, zero-padded
+// left and right (each input element is read from the map once per task, widened once, and the
+// taps never need a bounds check; consecutive pixels are contiguous in the ring, where in the map
+// they lie C elements apart, a stride that maps them all onto a few cache sets). The rings of a
+// group (as many blocks as fit kRingBytes) are filled together, each pixel's channels of the
+// group in one contiguous read (block by block, the reads would take one cache line per pixel,
+// C elements apart, which the hardware prefetchers do not follow). Each output row is swept
+// block by block, kPixels pixels at a time: the taps summed in registers, then the epilogue, and
+// stored once; past the caches when the output is larger than the threads' L2 caches (kStream
+// bytes each: read-for-ownership of lines a pixel apart otherwise stalls the stores). The rings
+// hold a band's rows as it moves down: each output row loads only the input rows it is the first
+// to reach.
 template <class S>
 void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   using T = compute_t<S>;
   constexpr int64_t L = Vec<T>::size();
   constexpr int kVectors = 2;
+  constexpr int64_t kBlockLanes = kVectors * L;
   // Accumulators: 16 registers for 32-register ISAs (AVX-512), 8 otherwise.
   constexpr int kPixels = Vec<float>::size() >= 16 ? 8 : 4;
+  constexpr int64_t kRingBytes = 256 << 10;
+  constexpr int64_t kStream = 1 << 20;
   const auto& g = a.g;
   const S* x = static_cast<const S*>(a.input);
   const T* w = static_cast<const T*>(a.weight);
@@ -416,62 +486,86 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
     for (int64_t t = 0; t < taps; ++t) wt[t * c_pad + c] = w[c * taps + t];
     if (b != nullptr) bias[c] = b[c];
   }
-  const int64_t blocked = C / (kVectors * L);                 // blocks of kVectors vectors
-  const int64_t blocks = blocked + (c_pad - blocked * kVectors * L) / L;  // then single vectors
-  // The ring: padded width (every column a tap of an output pixel reaches), rows (the kernel's
+  const int64_t blocked = C / kBlockLanes;                               // wide blocks
+  const int64_t blocks = blocked + (c_pad - blocked * kBlockLanes) / L;  // then single vectors
+  const auto block_channel = [&](int64_t block) {
+    return block < blocked ? block * kBlockLanes : (blocked * kVectors + block - blocked) * L;
+  };
+  // A ring: padded width (every column a tap of an output pixel reaches), rows (the kernel's
   // span, at most the map's height), the input columns copied in.
   const int64_t width = (g.ow - 1) * g.stride_w + (g.kw - 1) * g.dil_w + 1;
   const int64_t slots = std::min((g.kh - 1) * g.dil_h + 1, g.h);
+  const int64_t ring_size = slots * width * kBlockLanes;  // elements, at a block's widest
   const int64_t copy_lo = std::min(g.pad_left, width);
   const int64_t copy_cols = std::clamp<int64_t>(width - g.pad_left, 0, g.w);
+  const int64_t ring_bytes = ring_size * int64_t(sizeof(T));
+  const int64_t fit = std::clamp<int64_t>(kRingBytes / ring_bytes, 1, blocks);
+  const int64_t groups = (blocks + fit - 1) / fit;
+  const int64_t group_blocks = (blocks + groups - 1) / groups;
   // Bands of output rows: enough tasks for every thread (four each), else whole maps.
-  const int64_t want = 4 * at::get_num_threads();
-  const int64_t bands = std::clamp<int64_t>((want + g.n * blocks - 1) / (g.n * blocks), 1, g.oh);
+  const int64_t threads = at::get_num_threads();
+  const int64_t bands = std::clamp<int64_t>((4 * threads + g.n * groups - 1) / (g.n * groups), 1,
+                                            g.oh);
   const int64_t band_rows = (g.oh + bands - 1) / bands;
-  at::parallel_for(0, g.n * blocks * bands, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> ring(slots * width * kVectors * L);
+  const bool light = pre == nullptr && (a.act == Activation::None || a.act == Activation::Relu);
+  // Streaming stores need every whole vector of S aligned: the outputs and C.
+  constexpr int64_t kAlign = int64_t(sizeof(Vec<S>));
+  const auto aligned = [&](const S* p) {
+    return p == nullptr || reinterpret_cast<uintptr_t>(p) % kAlign == 0;
+  };
+  const bool stream = g.n * g.oh * g.ow * C * int64_t(sizeof(S)) >= kStream * threads &&
+                      (C * int64_t(sizeof(S))) % kAlign == 0 && aligned(y) && aligned(pre);
+  at::parallel_for(0, g.n * groups * bands, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> ring(group_blocks * ring_size);
     std::vector<const T*> row(g.kh);
-    std::vector<int64_t> row_tap(g.kh);
+    std::vector<int64_t> row_slot(g.kh), row_tap(g.kh);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t band = task % bands, block = task / bands % blocks, n = task / bands / blocks;
-      const bool wide = block < blocked;
-      const int64_t c = wide ? block * kVectors * L : (blocked * kVectors + block - blocked) * L;
-      const int64_t lanes = wide ? kVectors * L : L;
-      const int64_t count = std::min(lanes, C - c);  // channels of the block inside C
-      for (int64_t slot = 0; slot < slots; ++slot) {
-        T* r = ring.data() + slot * width * lanes;
-        std::fill(r, r + copy_lo * lanes, T(0));
-        std::fill(r + (copy_lo + copy_cols) * lanes, r + width * lanes, T(0));
-        if (count < lanes) {  // the lanes past C stay zero
-          for (int64_t col = copy_lo; col < copy_lo + copy_cols; ++col) {
-            std::fill(r + col * lanes + count, r + (col + 1) * lanes, T(0));
+      const int64_t band = task % bands, group = task / bands % groups;
+      const int64_t n = task / bands / groups;
+      const int64_t b0 = group * group_blocks, b1 = std::min(blocks, b0 + group_blocks);
+      const int64_t wide_end = std::clamp(blocked, b0, b1);  // blocks [b0, wide_end) are wide
+      const int64_t c0 = block_channel(b0), c1 = std::min(C, block_channel(b1 - 1) + kBlockLanes);
+      // Each block's ring: the padding columns and the lanes past C stay zero.
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t lanes = blk < blocked ? kBlockLanes : L;
+        const int64_t count = std::min(lanes, C - block_channel(blk));
+        for (int64_t slot = 0; slot < slots; ++slot) {
+          T* r = ring.data() + (blk - b0) * ring_size + slot * width * lanes;
+          std::fill(r, r + copy_lo * lanes, T(0));
+          std::fill(r + (copy_lo + copy_cols) * lanes, r + width * lanes, T(0));
+          if (count < lanes) {
+            for (int64_t col = copy_lo; col < copy_lo + copy_cols; ++col) {
+              std::fill(r + col * lanes + count, r + (col + 1) * lanes, T(0));
+            }
           }
         }
       }
-      const RingTaps<T> taps_of{row.data(), row_tap.data(), 0,          g.kw,
-                                g.dil_w,    g.stride_w,     lanes,      wt.data(),
-                                c_pad,      bias.data(),    a.act,      C};
       const int64_t oh_begin = band * band_rows, oh_end = std::min(g.oh, oh_begin + band_rows);
       int64_t loaded_to = std::numeric_limits<int64_t>::min();  // input rows below are in the ring
       for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
         const int64_t top = oh * g.stride_h - g.pad_top;
-        // Load the rows of this output row's window that are not in the ring yet.
+        // Load the rows of this output row's window that are not in the rings yet, a pixel's
+        // channels of the group at a time: the wide blocks, then the single vectors.
         const int64_t first = std::max({loaded_to, top, int64_t(0)});
         const int64_t last = std::min(top + (g.kh - 1) * g.dil_h + 1, g.h);
         for (int64_t ih = first; ih < last; ++ih) {
-          T* r = ring.data() + (ih % slots) * width * lanes + copy_lo * lanes;
-          const S* src = x + ((n * g.h + ih) * g.w) * C + c;
-          if (count == kVectors * L) {
-            for (int64_t col = 0; col < copy_cols; ++col) {
-              load_block<S, kVectors>(src + col * C, r + col * lanes);
+          const S* src = x + ((n * g.h + ih) * g.w) * C;
+          T* dst = ring.data() + ((ih % slots) * width + copy_lo) * kBlockLanes;
+          for (int64_t col = 0; col < copy_cols; ++col, src += C, dst += kBlockLanes) {
+            for (int64_t blk = b0; blk < wide_end; ++blk) {
+              load_block<S, kVectors>(src + blk * kBlockLanes, dst + (blk - b0) * ring_size);
             }
-          } else if (count == L) {
-            for (int64_t col = 0; col < copy_cols; ++col) {
-              load_block<S, 1>(src + col * C, r + col * lanes);
-            }
-          } else {
-            for (int64_t col = 0; col < copy_cols; ++col) {
-              widen(src + col * C, r + col * lanes, count);
+          }
+          for (int64_t blk = wide_end; blk < b1; ++blk) {
+            const int64_t c = block_channel(blk), count = std::min(L, C - c);
+            const S* s = x + ((n * g.h + ih) * g.w) * C + c;
+            T* d = ring.data() + (blk - b0) * ring_size + ((ih % slots) * width + copy_lo) * L;
+            for (int64_t col = 0; col < copy_cols; ++col, s += C, d += L) {
+              if (count == L) {
+                load_block<S, 1>(s, d);
+              } else {
+                widen(s, d, count);
+              }
             }
           }
         }
@@ -480,9 +574,9 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
         if (oh + 1 < oh_end) {
           const int64_t next_top = top + g.stride_h;
           const int64_t next_last = std::min(next_top + (g.kh - 1) * g.dil_h + 1, g.h);
-          const int64_t bytes = count * int64_t(sizeof(S));
+          const int64_t bytes = (c1 - c0) * int64_t(sizeof(S));
           for (int64_t ih = std::max({loaded_to, next_top, int64_t(0)}); ih < next_last; ++ih) {
-            const char* src = reinterpret_cast<const char*>(x + ((n * g.h + ih) * g.w) * C + c);
+            const char* src = reinterpret_cast<const char*>(x + ((n * g.h + ih) * g.w) * C + c0);
             for (int64_t col = 0; col < copy_cols; ++col) {
               for (int64_t byte = 0; byte < bytes; byte += 64) {
                 __builtin_prefetch(src + col * C * int64_t(sizeof(S)) + byte);
@@ -494,34 +588,57 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
         for (int64_t i = 0; i < g.kh; ++i) {
           const int64_t ih = top + i * g.dil_h;
           if (ih < 0 || ih >= g.h) continue;
-          row[rows] = ring.data() + (ih % slots) * width * lanes;
+          row_slot[rows] = ih % slots;
           row_tap[rows] = i;
           ++rows;
         }
-        RingTaps<T> t = taps_of;
-        t.rows = rows;
-        const int64_t row_start = (n * g.oh + oh) * g.ow * C + c;
-        const auto sweep = [&](auto vectors) {
-          constexpr int V = decltype(vectors)::value;
-          int64_t ow = 0;
-          for (; ow + kPixels <= g.ow; ow += kPixels) {
-            const int64_t at = row_start + ow * C;
-            t.template block<kPixels, V>(ow * g.stride_w, c, count, y + at,
-                                         pre != nullptr ? pre + at : nullptr);
+        const int64_t row_start = (n * g.oh + oh) * g.ow * C;
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const bool wide = blk < blocked;
+          const int64_t c = block_channel(blk);
+          const int64_t lanes = wide ? kBlockLanes : L;
+          const int64_t count = std::min(lanes, C - c);  // channels of the block inside C
+          const T* block_ring = ring.data() + (blk - b0) * ring_size;
+          for (int64_t r = 0; r < rows; ++r) row[r] = block_ring + row_slot[r] * width * lanes;
+          const RingTaps<T> t{row.data(), row_tap.data(), rows,    g.kw, g.dil_w,
+                              g.stride_w, wt.data(),      c_pad,   bias.data(),
+                              a.act,      C,              stream && wide};
+          const auto sweep = [&](auto vectors, auto kernel_width, auto light_epilogue) {
+            constexpr int V = decltype(vectors)::value, KW = decltype(kernel_width)::value;
+            constexpr bool kLight = decltype(light_epilogue)::value;
+            int64_t ow = 0;
+            for (; ow + kPixels <= g.ow; ow += kPixels) {
+              const int64_t at = row_start + ow * C + c;
+              t.template block<kPixels, V, KW, kLight>(ow * g.stride_w, c, count, y + at,
+                                                       pre != nullptr ? pre + at : nullptr);
+            }
+            for (; ow < g.ow; ++ow) {
+              const int64_t at = row_start + ow * C + c;
+              t.template block<1, V, KW, kLight>(ow * g.stride_w, c, count, y + at,
+                                                 pre != nullptr ? pre + at : nullptr);
+            }
+          };
+          const auto with_width = [&](auto vectors, auto light_epilogue) {
+            switch (g.kw) {
+              case 3: return sweep(vectors, std::integral_constant<int, 3>{}, light_epilogue);
+              case 5: return sweep(vectors, std::integral_constant<int, 5>{}, light_epilogue);
+              case 7: return sweep(vectors, std::integral_constant<int, 7>{}, light_epilogue);
+              default: return sweep(vectors, std::integral_constant<int, 0>{}, light_epilogue);
+            }
+          };
+          const auto with_vectors = [&](auto light_epilogue) {
+            if (wide) return with_width(std::integral_constant<int, kVectors>{}, light_epilogue);
+            return with_width(std::integral_constant<int, 1>{}, light_epilogue);
+          };
+          if (light) {
+            with_vectors(std::true_type{});
+          } else {
+            with_vectors(std::false_type{});
           }
-          for (; ow < g.ow; ++ow) {
-            const int64_t at = row_start + ow * C;
-            t.template block<1, V>(ow * g.stride_w, c, count, y + at,
-                                   pre != nullptr ? pre + at : nullptr);
-          }
-        };
-        if (wide) {
-          sweep(std::integral_constant<int, kVectors>{});
-        } else {
-          sweep(std::integral_constant<int, 1>{});
         }
       }
     }
+    if (stream) store_fence();
   });
 }
 
