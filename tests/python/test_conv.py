@@ -433,6 +433,21 @@ def test_half_precision(device, x_shape, cout, kernel, conv, activation, dtype, 
         assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+# Kernels: the CPU NHWC backward computes the input gradient as the forward on flipped taps
+# where the stride is 1 and the paddings lie within the kernel's reach, through the NCHW kernel
+# otherwise (strides, paddings past the reach); its weight gradient unrolls widths 3, 5 and 7.
+NHWC_KERNEL_CASES = [
+    ("k3-d2", (3, 3), conv_kwargs(1, 2, 2, None)),
+    ("k5x3-s2x1-d3x2", (5, 3), conv_kwargs((2, 1), (1, 4), (3, 2), None)),
+    ("k2x4-same-even", (2, 4), conv_kwargs(1, "same", (2, 1), None)),
+    ("k7-same", (7, 7), conv_kwargs(1, "same", 1, None)),
+    ("k5-d2-pad-4-2", (5, 5), conv_kwargs(1, (4, 2), 2, None)),
+    ("k3x5-d1x3-same", (3, 5), conv_kwargs(1, "same", (1, 3), None)),
+    ("k1-pad-past-reach", (1, 1), conv_kwargs(1, 2, 1, None)),
+    ("k3-top-pad-past-reach", (3, 3), conv_kwargs(1, (3, 1), 1, None)),
+]
+
+
 # Channel counts around the NHWC kernel's vector widths and channel blocks (4, 8 or 16 lanes;
 # blocks of 2 vectors, then single vectors): a part vector, whole vectors, several blocks with a
 # ragged last one.
@@ -442,18 +457,14 @@ def test_half_precision(device, x_shape, cout, kernel, conv, activation, dtype, 
 )
 @pytest.mark.parametrize(
     "kernel,conv",
-    [
-        ((3, 3), conv_kwargs(1, 2, 2, None)),
-        ((5, 3), conv_kwargs((2, 1), (1, 4), (3, 2), None)),
-        ((2, 4), conv_kwargs(1, "same", (2, 1), None)),
-    ],
-    ids=["k3-d2", "k5x3-s2x1-d3x2", "k2x4-same-even"],
+    [case[1:] for case in NHWC_KERNEL_CASES],
+    ids=[case[0] for case in NHWC_KERNEL_CASES],
 )
 def test_depthwise_channels_last_widths(device, channels, dtype, kernel, conv, gen):
     """Depthwise on channels_last input (multiplier 1), computed in NHWC: forward, the saved
-    pre-activation (gelu's backward reads it) and every gradient, and the output stays
-    channels_last; widths that are no multiple of the kernel's pixel group (4 or 8) leave
-    pixels that go one at a time."""
+    pre-activation (gelu's backward reads it) and every gradient, and the output and the input
+    gradient stay channels_last; widths that are no multiple of the kernel's pixel group (4 or 8)
+    leave pixels that go one at a time."""
     conv = {**conv, "groups": channels}
     tensors = make_conv(
         (2, channels, 13, 11),
@@ -465,8 +476,35 @@ def test_depthwise_channels_last_widths(device, channels, dtype, kernel, conv, g
         dtype=dtype,
         x_layout="channels_last",
     )
-    out, _ = check_conv(tensors, conv, "gelu", gen)
+    out, grads = check_conv(tensors, conv, "gelu", gen)
     assert out.is_contiguous(memory_format=torch.channels_last)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_depthwise_weight_gradient_ignores_thread_count(layout, gen):
+    """CPU: the depthwise weight gradient is summed in an order the shape alone fixes, the same
+    bits with one thread as with several (NHWC: runs of (image, band) units summed in order;
+    NCHW: a channel per thread). CUDA has its own bit-for-bit test above."""
+    device = "cpu"
+    tensors = make_conv(
+        (5, 24, 33, 31), 24, (3, 3), 24, gen, device=device, dtype=torch.float32, x_layout=layout
+    )
+    (x_base, x_view), (w_base, w_view), b = tensors
+    grad_out = draw((5, 24, 33, 31), gen).to(torch.float32)
+    conv = conv_kwargs(1, "same", 2, 24)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            w = w_base.detach().clone().requires_grad_()
+            out = torch_ext.dilated_conv2d(x_view(x_base), w_view(w), b, **conv)
+            out.backward(grad_out)
+            grads.append(w.grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[0], grads[1])
 
 
 @pytest.fixture

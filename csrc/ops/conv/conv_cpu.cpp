@@ -17,7 +17,9 @@
 //   GEMM path computes the half types in float. The activation then runs as one pass over the
 //   output. TORCH_EXT_CONV_ROUTE=own|vendor forces a route (tests, benchmarks).
 // Depthwise forward reads and writes every dtype and both layouts itself (half types widened to
-// float per plane or row, NHWC computed as NHWC when the channel multiplier is 1). Elsewhere
+// float per plane or row, NHWC computed as NHWC when the channel multiplier is 1), and so does
+// the NHWC backward with multiplier 1 (the input gradient as the forward on flipped taps at
+// stride 1, the weight gradient from both NHWC maps). Elsewhere
 // float16/bfloat16 compute in float32 (converted once per call) and round once at the end, and
 // channels_last tensors are computed in NCHW and returned channels_last.
 
@@ -28,6 +30,7 @@
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/flip.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/relu.h>
@@ -271,6 +274,53 @@ void gemm_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
   if (grad_weight != nullptr) *grad_weight = gw_parts.sum(0).view(w.sizes());
 }
 
+// Depthwise with multiplier 1 on NHWC maps, in their own dtype and layout (no converted or
+// transposed copy of a map): with stride 1 (and paddings within the kernel's reach), the input
+// gradient is the forward kernel on grad_preact with the taps flipped and the paddings mirrored
+// (pad' = dilation * (k - 1) - pad); otherwise it goes through the NCHW kernel. The weight
+// gradient reads both maps NHWC; the bias gradient is ATen's sum.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_backward_nhwc(
+    const at::Tensor& grad_preact, const at::Tensor& input, const at::Tensor& weight,
+    const ConvGeometry& g, std::array<bool, 3> output_mask) {
+  const auto dtype = input.scalar_type(), cdtype = compute_dtype(dtype);
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const auto gy = grad_preact.contiguous(cl);
+  const auto w = weight.to(cdtype).contiguous();
+  const auto none = at::empty({0}, input.options());
+  at::Tensor gi = none, gw = none, gb = none;
+  if (output_mask[0]) {
+    const int64_t reach_h = (g.kh - 1) * g.dil_h, reach_w = (g.kw - 1) * g.dil_w;
+    if (g.stride_h == 1 && g.stride_w == 1 && g.pad_top <= reach_h && g.pad_left <= reach_w) {
+      ConvGeometry t = g;  // the transposed convolution: grad_preact in, grad_input out
+      t.h = g.oh;
+      t.w = g.ow;
+      t.oh = g.h;
+      t.ow = g.w;
+      t.pad_top = reach_h - g.pad_top;
+      t.pad_left = reach_w - g.pad_left;
+      const auto flipped = w.flip({2, 3}).contiguous();
+      gi = at::empty({g.n, g.c_in, g.h, g.w}, input.options().memory_format(cl));
+      kernels().depthwise_forward({dtype, gy.const_data_ptr(), flipped.const_data_ptr(), nullptr,
+                                   gi.mutable_data_ptr(), nullptr, t, Activation::None, true});
+    } else {
+      const auto gyc = gy.to(cdtype).contiguous();
+      auto gic = at::empty({g.n, g.c_in, g.h, g.w}, gyc.options());
+      kernels().depthwise_backward_input(
+          {cdtype, gyc.const_data_ptr(), w.const_data_ptr(), gic.mutable_data_ptr(), g});
+      gi = gic.to(dtype).contiguous(cl);
+    }
+  }
+  if (output_mask[1]) {
+    const auto x = input.contiguous(cl);
+    auto gwc = at::empty_like(w);
+    kernels().depthwise_backward_weight(
+        {dtype, gy.const_data_ptr(), x.const_data_ptr(), gwc.mutable_data_ptr(), g, true});
+    gw = gwc.to(dtype);
+  }
+  if (output_mask[2]) gb = gy.sum({0, 2, 3}, false, cdtype).to(dtype);
+  return {gi, gw, gb};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& saved, at::IntArrayRef stride, at::IntArrayRef padding4,
@@ -285,11 +335,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     return vendor_conv_backward(grad_output, input, weight, saved, stride, padding4, dilation,
                                 groups, act, output_mask);
   }
+  const bool empty = grad_output.numel() == 0;
+  if (!empty && g.depthwise() && g.c_out == g.c_in &&
+      conv_memory_format(input) == at::MemoryFormat::ChannelsLast) {
+    return depthwise_backward_nhwc(activation_backward(grad_output, saved, act), input, weight, g,
+                                   output_mask);
+  }
   const auto gy = activation_backward(grad_output, saved, act).to(cdtype).contiguous();
   const auto x = input.to(cdtype).contiguous();
   const auto w = weight.to(cdtype).contiguous();
   at::Tensor gi, gw, gb;
-  const bool empty = gy.numel() == 0;
   if (output_mask[0]) {
     if (empty) {
       gi = at::zeros_like(x);
@@ -305,7 +360,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
     } else if (g.depthwise()) {
       gw = at::empty_like(w);
       kernels().depthwise_backward_weight(
-          {cdtype, gy.const_data_ptr(), x.const_data_ptr(), gw.mutable_data_ptr(), g});
+          {cdtype, gy.const_data_ptr(), x.const_data_ptr(), gw.mutable_data_ptr(), g, false});
     }
   }
   if (!empty && !g.depthwise() && (output_mask[0] || output_mask[1])) {

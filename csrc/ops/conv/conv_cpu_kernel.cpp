@@ -446,26 +446,166 @@ struct RingTaps {
   }
 };
 
+// The channels of an NHWC map in blocks of lanes: wide blocks of kVectors vectors of T, then
+// single vectors (the last one partial). Block b covers channels [channel(b), channel(b) +
+// lanes(b)), count(b) of them inside C; c_pad rounds C up to whole vectors.
+template <class T, int kVectors>
+struct ChannelBlocks {
+  static constexpr int64_t L = Vec<T>::size();
+  static constexpr int64_t kWide = kVectors * L;
+  int64_t C, c_pad, blocked, blocks;
+
+  explicit ChannelBlocks(int64_t channels)
+      : C(channels),
+        c_pad((channels + L - 1) / L * L),
+        blocked(channels / kWide),
+        blocks(blocked + (c_pad - blocked * kWide) / L) {}
+  bool wide(int64_t b) const { return b < blocked; }
+  int64_t channel(int64_t b) const {
+    return b < blocked ? b * kWide : (blocked * kVectors + b - blocked) * L;
+  }
+  int64_t lanes(int64_t b) const { return b < blocked ? kWide : L; }
+  int64_t count(int64_t b) const { return std::min(lanes(b), C - channel(b)); }
+};
+
+// Rows of one NHWC image [rows, cols, C] in the compute type, for a group of channel blocks
+// [b0, b1): per block a ring of `slots` rows (map row r in slot r % slots), each `width` columns
+// wide, the map's columns at [copy_lo, copy_lo + copy_cols) (pad_left columns of zeros first, the
+// columns past the ring cropped) and zeros elsewhere and past C; a block's lanes of one pixel are
+// contiguous, consecutive pixels too (in the map they lie C elements apart, a stride that maps
+// them all onto a few cache sets). A row is read a pixel's channels of the group at a time, one
+// contiguous read (block by block the reads would take one cache line per pixel, C elements
+// apart, which the hardware prefetchers do not follow), and widened once.
+template <class S, int kVectors>
+struct NhwcRings {
+  using T = compute_t<S>;
+  using Blocks = ChannelBlocks<T, kVectors>;
+  static constexpr int64_t L = Blocks::L;
+
+  const Blocks& cb;
+  int64_t cols, width, slots, copy_lo, copy_cols;
+  int64_t ring_size;  // elements of one block's ring at a wide block's lanes
+  std::vector<T> data;
+  const S* image = nullptr;
+  int64_t b0 = 0, b1 = 0, wide_end = 0;
+  int64_t loaded_to = 0;  // the rows below it that the window has reached are in the rings
+
+  // One block's ring at its widest, in bytes (groups are sized from it).
+  static int64_t block_bytes(int64_t width, int64_t slots) {
+    return slots * width * Blocks::kWide * int64_t(sizeof(T));
+  }
+
+  NhwcRings(const Blocks& blocks, int64_t map_cols, int64_t ring_width, int64_t ring_slots,
+            int64_t pad_left, int64_t group_blocks)
+      : cb(blocks),
+        cols(map_cols),
+        width(ring_width),
+        slots(ring_slots),
+        copy_lo(std::min(pad_left, ring_width)),
+        copy_cols(std::clamp<int64_t>(ring_width - pad_left, 0, map_cols)),
+        ring_size(ring_slots * ring_width * Blocks::kWide),
+        data(group_blocks * ring_size) {}
+
+  // Another image or group of blocks: the padding zeroed, no rows held.
+  void start(const S* image_start, int64_t first_block, int64_t end_block) {
+    image = image_start;
+    b0 = first_block;
+    b1 = end_block;
+    wide_end = std::clamp(cb.blocked, b0, b1);  // blocks [b0, wide_end) are wide
+    loaded_to = std::numeric_limits<int64_t>::min();
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t lanes = cb.lanes(blk), count = cb.count(blk);
+      for (int64_t slot = 0; slot < slots; ++slot) {
+        T* r = data.data() + (blk - b0) * ring_size + slot * width * lanes;
+        std::fill(r, r + copy_lo * lanes, T(0));
+        std::fill(r + (copy_lo + copy_cols) * lanes, r + width * lanes, T(0));
+        if (count < lanes) {
+          for (int64_t col = copy_lo; col < copy_lo + copy_cols; ++col) {
+            std::fill(r + col * lanes + count, r + (col + 1) * lanes, T(0));
+          }
+        }
+      }
+    }
+  }
+
+  // Makes the map rows [first, last) present (last inside the map, first >= last - slots): reads
+  // those the window has not reached yet, the wide blocks, then the single vectors.
+  void load(int64_t first, int64_t last) {
+    const int64_t C = cb.C;
+    for (int64_t r = std::max({loaded_to, first, int64_t(0)}); r < last; ++r) {
+      const S* src = image + r * cols * C;
+      T* dst = data.data() + ((r % slots) * width + copy_lo) * Blocks::kWide;
+      for (int64_t col = 0; col < copy_cols; ++col, src += C, dst += Blocks::kWide) {
+        for (int64_t blk = b0; blk < wide_end; ++blk) {
+          load_block<S, kVectors>(src + cb.channel(blk), dst + (blk - b0) * ring_size);
+        }
+      }
+      for (int64_t blk = wide_end; blk < b1; ++blk) {
+        const int64_t count = cb.count(blk);
+        const S* s = image + r * cols * C + cb.channel(blk);
+        T* d = data.data() + (blk - b0) * ring_size + ((r % slots) * width + copy_lo) * L;
+        for (int64_t col = 0; col < copy_cols; ++col, s += C, d += L) {
+          if (count == L) {
+            load_block<S, 1>(s, d);
+          } else {
+            widen(s, d, count);
+          }
+        }
+      }
+    }
+    loaded_to = std::max(loaded_to, last);
+  }
+
+  // Asks for the map rows [first, last) that load would read, on their way into the cache.
+  void prefetch(int64_t first, int64_t last) const {
+    const int64_t C = cb.C, c0 = cb.channel(b0);
+    const int64_t c1 = std::min(C, cb.channel(b1 - 1) + Blocks::kWide);
+    const int64_t bytes = (c1 - c0) * int64_t(sizeof(S));
+    for (int64_t r = std::max({loaded_to, first, int64_t(0)}); r < last; ++r) {
+      const char* src = reinterpret_cast<const char*>(image + r * cols * C + c0);
+      for (int64_t col = 0; col < copy_cols; ++col) {
+        for (int64_t byte = 0; byte < bytes; byte += 64) {
+          __builtin_prefetch(src + col * C * int64_t(sizeof(S)) + byte);
+        }
+      }
+    }
+  }
+
+  // Map row r of block blk: `width` columns of lanes(blk) lanes.
+  const T* row(int64_t blk, int64_t r) const {
+    return data.data() + (blk - b0) * ring_size + (r % slots) * width * cb.lanes(blk);
+  }
+};
+
+// Groups of channel blocks whose rings (block_bytes each) fit `budget` bytes together.
+struct BlockGroups {
+  int64_t groups, group_blocks;
+  BlockGroups(int64_t blocks, int64_t block_bytes, int64_t budget) {
+    const int64_t fit = std::clamp<int64_t>(budget / block_bytes, 1, blocks);
+    groups = (blocks + fit - 1) / fit;
+    group_blocks = (blocks + groups - 1) / groups;
+  }
+  int64_t first(int64_t group) const { return group * group_blocks; }
+  int64_t end(int64_t group, int64_t blocks) const {
+    return std::min(blocks, (group + 1) * group_blocks);
+  }
+};
+
 // NHWC, multiplier 1. The channels go in blocks of kVectors vectors (then single vectors, the
-// last one partial); a task is (image, group of blocks, band of output rows). Each block's slice
-// of the input rows the kernel spans is kept in a ring of rows in the compute type, zero-padded
-// left and right (each input element is read from the map once per task, widened once, and the
-// taps never need a bounds check; consecutive pixels are contiguous in the ring, where in the map
-// they lie C elements apart, a stride that maps them all onto a few cache sets). The rings of a
-// group (as many blocks as fit kRingBytes) are filled together, each pixel's channels of the
-// group in one contiguous read (block by block, the reads would take one cache line per pixel,
-// C elements apart, which the hardware prefetchers do not follow). Each output row is swept
-// block by block, kPixels pixels at a time: the taps summed in registers, then the epilogue, and
-// stored once; past the caches when the output is larger than the threads' L2 caches (kStream
-// bytes each: read-for-ownership of lines a pixel apart otherwise stalls the stores). The rings
-// hold a band's rows as it moves down: each output row loads only the input rows it is the first
-// to reach.
+// last one partial); a task is (image, group of blocks, band of output rows). The group's slices
+// of the input rows the kernel spans are kept in rings (NhwcRings: each input element is read
+// from the map once per task, widened once, and the taps never need a bounds check; as many
+// blocks in a group as fit kRingBytes). Each output row is swept block by block, kPixels pixels at
+// a time: the taps summed in registers, then the epilogue, and stored once; past the caches when
+// the output is larger than the threads' L2 caches (kStream bytes each: read-for-ownership of
+// lines a pixel apart otherwise stalls the stores). The rings hold a band's rows as it moves
+// down: each output row loads only the input rows it is the first to reach.
 template <class S>
 void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   using T = compute_t<S>;
-  constexpr int64_t L = Vec<T>::size();
   constexpr int kVectors = 2;
-  constexpr int64_t kBlockLanes = kVectors * L;
+  using Rings = NhwcRings<S, kVectors>;
+  constexpr int64_t L = Rings::L;
   // Accumulators: 16 registers for 32-register ISAs (AVX-512), 8 otherwise.
   constexpr int kPixels = Vec<float>::size() >= 16 ? 8 : 4;
   constexpr int64_t kRingBytes = 256 << 10;
@@ -478,34 +618,24 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   S* pre = static_cast<S*>(a.preact);
   const int64_t C = g.c_in, taps = g.kh * g.kw;
   if (g.n == 0 || g.oh == 0 || g.ow == 0 || C == 0) return;
-  // The weight transposed to [tap][C_pad] and the bias to [C_pad], zero past C (C_pad: whole
-  // vectors), so that a block's weights and bias are whole vector loads.
-  const int64_t c_pad = (C + L - 1) / L * L;
+  const typename Rings::Blocks cb(C);
+  // The weight transposed to [tap][c_pad] and the bias to [c_pad], zero past C, so that a
+  // block's weights and bias are whole vector loads.
+  const int64_t c_pad = cb.c_pad;
   std::vector<T> wt(taps * c_pad, T(0)), bias(c_pad, T(0));
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t t = 0; t < taps; ++t) wt[t * c_pad + c] = w[c * taps + t];
     if (b != nullptr) bias[c] = b[c];
   }
-  const int64_t blocked = C / kBlockLanes;                               // wide blocks
-  const int64_t blocks = blocked + (c_pad - blocked * kBlockLanes) / L;  // then single vectors
-  const auto block_channel = [&](int64_t block) {
-    return block < blocked ? block * kBlockLanes : (blocked * kVectors + block - blocked) * L;
-  };
   // A ring: padded width (every column a tap of an output pixel reaches), rows (the kernel's
-  // span, at most the map's height), the input columns copied in.
+  // span, at most the map's height).
   const int64_t width = (g.ow - 1) * g.stride_w + (g.kw - 1) * g.dil_w + 1;
   const int64_t slots = std::min((g.kh - 1) * g.dil_h + 1, g.h);
-  const int64_t ring_size = slots * width * kBlockLanes;  // elements, at a block's widest
-  const int64_t copy_lo = std::min(g.pad_left, width);
-  const int64_t copy_cols = std::clamp<int64_t>(width - g.pad_left, 0, g.w);
-  const int64_t ring_bytes = ring_size * int64_t(sizeof(T));
-  const int64_t fit = std::clamp<int64_t>(kRingBytes / ring_bytes, 1, blocks);
-  const int64_t groups = (blocks + fit - 1) / fit;
-  const int64_t group_blocks = (blocks + groups - 1) / groups;
+  const BlockGroups bg(cb.blocks, Rings::block_bytes(width, slots), kRingBytes);
   // Bands of output rows: enough tasks for every thread (four each), else whole maps.
   const int64_t threads = at::get_num_threads();
-  const int64_t bands = std::clamp<int64_t>((4 * threads + g.n * groups - 1) / (g.n * groups), 1,
-                                            g.oh);
+  const int64_t bands = std::clamp<int64_t>(
+      (4 * threads + g.n * bg.groups - 1) / (g.n * bg.groups), 1, g.oh);
   const int64_t band_rows = (g.oh + bands - 1) / bands;
   const bool light = pre == nullptr && (a.act == Activation::None || a.act == Activation::Relu);
   // Streaming stores need every whole vector of S aligned: the outputs and C.
@@ -515,91 +645,36 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   };
   const bool stream = g.n * g.oh * g.ow * C * int64_t(sizeof(S)) >= kStream * threads &&
                       (C * int64_t(sizeof(S))) % kAlign == 0 && aligned(y) && aligned(pre);
-  at::parallel_for(0, g.n * groups * bands, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> ring(group_blocks * ring_size);
+  at::parallel_for(0, g.n * bg.groups * bands, 1, [&](int64_t begin, int64_t end) {
+    Rings rings(cb, g.w, width, slots, g.pad_left, bg.group_blocks);
     std::vector<const T*> row(g.kh);
-    std::vector<int64_t> row_slot(g.kh), row_tap(g.kh);
+    std::vector<int64_t> row_tap(g.kh);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t band = task % bands, group = task / bands % groups;
-      const int64_t n = task / bands / groups;
-      const int64_t b0 = group * group_blocks, b1 = std::min(blocks, b0 + group_blocks);
-      const int64_t wide_end = std::clamp(blocked, b0, b1);  // blocks [b0, wide_end) are wide
-      const int64_t c0 = block_channel(b0), c1 = std::min(C, block_channel(b1 - 1) + kBlockLanes);
-      // Each block's ring: the padding columns and the lanes past C stay zero.
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t lanes = blk < blocked ? kBlockLanes : L;
-        const int64_t count = std::min(lanes, C - block_channel(blk));
-        for (int64_t slot = 0; slot < slots; ++slot) {
-          T* r = ring.data() + (blk - b0) * ring_size + slot * width * lanes;
-          std::fill(r, r + copy_lo * lanes, T(0));
-          std::fill(r + (copy_lo + copy_cols) * lanes, r + width * lanes, T(0));
-          if (count < lanes) {
-            for (int64_t col = copy_lo; col < copy_lo + copy_cols; ++col) {
-              std::fill(r + col * lanes + count, r + (col + 1) * lanes, T(0));
-            }
-          }
-        }
-      }
+      const int64_t band = task % bands, group = task / bands % bg.groups;
+      const int64_t n = task / bands / bg.groups;
+      const int64_t b0 = bg.first(group), b1 = bg.end(group, cb.blocks);
+      rings.start(x + n * g.h * g.w * C, b0, b1);
       const int64_t oh_begin = band * band_rows, oh_end = std::min(g.oh, oh_begin + band_rows);
-      int64_t loaded_to = std::numeric_limits<int64_t>::min();  // input rows below are in the ring
       for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
         const int64_t top = oh * g.stride_h - g.pad_top;
-        // Load the rows of this output row's window that are not in the rings yet, a pixel's
-        // channels of the group at a time: the wide blocks, then the single vectors.
-        const int64_t first = std::max({loaded_to, top, int64_t(0)});
-        const int64_t last = std::min(top + (g.kh - 1) * g.dil_h + 1, g.h);
-        for (int64_t ih = first; ih < last; ++ih) {
-          const S* src = x + ((n * g.h + ih) * g.w) * C;
-          T* dst = ring.data() + ((ih % slots) * width + copy_lo) * kBlockLanes;
-          for (int64_t col = 0; col < copy_cols; ++col, src += C, dst += kBlockLanes) {
-            for (int64_t blk = b0; blk < wide_end; ++blk) {
-              load_block<S, kVectors>(src + blk * kBlockLanes, dst + (blk - b0) * ring_size);
-            }
-          }
-          for (int64_t blk = wide_end; blk < b1; ++blk) {
-            const int64_t c = block_channel(blk), count = std::min(L, C - c);
-            const S* s = x + ((n * g.h + ih) * g.w) * C + c;
-            T* d = ring.data() + (blk - b0) * ring_size + ((ih % slots) * width + copy_lo) * L;
-            for (int64_t col = 0; col < copy_cols; ++col, s += C, d += L) {
-              if (count == L) {
-                load_block<S, 1>(s, d);
-              } else {
-                widen(s, d, count);
-              }
-            }
-          }
-        }
-        loaded_to = std::max(loaded_to, last);
+        const int64_t span = (g.kh - 1) * g.dil_h + 1;
+        rings.load(top, std::min(top + span, g.h));
         // The rows the next output row will load, on their way to the cache while this one runs.
         if (oh + 1 < oh_end) {
-          const int64_t next_top = top + g.stride_h;
-          const int64_t next_last = std::min(next_top + (g.kh - 1) * g.dil_h + 1, g.h);
-          const int64_t bytes = (c1 - c0) * int64_t(sizeof(S));
-          for (int64_t ih = std::max({loaded_to, next_top, int64_t(0)}); ih < next_last; ++ih) {
-            const char* src = reinterpret_cast<const char*>(x + ((n * g.h + ih) * g.w) * C + c0);
-            for (int64_t col = 0; col < copy_cols; ++col) {
-              for (int64_t byte = 0; byte < bytes; byte += 64) {
-                __builtin_prefetch(src + col * C * int64_t(sizeof(S)) + byte);
-              }
-            }
-          }
-        }
-        int64_t rows = 0;
-        for (int64_t i = 0; i < g.kh; ++i) {
-          const int64_t ih = top + i * g.dil_h;
-          if (ih < 0 || ih >= g.h) continue;
-          row_slot[rows] = ih % slots;
-          row_tap[rows] = i;
-          ++rows;
+          rings.prefetch(top + g.stride_h, std::min(top + g.stride_h + span, g.h));
         }
         const int64_t row_start = (n * g.oh + oh) * g.ow * C;
         for (int64_t blk = b0; blk < b1; ++blk) {
-          const bool wide = blk < blocked;
-          const int64_t c = block_channel(blk);
-          const int64_t lanes = wide ? kBlockLanes : L;
-          const int64_t count = std::min(lanes, C - c);  // channels of the block inside C
-          const T* block_ring = ring.data() + (blk - b0) * ring_size;
-          for (int64_t r = 0; r < rows; ++r) row[r] = block_ring + row_slot[r] * width * lanes;
+          const bool wide = cb.wide(blk);
+          const int64_t c = cb.channel(blk), count = cb.count(blk);
+          int64_t rows = 0;
+          for (int64_t i = 0; i < g.kh; ++i) {
+            const int64_t ih = top + i * g.dil_h;
+            if (ih < 0 || ih >= g.h) continue;
+            row[rows] = rings.row(blk, ih);
+            row_tap[rows] = i;
+            ++rows;
+          }
           const RingTaps<T> t{row.data(), row_tap.data(), rows,    g.kw, g.dil_w,
                               g.stride_w, wt.data(),      c_pad,   bias.data(),
                               a.act,      C,              stream && wide};
@@ -640,6 +715,181 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
     }
     if (stream) store_fence();
   });
+}
+
+// The sums over one output row of grad_output * input for the kw taps of one kernel row, one
+// vector of lanes of one channel block: gy[p] is pixel p's vector (`step` elements apart), x[q]
+// the ring's column q (the same), pixel p's tap j at column p * stride + j * dilation. KW: kw when
+// it is one of the common widths (unrolled), 0 otherwise; the pixels go round P chains of
+// accumulators (P * KW independent sums hide the latency of the fused multiply-adds). Adds the
+// sums to acc[j * acc_stride + lane] in double.
+template <int KW, int P, class T>
+C10_ALWAYS_INLINE void tap_row_sums(const T* gy, const T* x, int64_t pixels, int64_t step,
+                                    int64_t kw, int64_t stride, int64_t dilation, double* acc,
+                                    int64_t acc_stride) {
+  constexpr int64_t L = Vec<T>::size();
+  constexpr int kMax = KW > 0 ? KW : 1;
+  const int64_t pixel_step = stride * step, tap_step = dilation * step;
+  if constexpr (KW == 0) {
+    // Any width: one tap at a time.
+    for (int64_t j = 0; j < kw; ++j) {
+      Vec<T> s[P];
+      for (int q = 0; q < P; ++q) s[q] = Vec<T>(T(0));
+      const T* xj = x + j * tap_step;
+      int64_t p = 0;
+      for (; p + P <= pixels; p += P) {
+        _Pragma("GCC unroll 8") for (int q = 0; q < P; ++q) {
+          s[q] = at::vec::fmadd(Vec<T>::loadu(gy + (p + q) * step),
+                                Vec<T>::loadu(xj + (p + q) * pixel_step), s[q]);
+        }
+      }
+      for (; p < pixels; ++p) {
+        s[0] = at::vec::fmadd(Vec<T>::loadu(gy + p * step), Vec<T>::loadu(xj + p * pixel_step),
+                              s[0]);
+      }
+      for (int q = 1; q < P; ++q) s[0] = s[0] + s[q];
+      T lanes[L];
+      s[0].store(lanes);
+      for (int64_t l = 0; l < L; ++l) acc[j * acc_stride + l] += lanes[l];
+    }
+  } else {
+    Vec<T> s[P][kMax];
+    _Pragma("GCC unroll 8") for (int q = 0; q < P; ++q) {
+      _Pragma("GCC unroll 8") for (int j = 0; j < KW; ++j) s[q][j] = Vec<T>(T(0));
+    }
+    int64_t p = 0;
+    for (; p + P <= pixels; p += P) {
+      _Pragma("GCC unroll 8") for (int q = 0; q < P; ++q) {
+        const Vec<T> gv = Vec<T>::loadu(gy + (p + q) * step);
+        const T* xp = x + (p + q) * pixel_step;
+        _Pragma("GCC unroll 8") for (int j = 0; j < KW; ++j) {
+          s[q][j] = at::vec::fmadd(gv, Vec<T>::loadu(xp + j * tap_step), s[q][j]);
+        }
+      }
+    }
+    for (; p < pixels; ++p) {
+      const Vec<T> gv = Vec<T>::loadu(gy + p * step);
+      const T* xp = x + p * pixel_step;
+      _Pragma("GCC unroll 8") for (int j = 0; j < KW; ++j) {
+        s[0][j] = at::vec::fmadd(gv, Vec<T>::loadu(xp + j * tap_step), s[0][j]);
+      }
+    }
+    _Pragma("GCC unroll 8") for (int j = 0; j < KW; ++j) {
+      Vec<T> total = s[0][j];
+      _Pragma("GCC unroll 8") for (int q = 1; q < P; ++q) total = total + s[q][j];
+      T lanes[L];
+      total.store(lanes);
+      for (int64_t l = 0; l < L; ++l) acc[j * acc_stride + l] += lanes[l];
+    }
+  }
+}
+
+// NHWC, multiplier 1: grad_weight[c, tap] = sum over (n, oh, ow) of grad_preact * input. The work
+// is cut by the shape alone: (image, band of output rows) units, in `parts` consecutive runs, each
+// run with its own double sums [tap][c_pad], then the runs summed in order; so the result does not
+// depend on the thread count. A task is (run, group of channel blocks); it holds grad_preact's
+// output row and the input rows the kernel spans in rings (NhwcRings, as the forward does), and
+// for each block, kernel row and vector of lanes sums the kw taps over the row's pixels in
+// registers (float, as the NCHW kernel's per-row dot products), then adds them in double.
+template <class S>
+void depthwise_backward_weight_nhwc(const DepthwiseBackwardWeightArgs& a) {
+  using T = compute_t<S>;
+  constexpr int kVectors = 2;
+  using Rings = NhwcRings<S, kVectors>;
+  constexpr int64_t L = Rings::L;
+  constexpr int64_t kRingBytes = 256 << 10;
+  // Chains of accumulators per tap: at least 8 sums in flight, within the vector registers.
+  constexpr bool kWideIsa = Vec<float>::size() >= 16;
+  const auto& g = a.g;
+  const S* gy = static_cast<const S*>(a.grad_preact);
+  const S* x = static_cast<const S*>(a.input);
+  T* gw = static_cast<T*>(a.grad_weight);
+  const int64_t C = g.c_in, taps = g.kh * g.kw;
+  if (C == 0) return;
+  const typename Rings::Blocks cb(C);
+  const int64_t c_pad = cb.c_pad;
+  std::vector<double> sums;
+  int64_t parts = 0;
+  if (g.n > 0 && g.oh > 0 && g.ow > 0) {
+    const int64_t width = (g.ow - 1) * g.stride_w + (g.kw - 1) * g.dil_w + 1;
+    const int64_t slots = std::min((g.kh - 1) * g.dil_h + 1, g.h);
+    const int64_t span = (g.kh - 1) * g.dil_h + 1;
+    const BlockGroups bg(
+        cb.blocks, Rings::block_bytes(width, slots) + Rings::block_bytes(g.ow, 1), kRingBytes);
+    // About 64 units, each with whole output rows; at most 64 runs, and at most 8 MiB of sums.
+    const int64_t bands = std::clamp<int64_t>((64 + g.n - 1) / g.n, 1, g.oh);
+    const int64_t band_rows = (g.oh + bands - 1) / bands;
+    const int64_t units_per_image = (g.oh + band_rows - 1) / band_rows;
+    const int64_t units = g.n * units_per_image;
+    const int64_t sums_size = taps * c_pad;
+    parts = std::clamp<int64_t>(std::min<int64_t>(64, (int64_t{8} << 20) / (8 * sums_size)), 1,
+                                units);
+    sums.assign(parts * sums_size, 0.0);
+    at::parallel_for(0, parts * bg.groups, 1, [&](int64_t begin, int64_t end) {
+      Rings xr(cb, g.w, width, slots, g.pad_left, bg.group_blocks);
+      Rings gr(cb, g.ow, g.ow, 1, 0, bg.group_blocks);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t part = task / bg.groups, group = task % bg.groups;
+        const int64_t b0 = bg.first(group), b1 = bg.end(group, cb.blocks);
+        double* acc = sums.data() + part * sums_size;
+        for (int64_t unit = part * units / parts; unit < (part + 1) * units / parts; ++unit) {
+          const int64_t n = unit / units_per_image;
+          const int64_t oh_begin = unit % units_per_image * band_rows;
+          const int64_t oh_end = std::min(g.oh, oh_begin + band_rows);
+          xr.start(x + n * g.h * g.w * C, b0, b1);
+          gr.start(gy + n * g.oh * g.ow * C, b0, b1);
+          for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
+            const int64_t top = oh * g.stride_h - g.pad_top;
+            xr.load(top, std::min(top + span, g.h));
+            gr.load(oh, oh + 1);
+            if (oh + 1 < oh_end) {
+              xr.prefetch(top + g.stride_h, std::min(top + g.stride_h + span, g.h));
+              gr.prefetch(oh + 1, oh + 2);
+            }
+            for (int64_t blk = b0; blk < b1; ++blk) {
+              const int64_t lanes = cb.lanes(blk), c = cb.channel(blk);
+              const T* grow = gr.row(blk, oh);
+              for (int64_t i = 0; i < g.kh; ++i) {
+                const int64_t ih = top + i * g.dil_h;
+                if (ih < 0 || ih >= g.h) continue;
+                const T* xrow = xr.row(blk, ih);
+                for (int64_t v = 0; v < lanes; v += L) {
+                  double* out = acc + i * g.kw * c_pad + c + v;
+                  const auto sweep = [&](auto kernel_width, auto chains) {
+                    tap_row_sums<decltype(kernel_width)::value, decltype(chains)::value>(
+                        grow + v, xrow + v, g.ow, lanes, g.kw, g.stride_w, g.dil_w, out, c_pad);
+                  };
+                  using I = std::integral_constant<int, 0>;
+                  switch (g.kw) {
+                    case 3:
+                      sweep(std::integral_constant<int, 3>{},
+                            std::integral_constant<int, kWideIsa ? 4 : 3>{});
+                      break;
+                    case 5:
+                      sweep(std::integral_constant<int, 5>{}, std::integral_constant<int, 2>{});
+                      break;
+                    case 7:
+                      sweep(std::integral_constant<int, 7>{},
+                            std::integral_constant<int, kWideIsa ? 2 : 1>{});
+                      break;
+                    default:
+                      sweep(I{}, std::integral_constant<int, 8>{});
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t t = 0; t < taps; ++t) {
+      double total = 0;
+      for (int64_t part = 0; part < parts; ++part) total += sums[(part * taps + t) * c_pad + c];
+      gw[c * taps + t] = static_cast<T>(total);
+    }
+  }
 }
 
 template <class S>
@@ -889,7 +1139,15 @@ void depthwise_forward_entry(const DepthwiseForwardArgs& a) {
                        [&](auto tag) { depthwise_forward<decltype(tag)>(a); });
 }
 TORCH_EXT_CONV_ENTRY(depthwise_backward_input, DepthwiseBackwardInputArgs)
-TORCH_EXT_CONV_ENTRY(depthwise_backward_weight, DepthwiseBackwardWeightArgs)
+// The NHWC weight gradient reads the half types itself too.
+void depthwise_backward_weight_entry(const DepthwiseBackwardWeightArgs& a) {
+  if (a.channels_last) {
+    return dispatch_float_types(a.dtype, "dilated_conv2d CPU kernel", [&](auto tag) {
+      depthwise_backward_weight_nhwc<decltype(tag)>(a);
+    });
+  }
+  dispatch_float_double(a.dtype, [&](auto tag) { depthwise_backward_weight<decltype(tag)>(a); });
+}
 TORCH_EXT_CONV_ENTRY(im2col, Im2colArgs)
 TORCH_EXT_CONV_ENTRY(col2im, Col2imArgs)
 TORCH_EXT_CONV_ENTRY(epilogue, EpilogueArgs)

@@ -39,14 +39,16 @@ struct DepthwiseBackwardInputArgs {
   ConvGeometry g;
 };
 
-// grad_weight[co, tap] = sum over (n, oh, ow); each channel summed by one thread in a fixed
-// order (deterministic), in double.
+// grad_weight[co, tap] = sum over (n, oh, ow), in double, in an order fixed by the shape
+// (deterministic for any thread count). NCHW: the maps in the compute type (float or double).
+// channels_last (multiplier 1): the maps NHWC in `dtype` (half types widened as they are read).
 struct DepthwiseBackwardWeightArgs {
   c10::ScalarType dtype;
   const void* grad_preact;
   const void* input;
-  void* grad_weight;  // [C_out, 1, kh, kw], fully written
+  void* grad_weight;  // [C_out, 1, kh, kw], compute type, fully written
   ConvGeometry g;
+  bool channels_last;
 };
 
 // One tile of the im2col matrix of one (image, group): col[r, t] for rows r = (ci, i, j) of the
