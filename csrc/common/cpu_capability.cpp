@@ -6,34 +6,51 @@
 namespace torch_ext {
 namespace {
 
-// The AVX-512 copy runs only when asked for: on the machine these kernels were tuned on (AMD
-// EPYC, AVX-512 on 256-bit units) it measured slower than the AVX2 copy (benchmarks/).
-CpuCapability detect() {
-  CpuCapability supported = CpuCapability::Default;
+// The best capability this CPU supports.
+CpuCapability supported() {
+  CpuCapability result = CpuCapability::Default;
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    supported = CpuCapability::Avx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) result = CpuCapability::Avx2;
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    supported = CpuCapability::Avx512;
+    result = CpuCapability::Avx512;
   }
 #endif
+  return result;
+}
+
+// The capability the environment asks for (TORCH_EXT_CPU_CAPABILITY, else ATEN_CPU_CAPABILITY,
+// as ATen reads it), or -1 when it asks for none we know.
+int asked() {
   const char* cap = std::getenv("TORCH_EXT_CPU_CAPABILITY");
   if (cap == nullptr) cap = std::getenv("ATEN_CPU_CAPABILITY");
-  CpuCapability asked = CpuCapability::Avx2;
-  if (cap != nullptr) {
-    if (std::strcmp(cap, "default") == 0) asked = CpuCapability::Default;
-    if (std::strcmp(cap, "avx2") == 0) asked = CpuCapability::Avx2;
-    if (std::strcmp(cap, "avx512") == 0) asked = CpuCapability::Avx512;
-  }
-  return static_cast<int>(asked) < static_cast<int>(supported) ? asked : supported;
+  if (cap == nullptr) return -1;
+  if (std::strcmp(cap, "default") == 0) return static_cast<int>(CpuCapability::Default);
+  if (std::strcmp(cap, "avx2") == 0) return static_cast<int>(CpuCapability::Avx2);
+  if (std::strcmp(cap, "avx512") == 0) return static_cast<int>(CpuCapability::Avx512);
+  return -1;
+}
+
+// `fallback` unless the environment asks for a capability; capped by what the CPU supports.
+CpuCapability detect(CpuCapability fallback) {
+  const int request = asked();
+  const int wanted = request >= 0 ? request : static_cast<int>(fallback);
+  const int best = static_cast<int>(supported());
+  return static_cast<CpuCapability>(wanted < best ? wanted : best);
 }
 
 }  // namespace
 
+// By default the AVX2 copy runs: on the machine these kernels were tuned on (AMD EPYC, AVX-512
+// on 256-bit units) most of them measured slower with AVX-512 (benchmarks/).
 CpuCapability cpu_capability() {
-  static const CpuCapability capability = detect();
+  static const CpuCapability capability = detect(CpuCapability::Avx2);
+  return capability;
+}
+
+CpuCapability cpu_capability_preferring_avx512() {
+  static const CpuCapability capability = detect(CpuCapability::Avx512);
   return capability;
 }
 

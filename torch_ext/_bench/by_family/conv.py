@@ -251,12 +251,12 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             if device.type == "cpu" or quick:
                 result.append(conv_case(shape, cout, 3, d, 1, device, backward, "own"))
     # The other layouts and dtypes users run, forward: depthwise channels_last (float32 and
-    # bfloat16) and bfloat16 NCHW, dense bfloat16 (both routes).
+    # bfloat16; fwd+bwd too) and bfloat16 NCHW, dense bfloat16 (both routes).
     for shape, k, d in LAYOUT_DTYPE_DEPTHWISE[quick]:
         for dtype, layout in OTHER_LAYOUTS_AND_DTYPES:
-            result.append(
-                conv_case(shape, shape[1], k, d, shape[1], device, False, None, dtype, layout)
-            )
+            for backward in (False, True) if layout == "channels_last" else (False,):
+                c = shape[1]
+                result.append(conv_case(shape, c, k, d, c, device, backward, None, dtype, layout))
     for shape, cout, d in DENSE[quick][:1]:
         for route in (None, "own"):
             result.append(conv_case(shape, cout, 3, d, 1, device, False, route, torch.bfloat16))
