@@ -541,6 +541,26 @@ def test_depthwise_channels_last_large_outputs(
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_depthwise_channels_last_channel_groups(device, dtype, gen):
+    """A map so wide that the CPU NHWC kernels' row rings of all 260 channels exceed their
+    budget (half an L2 cache, at most 4 MiB) many times over: the channel blocks go in several
+    groups (the last one smaller, one block a single vector), each filling its own rings; the
+    forward and every gradient against the reference."""
+    tensors = make_conv(
+        (1, 260, 7, 1200),
+        260,
+        (3, 3),
+        260,
+        gen,
+        device=device,
+        dtype=dtype,
+        x_layout="channels_last",
+    )
+    out, _ = check_conv(tensors, conv_kwargs(1, "same", 2, 260), "silu", gen)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("kernel", [(3, 3), (5, 5)], ids=["k3", "k5"])
 def test_depthwise_large_maps_repeat_bit_for_bit(device, kernel, layout, gen):
