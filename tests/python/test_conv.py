@@ -614,13 +614,25 @@ def test_empty_batch(device, x_shape, cout, kernel, conv, layout, gen):
 
 @pytest.mark.parametrize(
     "requires",
-    [(True, False, False), (False, True, False), (False, False, True), (True, True, False)],
-    ids=["input", "weight", "bias", "input-weight"],
+    [
+        (True, False, False),
+        (False, True, False),
+        (False, False, True),
+        (True, True, False),
+        (False, True, True),
+    ],
+    ids=["input", "weight", "bias", "input-weight", "weight-bias"],
 )
-@pytest.mark.parametrize("x_shape,cout,kernel,conv", LAYOUT_ARGS, ids=LAYOUT_IDS)
-def test_some_inputs_require_grad(device, x_shape, cout, kernel, conv, requires, gen):
-    """Each gradient alone (the backward's output_mask), through each route."""
-    tensors = make_conv(x_shape, cout, kernel, conv["groups"], gen, device=device)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    "x_shape,cout,kernel,conv",
+    LAYOUT_ARGS + [((2, 6, 9, 11), 6, (3, 3), conv_kwargs(1, "same", 2, 6))],
+    ids=LAYOUT_IDS + ["depthwise-m1"],
+)
+def test_some_inputs_require_grad(device, x_shape, cout, kernel, conv, requires, layout, gen):
+    """Each gradient alone (the backward's output_mask), through each route and layout (the
+    weight gradient's kernel also sums the bias gradient when both are asked for)."""
+    tensors = make_conv(x_shape, cout, kernel, conv["groups"], gen, device=device, x_layout=layout)
     check_conv(tensors, conv, "gelu", gen, requires=requires)
 
 

@@ -802,9 +802,31 @@ C10_ALWAYS_INLINE void tap_row_sums(const T* gy, const T* x, int64_t pixels, int
   }
 }
 
-// NHWC, multiplier 1: grad_weight[c, tap] = sum over (n, oh, ow) of grad_preact * input. The work
-// is cut by the shape alone: (image, band of output rows) units, in `parts` consecutive runs, each
-// run with its own double sums [tap][c_pad], then the runs summed in order; so the result does not
+// The sum over one output row of grad_output, one vector of lanes of one channel block (pixel p
+// at gy + p * step), added to acc[lane] in double: the bias gradient's share of the row.
+template <class T>
+C10_ALWAYS_INLINE void row_sums(const T* gy, int64_t pixels, int64_t step, double* acc) {
+  constexpr int64_t L = Vec<T>::size();
+  constexpr int kChains = 4;
+  Vec<T> s[kChains];
+  for (int q = 0; q < kChains; ++q) s[q] = Vec<T>(T(0));
+  int64_t p = 0;
+  for (; p + kChains <= pixels; p += kChains) {
+    _Pragma("GCC unroll 4") for (int q = 0; q < kChains; ++q) {
+      s[q] = s[q] + Vec<T>::loadu(gy + (p + q) * step);
+    }
+  }
+  for (; p < pixels; ++p) s[0] = s[0] + Vec<T>::loadu(gy + p * step);
+  const Vec<T> total = (s[0] + s[1]) + (s[2] + s[3]);
+  T lanes[L];
+  total.store(lanes);
+  for (int64_t l = 0; l < L; ++l) acc[l] += lanes[l];
+}
+
+// NHWC, multiplier 1: grad_weight[c, tap] = sum over (n, oh, ow) of grad_preact * input, and
+// grad_bias[c] = sum of grad_preact (when asked for). The work is cut by the shape alone: (image,
+// band of output rows) units, in `parts` consecutive runs, each run with its own double sums
+// [tap][c_pad] (then the bias's [c_pad]), then the runs summed in order; so the result does not
 // depend on the thread count. A task is (run, group of channel blocks); it holds grad_preact's
 // output row and the input rows the kernel spans in rings (NhwcRings, as the forward does), and
 // for each block, kernel row and vector of lanes sums the kw taps over the row's pixels in
@@ -821,6 +843,7 @@ void depthwise_backward_weight_nhwc(const DepthwiseBackwardWeightArgs& a) {
   const S* gy = static_cast<const S*>(a.grad_preact);
   const S* x = static_cast<const S*>(a.input);
   T* gw = static_cast<T*>(a.grad_weight);
+  T* gb = static_cast<T*>(a.grad_bias);
   const int64_t C = g.c_in, taps = g.kh * g.kw;
   if (C == 0) return;
   const typename Rings::Blocks cb(C);
@@ -838,7 +861,7 @@ void depthwise_backward_weight_nhwc(const DepthwiseBackwardWeightArgs& a) {
     const int64_t band_rows = (g.oh + bands - 1) / bands;
     const int64_t units_per_image = (g.oh + band_rows - 1) / band_rows;
     const int64_t units = g.n * units_per_image;
-    const int64_t sums_size = taps * c_pad;
+    const int64_t sums_size = (taps + 1) * c_pad;  // the weight's, then the bias's
     parts = std::clamp<int64_t>(std::min<int64_t>(64, (int64_t{8} << 20) / (8 * sums_size)), 1,
                                 units);
     sums.assign(parts * sums_size, 0.0);
@@ -866,6 +889,11 @@ void depthwise_backward_weight_nhwc(const DepthwiseBackwardWeightArgs& a) {
             for (int64_t blk = b0; blk < b1; ++blk) {
               const int64_t lanes = cb.lanes(blk), c = cb.channel(blk);
               const T* grow = gr.row(blk, oh);
+              if (gb != nullptr) {
+                for (int64_t v = 0; v < lanes; v += L) {
+                  row_sums(grow + v, g.ow, lanes, acc + taps * c_pad + c + v);
+                }
+              }
               for (int64_t i = 0; i < g.kh; ++i) {
                 const int64_t ih = top + i * g.dil_h;
                 if (ih < 0 || ih >= g.h) continue;
@@ -900,12 +928,14 @@ void depthwise_backward_weight_nhwc(const DepthwiseBackwardWeightArgs& a) {
       }
     });
   }
+  const auto total = [&](int64_t row, int64_t c) {
+    double sum = 0;
+    for (int64_t part = 0; part < parts; ++part) sum += sums[(part * (taps + 1) + row) * c_pad + c];
+    return static_cast<T>(sum);
+  };
   for (int64_t c = 0; c < C; ++c) {
-    for (int64_t t = 0; t < taps; ++t) {
-      double total = 0;
-      for (int64_t part = 0; part < parts; ++part) total += sums[(part * taps + t) * c_pad + c];
-      gw[c * taps + t] = static_cast<T>(total);
-    }
+    for (int64_t t = 0; t < taps; ++t) gw[c * taps + t] = total(t, c);
+    if (gb != nullptr) gb[c] = total(taps, c);
   }
 }
 
@@ -1002,6 +1032,7 @@ void depthwise_backward_weight(const DepthwiseBackwardWeightArgs& a) {
   const T* gy = static_cast<const T*>(a.grad_preact);
   const T* x = static_cast<const T*>(a.input);
   T* gw = static_cast<T*>(a.grad_weight);
+  T* gb = static_cast<T*>(a.grad_bias);
   const int64_t mult = g.c_out / g.c_in;
   const int64_t prows = padded_rows(g), pcols = padded_cols(g);
   const int64_t plane_in = g.h * g.w, plane_out = g.oh * g.ow, taps = g.kh * g.kw;
@@ -1010,8 +1041,15 @@ void depthwise_backward_weight(const DepthwiseBackwardWeightArgs& a) {
     std::vector<T> buf(prows * pcols);
     for (int64_t co = begin; co < end; ++co) {
       std::fill(acc.begin(), acc.end(), 0.0);
+      double bias_sum = 0;
       for (int64_t n = 0; n < g.n; ++n) {
         const T* gyp = gy + (n * g.c_out + co) * plane_out;
+        if (gb != nullptr) {
+          for (int64_t oh = 0; oh < g.oh; ++oh) {
+            bias_sum += at::vec::reduce_all<T>([](auto& l, auto& r) { return l + r; },
+                                               gyp + oh * g.ow, g.ow);
+          }
+        }
         pad_plane(x + (n * g.c_in + co / mult) * plane_in, g.h, g.w, buf.data(), prows, pcols,
                   g.pad_top, g.pad_left);
         for (int64_t oh = 0; oh < g.oh; ++oh) {
@@ -1033,6 +1071,7 @@ void depthwise_backward_weight(const DepthwiseBackwardWeightArgs& a) {
         }
       }
       for (int64_t t = 0; t < taps; ++t) gw[co * taps + t] = static_cast<T>(acc[t]);
+      if (gb != nullptr) gb[co] = static_cast<T>(bias_sum);
     }
   });
 }

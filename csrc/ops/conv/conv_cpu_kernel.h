@@ -39,14 +39,17 @@ struct DepthwiseBackwardInputArgs {
   ConvGeometry g;
 };
 
-// grad_weight[co, tap] = sum over (n, oh, ow), in double, in an order fixed by the shape
-// (deterministic for any thread count). NCHW: the maps in the compute type (float or double).
-// channels_last (multiplier 1): the maps NHWC in `dtype` (half types widened as they are read).
+// grad_weight[co, tap] = sum over (n, oh, ow), and grad_bias[co] = sum of grad_preact over
+// (n, oh, ow) when asked for (the map is read for the weight anyway), in double, in an order
+// fixed by the shape (deterministic for any thread count). NCHW: the maps in the compute type
+// (float or double). channels_last (multiplier 1): the maps NHWC in `dtype` (half types widened
+// as they are read).
 struct DepthwiseBackwardWeightArgs {
   c10::ScalarType dtype;
   const void* grad_preact;
   const void* input;
   void* grad_weight;  // [C_out, 1, kh, kw], compute type, fully written
+  void* grad_bias;    // [C_out], compute type, fully written; or nullptr
   ConvGeometry g;
   bool channels_last;
 };
