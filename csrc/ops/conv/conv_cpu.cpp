@@ -281,7 +281,7 @@ void gemm_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
 // transposed copy of a map): with stride 1 (and paddings within the kernel's reach), the input
 // gradient is the forward kernel on grad_preact with the taps flipped and the paddings mirrored
 // (pad' = dilation * (k - 1) - pad); otherwise it goes through the NCHW kernel. The weight
-// gradient reads both maps NHWC; the bias gradient is ATen's sum.
+// gradient reads both maps NHWC and sums the bias gradient on the way.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_backward_nhwc(
     const at::Tensor& grad_preact, const at::Tensor& input, const at::Tensor& weight,
     const ConvGeometry& g, std::array<bool, 3> output_mask) {

@@ -7,9 +7,12 @@
 // width) and goes through the epilogue (bias, activation) while it is in L1. With stride 1 the
 // input gradient is the same kernel on the padded output gradient with the taps flipped (a
 // gather); with larger strides it is a scatter that stays inside the plane its task owns. The
-// weight gradient is a dot product per tap and output row, summed in double per channel.
-// channels_last (NHWC) input goes through its own forward: a block of channels at a time, the
-// rows the kernel spans held in a small ring in the compute type (see depthwise_forward_nhwc).
+// weight gradient is a dot product per tap and output row, summed in double per channel (the
+// bias gradient, when asked for, a sum per output row beside it).
+// channels_last (NHWC) input with multiplier 1 goes through its own forward and weight gradient:
+// a group of channel blocks at a time, the rows the kernel spans held in small rings in the
+// compute type (see NhwcRings, depthwise_forward_nhwc, depthwise_backward_weight_nhwc); its
+// input gradient at stride 1 is that forward on the flipped taps (conv_cpu.cpp).
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
