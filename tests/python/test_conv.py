@@ -121,6 +121,21 @@ def make_conv(
     return x, w, b
 
 
+def make_depthwise_nhwc(x_shape, kernel, gen, *, device="cpu", dtype=torch.float64):
+    """make_conv for a depthwise convolution with multiplier 1 on a channels_last input."""
+    channels = x_shape[1]
+    return make_conv(
+        x_shape,
+        channels,
+        kernel,
+        channels,
+        gen,
+        device=device,
+        dtype=dtype,
+        x_layout="channels_last",
+    )
+
+
 def check_conv(tensors, conv: dict, activation: str, gen, *, requires=(True, True, True), what=""):
     """Forward, the gradients of every input that requires grad, and the no-grad forward of
     torch_ext.dilated_conv2d against conv_reference (on the CPU, in REF_DTYPE).
@@ -466,16 +481,7 @@ def test_depthwise_channels_last_widths(device, channels, dtype, kernel, conv, g
     gradient stay channels_last; widths that are no multiple of the kernel's pixel group (4 or 8)
     leave pixels that go one at a time."""
     conv = {**conv, "groups": channels}
-    tensors = make_conv(
-        (2, channels, 13, 11),
-        channels,
-        kernel,
-        channels,
-        gen,
-        device=device,
-        dtype=dtype,
-        x_layout="channels_last",
-    )
+    tensors = make_depthwise_nhwc((2, channels, 13, 11), kernel, gen, device=device, dtype=dtype)
     out, grads = check_conv(tensors, conv, "gelu", gen)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
@@ -507,6 +513,49 @@ def test_depthwise_weight_gradient_ignores_thread_count(layout, gen):
     assert torch.equal(grads[0], grads[1])
 
 
+# The CPU's bfloat16 NHWC forward with the epilogue kept in registers (relu or none; the other
+# tests of this layout mostly use gelu): the unrolled widths 3, 5, 7, dilations, strides, part
+# blocks of channels.
+@pytest.mark.parametrize("channels", [37, 64])
+@pytest.mark.parametrize("activation", ["none", "relu"])
+@pytest.mark.parametrize(
+    "kernel,conv",
+    [
+        ((3, 3), conv_kwargs(1, 2, 2, None)),
+        ((5, 5), conv_kwargs(1, "same", (1, 3), None)),
+        ((7, 7), conv_kwargs((2, 1), 3, 1, None)),
+        ((3, 5), conv_kwargs((1, 2), (1, 0), (2, 1), None)),
+    ],
+    ids=["k3-d2", "k5-d1x3-same", "k7-s2x1", "k3x5-s1x2-valid-width"],
+)
+def test_depthwise_channels_last_bfloat16_forward(device, channels, activation, kernel, conv, gen):
+    conv = {**conv, "groups": channels}
+    tensors = make_depthwise_nhwc(
+        (2, channels, 13, 17), kernel, gen, device=device, dtype=torch.bfloat16
+    )
+    out, _ = check_conv(tensors, conv, activation, gen, requires=(False, False, False))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_depthwise_channels_last_bfloat16_infinities(device):
+    """An infinite input reaches exactly the outputs whose taps cover it (inf or nan, as in
+    F.conv2d): no nan from a zero-padded tap or a lane past the channels times inf (a kernel
+    that paired or padded taps with zero weights would produce one)."""
+    channels = 32
+    x = torch.randn(1, channels, 9, 12, generator=torch.Generator().manual_seed(3))
+    x[0, :, 4, 5] = float("inf")
+    x[0, ::3, 2, 9] = float("-inf")
+    w = torch.randn(channels, 1, 3, 3, generator=torch.Generator().manual_seed(4))
+    xb = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last).to(device)
+    wb = w.to(torch.bfloat16).to(device)
+    out = torch_ext.dilated_conv2d(xb, wb, None, 1, 2, 2, channels)
+    ref = F.conv2d(xb.float().cpu(), wb.float().cpu(), None, 1, 2, 2, channels)
+    assert torch.equal(out.float().cpu().isnan(), ref.isnan())
+    assert torch.equal(out.float().cpu().isinf(), ref.isinf())
+    finite = ref.isfinite()
+    torch.testing.assert_close(out.float().cpu()[finite], ref[finite], rtol=2e-2, atol=5e-2)
+
+
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
@@ -526,16 +575,7 @@ def test_depthwise_channels_last_large_outputs(
     with plain stores otherwise (132); relu's epilogue in registers, gelu's with the saved
     pre-activation (streamed too; its backward reads it). Against the reference: the forward,
     and gelu's gradients (relu's would flip wherever an output lies within rounding of 0)."""
-    tensors = make_conv(
-        (1, channels, 64, 64),
-        channels,
-        (3, 3),
-        channels,
-        gen,
-        device=device,
-        dtype=dtype,
-        x_layout="channels_last",
-    )
+    tensors = make_depthwise_nhwc((1, channels, 64, 64), (3, 3), gen, device=device, dtype=dtype)
     grads = (activation == "gelu",) * 3
     out, _ = check_conv(tensors, conv_kwargs(1, 2, 2, channels), activation, gen, requires=grads)
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -547,16 +587,7 @@ def test_depthwise_channels_last_channel_groups(device, dtype, gen):
     budget (half an L2 cache, at most 4 MiB) many times over: the channel blocks go in several
     groups (the last one smaller, one block a single vector), each filling its own rings; the
     forward and every gradient against the reference."""
-    tensors = make_conv(
-        (1, 260, 7, 1200),
-        260,
-        (3, 3),
-        260,
-        gen,
-        device=device,
-        dtype=dtype,
-        x_layout="channels_last",
-    )
+    tensors = make_depthwise_nhwc((1, 260, 7, 1200), (3, 3), gen, device=device, dtype=dtype)
     out, _ = check_conv(tensors, conv_kwargs(1, "same", 2, 260), "silu", gen)
     assert out.is_contiguous(memory_format=torch.channels_last)
 
