@@ -599,6 +599,24 @@ inline int64_t ring_budget() {
   return bytes;
 }
 
+// The input rows and columns one output row's taps reach, for the NHWC rings: `width` padded
+// columns (every column a tap of an output pixel reaches), the kernel's `span` of rows, and the
+// rings' `slots` (the span, at most the map's height). Output row oh reaches the map rows
+// [top(oh), last(oh)).
+struct KernelWindow {
+  int64_t width, span, slots;
+  int64_t stride_h, pad_top, h;
+  explicit KernelWindow(const ConvGeometry& g)
+      : width((g.ow - 1) * g.stride_w + (g.kw - 1) * g.dil_w + 1),
+        span((g.kh - 1) * g.dil_h + 1),
+        slots(std::min(span, g.h)),
+        stride_h(g.stride_h),
+        pad_top(g.pad_top),
+        h(g.h) {}
+  int64_t top(int64_t oh) const { return oh * stride_h - pad_top; }
+  int64_t last(int64_t oh) const { return std::min(top(oh) + span, h); }
+};
+
 // Groups of channel blocks whose rings (block_bytes each) fit `budget` bytes together.
 struct BlockGroups {
   int64_t groups, group_blocks;
@@ -648,11 +666,8 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
     for (int64_t t = 0; t < taps; ++t) wt[t * c_pad + c] = w[c * taps + t];
     if (b != nullptr) bias[c] = b[c];
   }
-  // A ring: padded width (every column a tap of an output pixel reaches), rows (the kernel's
-  // span, at most the map's height).
-  const int64_t width = (g.ow - 1) * g.stride_w + (g.kw - 1) * g.dil_w + 1;
-  const int64_t slots = std::min((g.kh - 1) * g.dil_h + 1, g.h);
-  const BlockGroups bg(cb.blocks, Rings::block_bytes(width, slots), ring_budget());
+  const KernelWindow win(g);
+  const BlockGroups bg(cb.blocks, Rings::block_bytes(win.width, win.slots), ring_budget());
   // Bands of output rows: enough tasks for every thread (four each), else whole maps.
   const int64_t threads = at::get_num_threads();
   const int64_t bands = std::clamp<int64_t>(
@@ -667,7 +682,7 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   const bool stream = g.n * g.oh * g.ow * C * int64_t(sizeof(S)) >= kStream * threads &&
                       (C * int64_t(sizeof(S))) % kAlign == 0 && aligned(y) && aligned(pre);
   at::parallel_for(0, g.n * bg.groups * bands, 1, [&](int64_t begin, int64_t end) {
-    Rings rings(cb, g.w, width, slots, g.pad_left, bg.group_blocks);
+    Rings rings(cb, g.w, win.width, win.slots, g.pad_left, bg.group_blocks);
     std::vector<const T*> row(g.kh);
     std::vector<int64_t> row_tap(g.kh);
     for (int64_t task = begin; task < end; ++task) {
@@ -677,13 +692,10 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
       rings.start(x + n * g.h * g.w * C, b0, b1);
       const int64_t oh_begin = band * band_rows, oh_end = std::min(g.oh, oh_begin + band_rows);
       for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
-        const int64_t top = oh * g.stride_h - g.pad_top;
-        const int64_t span = (g.kh - 1) * g.dil_h + 1;
-        rings.load(top, std::min(top + span, g.h));
+        const int64_t top = win.top(oh);
+        rings.load(top, win.last(oh));
         // The rows the next output row will load, on their way to the cache while this one runs.
-        if (oh + 1 < oh_end) {
-          rings.prefetch(top + g.stride_h, std::min(top + g.stride_h + span, g.h));
-        }
+        if (oh + 1 < oh_end) rings.prefetch(win.top(oh + 1), win.last(oh + 1));
         const int64_t row_start = (n * g.oh + oh) * g.ow * C;
         for (int64_t blk = b0; blk < b1; ++blk) {
           const bool wide = cb.wide(blk);
@@ -738,70 +750,44 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   });
 }
 
-// The sums over one output row of grad_output * input for the kw taps of one kernel row, one
+// The sums over one output row of grad_output * input for the KW taps of one kernel row, one
 // vector of lanes of one channel block: gy[p] is pixel p's vector (`step` elements apart), x[q]
-// the ring's column q (the same), pixel p's tap j at column p * stride + j * dilation. KW: kw when
-// it is one of the common widths (unrolled), 0 otherwise; the pixels go round P chains of
-// accumulators (P * KW independent sums hide the latency of the fused multiply-adds). Adds the
-// sums to acc[j * acc_stride + lane] in double.
+// the ring's column q (the same), pixel p's tap j at column p * stride + j * dilation. The pixels
+// go round P chains of accumulators (P * KW independent sums hide the latency of the fused
+// multiply-adds). Adds the sums to acc[j * acc_stride + lane] in double.
 template <int KW, int P, class T>
 C10_ALWAYS_INLINE void tap_row_sums(const T* gy, const T* x, int64_t pixels, int64_t step,
-                                    int64_t kw, int64_t stride, int64_t dilation, double* acc,
+                                    int64_t stride, int64_t dilation, double* acc,
                                     int64_t acc_stride) {
   constexpr int64_t L = Vec<T>::size();
-  constexpr int kMax = KW > 0 ? KW : 1;
   const int64_t pixel_step = stride * step, tap_step = dilation * step;
-  if constexpr (KW == 0) {
-    // Any width: one tap at a time.
-    for (int64_t j = 0; j < kw; ++j) {
-      Vec<T> s[P];
-      for (int q = 0; q < P; ++q) s[q] = Vec<T>(T(0));
-      const T* xj = x + j * tap_step;
-      int64_t p = 0;
-      for (; p + P <= pixels; p += P) {
-        _Pragma("GCC unroll 8") for (int q = 0; q < P; ++q) {
-          s[q] = at::vec::fmadd(Vec<T>::loadu(gy + (p + q) * step),
-                                Vec<T>::loadu(xj + (p + q) * pixel_step), s[q]);
-        }
-      }
-      for (; p < pixels; ++p) {
-        s[0] = at::vec::fmadd(Vec<T>::loadu(gy + p * step), Vec<T>::loadu(xj + p * pixel_step),
-                              s[0]);
-      }
-      for (int q = 1; q < P; ++q) s[0] = s[0] + s[q];
-      T lanes[L];
-      s[0].store(lanes);
-      for (int64_t l = 0; l < L; ++l) acc[j * acc_stride + l] += lanes[l];
-    }
-  } else {
-    Vec<T> s[P][kMax];
+  Vec<T> s[P][KW];
+  _Pragma("GCC unroll 8") for (int q = 0; q < P; ++q) {
+    _Pragma("GCC unroll 8") for (int j = 0; j < KW; ++j) s[q][j] = Vec<T>(T(0));
+  }
+  int64_t p = 0;
+  for (; p + P <= pixels; p += P) {
     _Pragma("GCC unroll 8") for (int q = 0; q < P; ++q) {
-      _Pragma("GCC unroll 8") for (int j = 0; j < KW; ++j) s[q][j] = Vec<T>(T(0));
-    }
-    int64_t p = 0;
-    for (; p + P <= pixels; p += P) {
-      _Pragma("GCC unroll 8") for (int q = 0; q < P; ++q) {
-        const Vec<T> gv = Vec<T>::loadu(gy + (p + q) * step);
-        const T* xp = x + (p + q) * pixel_step;
-        _Pragma("GCC unroll 8") for (int j = 0; j < KW; ++j) {
-          s[q][j] = at::vec::fmadd(gv, Vec<T>::loadu(xp + j * tap_step), s[q][j]);
-        }
-      }
-    }
-    for (; p < pixels; ++p) {
-      const Vec<T> gv = Vec<T>::loadu(gy + p * step);
-      const T* xp = x + p * pixel_step;
+      const Vec<T> gv = Vec<T>::loadu(gy + (p + q) * step);
+      const T* xp = x + (p + q) * pixel_step;
       _Pragma("GCC unroll 8") for (int j = 0; j < KW; ++j) {
-        s[0][j] = at::vec::fmadd(gv, Vec<T>::loadu(xp + j * tap_step), s[0][j]);
+        s[q][j] = at::vec::fmadd(gv, Vec<T>::loadu(xp + j * tap_step), s[q][j]);
       }
     }
+  }
+  for (; p < pixels; ++p) {
+    const Vec<T> gv = Vec<T>::loadu(gy + p * step);
+    const T* xp = x + p * pixel_step;
     _Pragma("GCC unroll 8") for (int j = 0; j < KW; ++j) {
-      Vec<T> total = s[0][j];
-      _Pragma("GCC unroll 8") for (int q = 1; q < P; ++q) total = total + s[q][j];
-      T lanes[L];
-      total.store(lanes);
-      for (int64_t l = 0; l < L; ++l) acc[j * acc_stride + l] += lanes[l];
+      s[0][j] = at::vec::fmadd(gv, Vec<T>::loadu(xp + j * tap_step), s[0][j]);
     }
+  }
+  _Pragma("GCC unroll 8") for (int j = 0; j < KW; ++j) {
+    Vec<T> total = s[0][j];
+    _Pragma("GCC unroll 8") for (int q = 1; q < P; ++q) total = total + s[q][j];
+    T lanes[L];
+    total.store(lanes);
+    for (int64_t l = 0; l < L; ++l) acc[j * acc_stride + l] += lanes[l];
   }
 }
 
@@ -854,10 +840,9 @@ void depthwise_backward_weight_nhwc(const DepthwiseBackwardWeightArgs& a) {
   std::vector<double> sums;
   int64_t parts = 0;
   if (g.n > 0 && g.oh > 0 && g.ow > 0) {
-    const int64_t width = (g.ow - 1) * g.stride_w + (g.kw - 1) * g.dil_w + 1;
-    const int64_t slots = std::min((g.kh - 1) * g.dil_h + 1, g.h);
-    const int64_t span = (g.kh - 1) * g.dil_h + 1;
-    const BlockGroups bg(cb.blocks, Rings::block_bytes(width, slots) + Rings::block_bytes(g.ow, 1),
+    const KernelWindow win(g);
+    const BlockGroups bg(cb.blocks,
+                         Rings::block_bytes(win.width, win.slots) + Rings::block_bytes(g.ow, 1),
                          ring_budget());
     // About 64 units, each with whole output rows; at most 64 runs, and at most 8 MiB of sums.
     const int64_t bands = std::clamp<int64_t>((64 + g.n - 1) / g.n, 1, g.oh);
@@ -869,7 +854,7 @@ void depthwise_backward_weight_nhwc(const DepthwiseBackwardWeightArgs& a) {
                                 units);
     sums.assign(parts * sums_size, 0.0);
     at::parallel_for(0, parts * bg.groups, 1, [&](int64_t begin, int64_t end) {
-      Rings xr(cb, g.w, width, slots, g.pad_left, bg.group_blocks);
+      Rings xr(cb, g.w, win.width, win.slots, g.pad_left, bg.group_blocks);
       Rings gr(cb, g.ow, g.ow, 1, 0, bg.group_blocks);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t part = task / bg.groups, group = task % bg.groups;
@@ -882,11 +867,11 @@ void depthwise_backward_weight_nhwc(const DepthwiseBackwardWeightArgs& a) {
           xr.start(x + n * g.h * g.w * C, b0, b1);
           gr.start(gy + n * g.oh * g.ow * C, b0, b1);
           for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
-            const int64_t top = oh * g.stride_h - g.pad_top;
-            xr.load(top, std::min(top + span, g.h));
+            const int64_t top = win.top(oh);
+            xr.load(top, win.last(oh));
             gr.load(oh, oh + 1);
             if (oh + 1 < oh_end) {
-              xr.prefetch(top + g.stride_h, std::min(top + g.stride_h + span, g.h));
+              xr.prefetch(win.top(oh + 1), win.last(oh + 1));
               gr.prefetch(oh + 1, oh + 2);
             }
             for (int64_t blk = b0; blk < b1; ++blk) {
@@ -903,25 +888,24 @@ void depthwise_backward_weight_nhwc(const DepthwiseBackwardWeightArgs& a) {
                 const T* xrow = xr.row(blk, ih);
                 for (int64_t v = 0; v < lanes; v += L) {
                   double* out = acc + i * g.kw * c_pad + c + v;
-                  const auto sweep = [&](auto kernel_width, auto chains) {
-                    tap_row_sums<decltype(kernel_width)::value, decltype(chains)::value>(
-                        grow + v, xrow + v, g.ow, lanes, g.kw, g.stride_w, g.dil_w, out, c_pad);
-                  };
-                  using I = std::integral_constant<int, 0>;
+                  const T* gv = grow + v;
+                  const T* xv = xrow + v;
+                  const int64_t sx = g.stride_w, dx = g.dil_w;
                   switch (g.kw) {
                     case 3:
-                      sweep(std::integral_constant<int, 3>{},
-                            std::integral_constant<int, kWideIsa ? 4 : 3>{});
+                      tap_row_sums<3, kWideIsa ? 4 : 3>(gv, xv, g.ow, lanes, sx, dx, out, c_pad);
                       break;
                     case 5:
-                      sweep(std::integral_constant<int, 5>{}, std::integral_constant<int, 2>{});
+                      tap_row_sums<5, 2>(gv, xv, g.ow, lanes, sx, dx, out, c_pad);
                       break;
                     case 7:
-                      sweep(std::integral_constant<int, 7>{},
-                            std::integral_constant<int, kWideIsa ? 2 : 1>{});
+                      tap_row_sums<7, kWideIsa ? 2 : 1>(gv, xv, g.ow, lanes, sx, dx, out, c_pad);
                       break;
-                    default:
-                      sweep(I{}, std::integral_constant<int, 8>{});
+                    default:  // any other width: one tap at a time
+                      for (int64_t j = 0; j < g.kw; ++j) {
+                        tap_row_sums<1, 8>(gv, xv + j * dx * lanes, g.ow, lanes, sx, dx,
+                                           out + j * c_pad, c_pad);
+                      }
                   }
                 }
               }
