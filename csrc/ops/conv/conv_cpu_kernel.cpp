@@ -10,9 +10,11 @@
 // weight gradient is a dot product per tap and output row, summed in double per channel (the
 // bias gradient, when asked for, a sum per output row beside it).
 // channels_last (NHWC) input with multiplier 1 goes through its own forward and weight gradient:
-// a group of channel blocks at a time, the rows the kernel spans held in small rings in the
-// compute type (see NhwcRings, depthwise_forward_nhwc, depthwise_backward_weight_nhwc); its
-// input gradient at stride 1 is that forward on the flipped taps (conv_cpu.cpp).
+// a group of channel blocks at a time, the rows the kernel spans held in small rings (the
+// forward's in the map's own type, half types widened as the taps load them; the weight
+// gradient's in the compute type; see NhwcRings, depthwise_forward_nhwc,
+// depthwise_backward_weight_nhwc); its input gradient at stride 1 is that forward on the flipped
+// taps (conv_cpu.cpp).
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -362,32 +364,52 @@ C10_ALWAYS_INLINE void store_vectors(const Vec<compute_t<S>> (&v)[V], S* p, int6
   }
 }
 
-// V vectors of S at src, in the compute type at dst.
-template <class S, int V>
-inline void load_block(const S* src, compute_t<S>* dst) {
+// V vectors of lanes of S at src, into a ring of R at dst: copied as they are (R = S), or widened
+// to the compute type (R = compute_t<S>).
+template <class S, class R, int V>
+inline void load_block(const S* src, R* dst) {
   using T = compute_t<S>;
   constexpr int64_t L = Vec<T>::size();
-  for (int i = 0; i < V; ++i) {
-    if constexpr (std::is_same_v<S, T>) {
-      Vec<T>::loadu(src + i * L).store(dst + i * L);
-    } else {
-      Vec<float> v;
-      at::vec::load_to_float<S>(src + i * L, v);
-      v.store(dst + i * L);
+  if constexpr (std::is_same_v<S, R>) {
+    std::memcpy(dst, src, V * L * sizeof(S));
+  } else {
+    static_assert(std::is_same_v<R, T>);
+    for (int i = 0; i < V; ++i) {
+      if constexpr (std::is_same_v<S, T>) {
+        Vec<T>::loadu(src + i * L).store(dst + i * L);
+      } else {
+        Vec<float> v;
+        at::vec::load_to_float<S>(src + i * L, v);
+        v.store(dst + i * L);
+      }
     }
   }
 }
 
-// NHWC depthwise output pixels of one output row, summed from a ring of input rows held in the
-// compute type (one block of V vectors of channels per pixel, zero-padded left and right): `rows`
+// One vector of the compute type T from p: loaded, or (half types) loaded and widened in the
+// register.
+template <class T, class R>
+C10_ALWAYS_INLINE Vec<T> load_compute(const R* p) {
+  if constexpr (std::is_same_v<R, T>) {
+    return Vec<T>::loadu(p);
+  } else {
+    Vec<float> v;
+    at::vec::load_to_float<R>(p, v);
+    return v;
+  }
+}
+
+// NHWC depthwise output pixels of one output row, summed from a ring of input rows held as R (the
+// map's own type; half types widened to float as each tap loads them) in blocks of V vectors of
+// the compute type's lanes per pixel, zero-padded left and right: `rows`
 // kernel rows fall inside the map (row: the ring row; row_tap: its kernel row). For P
 // neighbouring pixels (sharing each weight load), the sum over the taps stays in P * V vector
 // registers (compile-time counts), then goes through the epilogue (bias, pre-activation,
 // activation) in registers and is stored once, pixel p at out + p * C (`count` channels of the
 // block: V * L but at the last channels; streamed past the caches when `stream`).
-template <class T>
+template <class T, class R>
 struct RingTaps {
-  const T* const* row;
+  const R* const* row;
   const int64_t* row_tap;
   int64_t rows;
   int64_t kw, dil_w, stride_w;
@@ -413,7 +435,7 @@ struct RingTaps {
     // Pixels stride_w columns apart, taps dil_w columns apart, V * L lanes per column.
     const int64_t pixel_step = stride_w * V * L, tap_step = dil_w * V * L;
     for (int64_t r = 0; r < rows; ++r) {
-      const T* px = row[r] + col * V * L;
+      const R* px = row[r] + col * V * L;
       const T* wp = weight + row_tap[r] * width * weight_stride + c;
       _Pragma("GCC unroll 8") for (int64_t j = 0; j < width; ++j) {
         Vec<T> wv[V];
@@ -421,7 +443,7 @@ struct RingTaps {
         _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p) {
           _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) {
             acc[p][v] =
-                at::vec::fmadd(Vec<T>::loadu(px + p * pixel_step + v * L), wv[v], acc[p][v]);
+                at::vec::fmadd(load_compute<T>(px + p * pixel_step + v * L), wv[v], acc[p][v]);
           }
         }
         px += tap_step;
@@ -473,15 +495,16 @@ struct ChannelBlocks {
   int64_t count(int64_t b) const { return std::min(lanes(b), C - channel(b)); }
 };
 
-// Rows of one NHWC image [rows, cols, C] in the compute type, for a group of channel blocks
-// [b0, b1): per block a ring of `slots` rows (map row r in slot r % slots), each `width` columns
-// wide, the map's columns at [copy_lo, copy_lo + copy_cols) (pad_left columns of zeros first, the
-// columns past the ring cropped) and zeros elsewhere and past C; a block's lanes of one pixel are
-// contiguous, consecutive pixels too (in the map they lie C elements apart, a stride that maps
-// them all onto a few cache sets). A row is read a pixel's channels of the group at a time, one
-// contiguous read (block by block the reads would take one cache line per pixel, C elements
-// apart, which the hardware prefetchers do not follow), and widened once.
-template <class S, int kVectors>
+// Rows of one NHWC image [rows, cols, C] held as R (S itself, or S widened to the compute type),
+// for a group of channel blocks [b0, b1): per block a ring of `slots` rows (map row r in slot r %
+// slots), each `width` columns wide, the map's columns at [copy_lo, copy_lo + copy_cols) (pad_left
+// columns of zeros first, the columns past the ring cropped) and zeros elsewhere and past C; a
+// block's lanes of one pixel are contiguous, consecutive pixels too (in the map they lie C elements
+// apart, a stride that maps them all onto a few cache sets). A row is read a pixel's channels of
+// the group at a time, one contiguous read (block by block the reads would take one cache line per
+// pixel, C elements apart, which the hardware prefetchers do not follow), and copied or widened
+// once.
+template <class S, int kVectors, class R>
 struct NhwcRings {
   using T = compute_t<S>;
   using Blocks = ChannelBlocks<T, kVectors>;
@@ -490,14 +513,14 @@ struct NhwcRings {
   const Blocks& cb;
   int64_t cols, width, slots, copy_lo, copy_cols;
   int64_t ring_size;  // elements of one block's ring at a wide block's lanes
-  std::vector<T> data;
+  std::vector<R> data;
   const S* image = nullptr;
   int64_t b0 = 0, b1 = 0, wide_end = 0;
   int64_t loaded_to = 0;  // the rows below it that the window has reached are in the rings
 
   // One block's ring at its widest, in bytes (groups are sized from it).
   static int64_t block_bytes(int64_t width, int64_t slots) {
-    return slots * width * Blocks::kWide * int64_t(sizeof(T));
+    return slots * width * Blocks::kWide * int64_t(sizeof(R));
   }
 
   NhwcRings(const Blocks& blocks, int64_t map_cols, int64_t ring_width, int64_t ring_slots,
@@ -521,12 +544,12 @@ struct NhwcRings {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t lanes = cb.lanes(blk), count = cb.count(blk);
       for (int64_t slot = 0; slot < slots; ++slot) {
-        T* r = data.data() + (blk - b0) * ring_size + slot * width * lanes;
-        std::fill(r, r + copy_lo * lanes, T(0));
-        std::fill(r + (copy_lo + copy_cols) * lanes, r + width * lanes, T(0));
+        R* r = data.data() + (blk - b0) * ring_size + slot * width * lanes;
+        std::fill(r, r + copy_lo * lanes, R(0));
+        std::fill(r + (copy_lo + copy_cols) * lanes, r + width * lanes, R(0));
         if (count < lanes) {
           for (int64_t col = copy_lo; col < copy_lo + copy_cols; ++col) {
-            std::fill(r + col * lanes + count, r + (col + 1) * lanes, T(0));
+            std::fill(r + col * lanes + count, r + (col + 1) * lanes, R(0));
           }
         }
       }
@@ -539,19 +562,19 @@ struct NhwcRings {
     const int64_t C = cb.C;
     for (int64_t r = std::max({loaded_to, first, int64_t(0)}); r < last; ++r) {
       const S* src = image + r * cols * C;
-      T* dst = data.data() + ((r % slots) * width + copy_lo) * Blocks::kWide;
+      R* dst = data.data() + ((r % slots) * width + copy_lo) * Blocks::kWide;
       for (int64_t col = 0; col < copy_cols; ++col, src += C, dst += Blocks::kWide) {
         for (int64_t blk = b0; blk < wide_end; ++blk) {
-          load_block<S, kVectors>(src + cb.channel(blk), dst + (blk - b0) * ring_size);
+          load_block<S, R, kVectors>(src + cb.channel(blk), dst + (blk - b0) * ring_size);
         }
       }
       for (int64_t blk = wide_end; blk < b1; ++blk) {
         const int64_t count = cb.count(blk);
         const S* s = image + r * cols * C + cb.channel(blk);
-        T* d = data.data() + (blk - b0) * ring_size + ((r % slots) * width + copy_lo) * L;
+        R* d = data.data() + (blk - b0) * ring_size + ((r % slots) * width + copy_lo) * L;
         for (int64_t col = 0; col < copy_cols; ++col, s += C, d += L) {
           if (count == L) {
-            load_block<S, 1>(s, d);
+            load_block<S, R, 1>(s, d);
           } else {
             widen(s, d, count);
           }
@@ -577,7 +600,7 @@ struct NhwcRings {
   }
 
   // Map row r of block blk: `width` columns of lanes(blk) lanes.
-  const T* row(int64_t blk, int64_t r) const {
+  const R* row(int64_t blk, int64_t r) const {
     return data.data() + (blk - b0) * ring_size + (r % slots) * width * cb.lanes(blk);
   }
 };
@@ -644,7 +667,9 @@ template <class S>
 void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   using T = compute_t<S>;
   constexpr int kVectors = 2;
-  using Rings = NhwcRings<S, kVectors>;
+  // The rings keep the map's own type: half types are widened as the taps load them, which
+  // reads half the bytes of a float ring (the taps' loads bound the sweep).
+  using Rings = NhwcRings<S, kVectors, S>;
   constexpr int64_t L = Rings::L;
   // Accumulators: 16 registers for 32-register ISAs (AVX-512), 8 otherwise.
   constexpr int kPixels = Vec<float>::size() >= 16 ? 8 : 4;
@@ -670,8 +695,8 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   const BlockGroups bg(cb.blocks, Rings::block_bytes(win.width, win.slots), ring_budget());
   // Bands of output rows: enough tasks for every thread (four each), else whole maps.
   const int64_t threads = at::get_num_threads();
-  const int64_t bands = std::clamp<int64_t>(
-      (4 * threads + g.n * bg.groups - 1) / (g.n * bg.groups), 1, g.oh);
+  const int64_t bands =
+      std::clamp<int64_t>((4 * threads + g.n * bg.groups - 1) / (g.n * bg.groups), 1, g.oh);
   const int64_t band_rows = (g.oh + bands - 1) / bands;
   const bool light = pre == nullptr && (a.act == Activation::None || a.act == Activation::Relu);
   // Streaming stores need every whole vector of S aligned: the outputs and C.
@@ -683,7 +708,7 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
                       (C * int64_t(sizeof(S))) % kAlign == 0 && aligned(y) && aligned(pre);
   at::parallel_for(0, g.n * bg.groups * bands, 1, [&](int64_t begin, int64_t end) {
     Rings rings(cb, g.w, win.width, win.slots, g.pad_left, bg.group_blocks);
-    std::vector<const T*> row(g.kh);
+    std::vector<const S*> row(g.kh);
     std::vector<int64_t> row_tap(g.kh);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t band = task % bands, group = task / bands % bg.groups;
@@ -708,9 +733,9 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
             row_tap[rows] = i;
             ++rows;
           }
-          const RingTaps<T> t{row.data(), row_tap.data(), rows,    g.kw, g.dil_w,
-                              g.stride_w, wt.data(),      c_pad,   bias.data(),
-                              a.act,      C,              stream && wide};
+          const RingTaps<T, S> t{row.data(),  row_tap.data(), rows,      g.kw,
+                                 g.dil_w,     g.stride_w,     wt.data(), c_pad,
+                                 bias.data(), a.act,          C,         stream && wide};
           const auto sweep = [&](auto vectors, auto kernel_width, auto light_epilogue) {
             constexpr int V = decltype(vectors)::value, KW = decltype(kernel_width)::value;
             constexpr bool kLight = decltype(light_epilogue)::value;
@@ -824,7 +849,7 @@ template <class S>
 void depthwise_backward_weight_nhwc(const DepthwiseBackwardWeightArgs& a) {
   using T = compute_t<S>;
   constexpr int kVectors = 2;
-  using Rings = NhwcRings<S, kVectors>;
+  using Rings = NhwcRings<S, kVectors, T>;
   constexpr int64_t L = Rings::L;
   // Chains of accumulators per tap: at least 8 sums in flight, within the vector registers.
   constexpr bool kWideIsa = Vec<float>::size() >= 16;
@@ -850,8 +875,8 @@ void depthwise_backward_weight_nhwc(const DepthwiseBackwardWeightArgs& a) {
     const int64_t units_per_image = (g.oh + band_rows - 1) / band_rows;
     const int64_t units = g.n * units_per_image;
     const int64_t sums_size = (taps + 1) * c_pad;  // the weight's, then the bias's
-    parts = std::clamp<int64_t>(std::min<int64_t>(64, (int64_t{8} << 20) / (8 * sums_size)), 1,
-                                units);
+    parts =
+        std::clamp<int64_t>(std::min<int64_t>(64, (int64_t{8} << 20) / (8 * sums_size)), 1, units);
     sums.assign(parts * sums_size, 0.0);
     at::parallel_for(0, parts * bg.groups, 1, [&](int64_t begin, int64_t end) {
       Rings xr(cb, g.w, win.width, win.slots, g.pad_left, bg.group_blocks);
