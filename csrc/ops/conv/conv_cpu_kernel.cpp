@@ -48,6 +48,19 @@ using Vec = at::vec::Vectorized<T>;
 template <class S>
 using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
+// Whether the NHWC kernels of maps of S get copies unrolled for the common kernel widths (3, 5,
+// 7): in the vector copies of the kernels, for every type but double; the DEFAULT copy (vectors
+// emulated in scalar code, for CPUs without AVX2) keeps the any-width loops only, which compile
+// in a fraction of the time (the unrolled copies are most of this file's compile time, several
+// times that under the sanitizers).
+template <class S>
+constexpr bool kUnrolledWidths =
+#if defined(CPU_CAPABILITY_DEFAULT)
+    false;
+#else
+    !std::is_same_v<S, double>;
+#endif
+
 // dst[k] = T(src[k]) for k < n: a copy, or half types widened to float a vector at a time.
 template <class S, class T>
 inline void widen(const S* __restrict__ src, T* __restrict__ dst, int64_t n) {
@@ -752,12 +765,19 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
             }
           };
           const auto with_width = [&](auto vectors, auto light_epilogue) {
-            switch (g.kw) {
-              case 3: return sweep(vectors, std::integral_constant<int, 3>{}, light_epilogue);
-              case 5: return sweep(vectors, std::integral_constant<int, 5>{}, light_epilogue);
-              case 7: return sweep(vectors, std::integral_constant<int, 7>{}, light_epilogue);
-              default: return sweep(vectors, std::integral_constant<int, 0>{}, light_epilogue);
+            if constexpr (kUnrolledWidths<S>) {
+              switch (g.kw) {
+                case 3:
+                  return sweep(vectors, std::integral_constant<int, 3>{}, light_epilogue);
+                case 5:
+                  return sweep(vectors, std::integral_constant<int, 5>{}, light_epilogue);
+                case 7:
+                  return sweep(vectors, std::integral_constant<int, 7>{}, light_epilogue);
+                default:
+                  break;
+              }
             }
+            return sweep(vectors, std::integral_constant<int, 0>{}, light_epilogue);
           };
           const auto with_vectors = [&](auto light_epilogue) {
             if (wide) return with_width(std::integral_constant<int, kVectors>{}, light_epilogue);
@@ -916,21 +936,28 @@ void depthwise_backward_weight_nhwc(const DepthwiseBackwardWeightArgs& a) {
                   const T* gv = grow + v;
                   const T* xv = xrow + v;
                   const int64_t sx = g.stride_w, dx = g.dil_w;
-                  switch (g.kw) {
-                    case 3:
-                      tap_row_sums<3, kWideIsa ? 4 : 3>(gv, xv, g.ow, lanes, sx, dx, out, c_pad);
-                      break;
-                    case 5:
-                      tap_row_sums<5, 2>(gv, xv, g.ow, lanes, sx, dx, out, c_pad);
-                      break;
-                    case 7:
-                      tap_row_sums<7, kWideIsa ? 2 : 1>(gv, xv, g.ow, lanes, sx, dx, out, c_pad);
-                      break;
-                    default:  // any other width: one tap at a time
-                      for (int64_t j = 0; j < g.kw; ++j) {
-                        tap_row_sums<1, 8>(gv, xv + j * dx * lanes, g.ow, lanes, sx, dx,
-                                           out + j * c_pad, c_pad);
-                      }
+                  bool unrolled = false;
+                  if constexpr (kUnrolledWidths<S>) {
+                    unrolled = true;
+                    switch (g.kw) {
+                      case 3:
+                        tap_row_sums<3, kWideIsa ? 4 : 3>(gv, xv, g.ow, lanes, sx, dx, out, c_pad);
+                        break;
+                      case 5:
+                        tap_row_sums<5, 2>(gv, xv, g.ow, lanes, sx, dx, out, c_pad);
+                        break;
+                      case 7:
+                        tap_row_sums<7, kWideIsa ? 2 : 1>(gv, xv, g.ow, lanes, sx, dx, out, c_pad);
+                        break;
+                      default:
+                        unrolled = false;
+                    }
+                  }
+                  if (!unrolled) {  // any other width: one tap at a time
+                    for (int64_t j = 0; j < g.kw; ++j) {
+                      tap_row_sums<1, 8>(gv, xv + j * dx * lanes, g.ow, lanes, sx, dx,
+                                         out + j * c_pad, c_pad);
+                    }
                   }
                 }
               }
