@@ -23,7 +23,7 @@ PY="$VENV/bin/python"
 if ! "$PY" -c "import torch, sys, numpy, pytest, expecttest, torchmetrics, transformers; sys.exit(not (torch.__version__.startswith('$TORCH_CUDA_VERSION') and torch.version.cuda))" 2>/dev/null; then
   echo "[cuda] installing torch==$TORCH_CUDA_VERSION (CUDA build) and cmake"
   "$VENV/bin/pip" install -q "torch==$TORCH_CUDA_VERSION" numpy pytest expecttest torchmetrics \
-    transformers 2>&1 | { grep -v "^WARNING: Location" || true; }
+    transformers==5.24.0 2>&1 | { grep -v "^WARNING: Location" || true; }
 fi
 # CMake >= 3.28 knows nvcc's C++20 dialect, which torch >= 2.14 needs.
 [ -x "$VENV/bin/cmake" ] || "$VENV/bin/pip" install -q "cmake>=3.28" 2>&1 | { grep -v "^WARNING: Location" || true; }

@@ -23,7 +23,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-TOOLS="numpy pytest expecttest matplotlib setuptools torchmetrics transformers"
+# transformers pinned: the patches' tests follow its model classes, which change between releases.
+TOOLS="numpy pytest expecttest matplotlib setuptools torchmetrics transformers==5.24.0"
 if ! "$PY" -c "import torch, sys, numpy, pytest, expecttest, matplotlib, setuptools, torchmetrics, \
 transformers; \
 sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
