@@ -680,8 +680,9 @@ template <class S>
 void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   using T = compute_t<S>;
   constexpr int kVectors = 2;
-  // The rings keep the map's own type: half types are widened as the taps load them, which
-  // reads half the bytes of a float ring (the taps' loads bound the sweep).
+  // The rings keep the map's own type: half types are widened as the taps load them. Half the
+  // bytes of float rings to fill, hold and read: bfloat16 [8,256,64,64] forwards 1.3-1.5x faster
+  // at batch 8 (two threads), no change at batch 1 (one thread, input in cache).
   using Rings = NhwcRings<S, kVectors, S>;
   constexpr int64_t L = Rings::L;
   // Accumulators: 16 registers for 32-register ISAs (AVX-512), 8 otherwise.
