@@ -377,28 +377,6 @@ C10_ALWAYS_INLINE void store_vectors(const Vec<compute_t<S>> (&v)[V], S* p, int6
   }
 }
 
-// V vectors of lanes of S at src, into a ring of R at dst: copied as they are (R = S), or widened
-// to the compute type (R = compute_t<S>).
-template <class S, class R, int V>
-inline void load_block(const S* src, R* dst) {
-  using T = compute_t<S>;
-  constexpr int64_t L = Vec<T>::size();
-  if constexpr (std::is_same_v<S, R>) {
-    std::memcpy(dst, src, V * L * sizeof(S));
-  } else {
-    static_assert(std::is_same_v<R, T>);
-    for (int i = 0; i < V; ++i) {
-      if constexpr (std::is_same_v<S, T>) {
-        Vec<T>::loadu(src + i * L).store(dst + i * L);
-      } else {
-        Vec<float> v;
-        at::vec::load_to_float<S>(src + i * L, v);
-        v.store(dst + i * L);
-      }
-    }
-  }
-}
-
 // One vector of the compute type T from p: loaded, or (half types) loaded and widened in the
 // register.
 template <class T, class R>
@@ -409,6 +387,20 @@ C10_ALWAYS_INLINE Vec<T> load_compute(const R* p) {
     Vec<float> v;
     at::vec::load_to_float<R>(p, v);
     return v;
+  }
+}
+
+// V vectors of lanes of S at src, into a ring of R at dst: copied as they are (R = S), or widened
+// to the compute type (R = compute_t<S>).
+template <class S, class R, int V>
+inline void load_block(const S* src, R* dst) {
+  using T = compute_t<S>;
+  constexpr int64_t L = Vec<T>::size();
+  if constexpr (std::is_same_v<S, R>) {
+    std::memcpy(dst, src, V * L * sizeof(S));
+  } else {
+    static_assert(std::is_same_v<R, T>);
+    for (int i = 0; i < V; ++i) load_compute<T>(src + i * L).store(dst + i * L);
   }
 }
 
@@ -937,9 +929,13 @@ void depthwise_backward_weight_nhwc(const DepthwiseBackwardWeightArgs& a) {
                   const T* gv = grow + v;
                   const T* xv = xrow + v;
                   const int64_t sx = g.stride_w, dx = g.dil_w;
-                  bool unrolled = false;
+                  const auto one_tap_at_a_time = [&] {  // any other width
+                    for (int64_t j = 0; j < g.kw; ++j) {
+                      tap_row_sums<1, 8>(gv, xv + j * dx * lanes, g.ow, lanes, sx, dx,
+                                         out + j * c_pad, c_pad);
+                    }
+                  };
                   if constexpr (kUnrolledWidths<S>) {
-                    unrolled = true;
                     switch (g.kw) {
                       case 3:
                         tap_row_sums<3, kWideIsa ? 4 : 3>(gv, xv, g.ow, lanes, sx, dx, out, c_pad);
@@ -951,14 +947,10 @@ void depthwise_backward_weight_nhwc(const DepthwiseBackwardWeightArgs& a) {
                         tap_row_sums<7, kWideIsa ? 2 : 1>(gv, xv, g.ow, lanes, sx, dx, out, c_pad);
                         break;
                       default:
-                        unrolled = false;
+                        one_tap_at_a_time();
                     }
-                  }
-                  if (!unrolled) {  // any other width: one tap at a time
-                    for (int64_t j = 0; j < g.kw; ++j) {
-                      tap_row_sums<1, 8>(gv, xv + j * dx * lanes, g.ow, lanes, sx, dx,
-                                         out + j * c_pad, c_pad);
-                    }
+                  } else {
+                    one_tap_at_a_time();
                   }
                 }
               }
