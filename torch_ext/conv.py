@@ -40,8 +40,10 @@ def dilated_conv2d(
     the bias and the activation applied in the convolution's own pass over the output.
 
     Routes (see ``conv_route``): depthwise convolutions (``groups == C_in``, any channel
-    multiplier) run a direct kernel; the others im2col tiles and a GEMM. On the CPU, float32
-    dense convolutions with symmetric padding go to PyTorch's oneDNN convolution, which is faster
+    multiplier) run a direct kernel; the others im2col tiles and a GEMM. Dense float32,
+    bfloat16 and float16 convolutions with symmetric padding go to PyTorch's own convolution
+    where it has kernels for the dtype (cuDNN; oneDNN on the CPU, for the half types only where
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` / ``_fp16_supported()``), which is faster
     there; ``TORCH_EXT_CONV_ROUTE=own`` or ``=vendor`` forces a route. Correctness does not depend
     on the route.
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from dtype_tables import vendor_conv_available
 
 import torch_ext
 
@@ -440,14 +441,12 @@ def conv_backward_ref(
 def route_ref(input, weight, padding, groups):
     """The documented rule: depthwise when groups == C_in, else GEMM; float32, bfloat16 and
     float16 dense convolutions with symmetric padding go to the vendor (oneDNN on the CPU, cuDNN
-    on CUDA) where it is available (TORCH_EXT_CONV_ROUTE=own|vendor forces a route)."""
+    on CUDA) where it has kernels for the dtype (TORCH_EXT_CONV_ROUTE=own|vendor forces a
+    route)."""
     forced = os.environ.get("TORCH_EXT_CONV_ROUTE")
     depthwise = groups == input.shape[1] and groups > 1
     symmetric = padding[0] == padding[2] and padding[1] == padding[3]
-    if input.device.type == "cuda":
-        available = torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
-    else:
-        available = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    available = vendor_conv_available(input.device, input.dtype)
     halves_or_float = input.dtype in (torch.float32, torch.bfloat16, torch.float16)
     vendor = symmetric and input.dtype.is_floating_point and forced != "own"
     vendor = vendor and (forced == "vendor" or (halves_or_float and not depthwise and available))

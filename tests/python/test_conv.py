@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from dtype_tables import HALF_TOL, HALVES, REF_DTYPE
+from dtype_tables import HALF_TOL, HALVES, REF_DTYPE, vendor_conv_available
 from layouts import layout_tensor
 
 import torch_ext
@@ -273,13 +273,11 @@ def test_cases_cover_both_routes(
 )
 def test_default_routes(device, monkeypatch, dtype):
     """Unforced, dense float32/bfloat16/float16 convolutions with symmetric padding go to the
-    vendor where it is available (oneDNN on the CPU, cuDNN on CUDA); float64, depthwise and
+    vendor where it has kernels for the dtype (cuDNN on CUDA; oneDNN on the CPU, the half types
+    only where PyTorch says this CPU has oneDNN kernels for them); float64, depthwise and
     four-sided padding stay ours."""
     monkeypatch.delenv("TORCH_EXT_CONV_ROUTE", raising=False)
-    if device == "cuda":
-        available = torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
-    else:
-        available = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    available = vendor_conv_available(device, dtype)
     x = torch.empty(2, 8, 9, 9, device=device, dtype=dtype)
     dense = torch.empty(4, 8, 3, 3, device=device, dtype=dtype)
     depthwise = torch.empty(8, 1, 3, 3, device=device, dtype=dtype)

@@ -12,10 +12,11 @@
 //   with fewer items than threads the items run in turn and each step is parallel inside.
 //   A 1x1 convolution with stride 1 and no padding multiplies the input directly.
 //   vendor: float32, bfloat16 and float16 dense (non-depthwise) convolutions with symmetric
-//   padding go to ATen's convolution (oneDNN) when PyTorch has it: on this project's AMD
-//   machines MKL's SGEMM runs its AVX2 code while oneDNN uses AVX-512, about 2x faster, and our
-//   GEMM path computes the half types in float. The activation then runs as one pass over the
-//   output. TORCH_EXT_CONV_ROUTE=own|vendor forces a route (tests, benchmarks).
+//   padding go to ATen's convolution when it runs oneDNN for the dtype (onednn_has; the half
+//   types only on CPUs oneDNN has kernels of them for): on this project's AMD machines MKL's
+//   SGEMM runs its AVX2 code while oneDNN uses AVX-512, about 2x faster, and our GEMM path
+//   computes the half types in float. The activation then runs as one pass over the output.
+//   TORCH_EXT_CONV_ROUTE=own|vendor forces a route (tests, benchmarks).
 // Depthwise forward reads and writes every dtype and both layouts itself (half types widened to
 // float per plane or row, NHWC computed as NHWC when the channel multiplier is 1), and so does
 // the NHWC backward with multiplier 1 (the input gradient as the forward on flipped taps at
@@ -27,6 +28,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -77,12 +79,41 @@ int64_t tile_columns(const ConvGeometry& g, int64_t element_size) {
 
 enum class Route { Own, Vendor };
 
-// Dense float32, bfloat16 and float16 go to ATen's convolution (oneDNN) when it is there: our
-// im2col + GEMM computes the half types in float and loses to it (float64 stays ours: oneDNN has
-// no float64 kernels, and ATen's fallback is no faster). Depthwise stays ours in every layout.
+// PyTorch's own answer to a question that takes no arguments (mkldnn::_is_mkldnn_bf16_supported
+// and the like); false when this build of PyTorch has no such op.
+bool ask_torch(const char* op_name) {
+  const auto op = c10::Dispatcher::singleton().findOp({op_name, ""});
+  return op.has_value() && op->typed<bool()>().call();
+}
+
+// Whether ATen's convolution runs oneDNN for the dtype on this CPU. float32: wherever PyTorch has
+// oneDNN. bfloat16 and float16: only where PyTorch's own checks say oneDNN has kernels for them
+// on this CPU (bfloat16: AVX-512 BW/VL/DQ or better; float16: AVX512_FP16 or AMX-FP16).
+// Elsewhere ATen's convolution computes them in its slow fallback: on an AVX2-only AMD EPYC,
+// [1,256,32,32] -> 256 k3 d6 took 1.7 s (bfloat16) and 2.3 s (float16) there, 15 and 23 ms
+// through our im2col + float GEMM.
+bool onednn_has(at::ScalarType dtype) {
+  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
+  static const bool bf16 = ask_torch("mkldnn::_is_mkldnn_bf16_supported");
+  static const bool f16 = ask_torch("mkldnn::_is_mkldnn_fp16_supported");
+  switch (dtype) {
+    case at::kFloat:
+      return true;
+    case at::kBFloat16:
+      return bf16;
+    case at::kHalf:
+      return f16;
+    default:
+      return false;
+  }
+}
+
+// Dense float32, bfloat16 and float16 go to ATen's convolution when oneDNN runs them there
+// (onednn_has): our im2col + GEMM computes the half types in float and loses to oneDNN's own
+// kernels (float64 stays ours: oneDNN has no float64 kernels, and ATen's fallback is no faster).
+// Depthwise stays ours in every layout.
 Route cpu_route(const ConvGeometry& g, at::IntArrayRef padding4, at::ScalarType dtype) {
-  const bool onednn = at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
-  return takes_vendor_route(g, padding4, dtype, onednn) ? Route::Vendor : Route::Own;
+  return takes_vendor_route(g, padding4, dtype, onednn_has(dtype)) ? Route::Vendor : Route::Own;
 }
 
 // The activation in place on the vendor route's output (its pre-activation copied first when
