@@ -4,6 +4,7 @@ op is not timed at cache speed on a GPU, and the tour's kernel driver for Nsight
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
 import torch
@@ -88,3 +89,28 @@ def test_gpu_kernel_driver_lists_and_runs_the_registry_cases(capsys):
     expected = [c for c in _bench.families(["spp"])[0].cases(torch.device("cpu"), True)]
     assert f"gpu_kernels: {len(expected)} cases run on cpu" in out
     assert all(case.label in out for case in expected)
+
+
+def test_calls_longer_than_the_budget_get_one_warm_up_and_three_samples():
+    """A function slower than the whole budget: one untimed call, one timed, then three samples
+    (not min_samples); a fast one beside it still gets the warm-up calls asked for."""
+    from torch_ext._bench.timing import TimingPlan, time_interleaved
+
+    counts = {"slow": 0, "fast": 0}
+
+    def slow():
+        counts["slow"] += 1
+        time.sleep(0.02)
+
+    def fast():
+        counts["fast"] += 1
+
+    plan = TimingPlan(budget_s=0.01, warmup_calls=2, min_samples=5, max_samples=50)
+    stats = time_interleaved({"slow": slow}, torch.device("cpu"), plan)
+    assert counts["slow"] == 1 + 1 + 3 and stats["slow"].samples == 3
+    assert stats["slow"].median_ms >= 20
+    plan = TimingPlan(budget_s=1.0, warmup_calls=2, min_samples=5, max_samples=5)
+    stats = time_interleaved({"fast": fast}, torch.device("cpu"), plan)
+    assert stats["fast"].samples == 5
+    calls = stats["fast"].calls_per_sample
+    assert counts["fast"] == 2 + 1 + 5 * calls

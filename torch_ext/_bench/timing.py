@@ -72,12 +72,16 @@ def time_calls(fn: Callable[[], object], calls: int, device: torch.device) -> fl
     return time.perf_counter() - begin
 
 
-def _warm_up(fns: Mapping[str, Callable[[], object]], device: torch.device, calls: int) -> dict:
-    """Call each function ``calls`` times untimed, then once timed; return those seconds."""
+def _warm_up(
+    fns: Mapping[str, Callable[[], object]], device: torch.device, calls: int, budget_s: float
+) -> dict:
+    """Call each function ``calls`` times untimed (once when a call outlasts the budget), then
+    once timed; return those seconds."""
     timed = {}
     for name, fn in fns.items():
         for _ in range(calls):
-            fn()
+            if time_calls(fn, 1, device) > budget_s:
+                break
         timed[name] = time_calls(fn, 1, device)
     return timed
 
@@ -96,14 +100,17 @@ def time_interleaved(
     fns: Mapping[str, Callable[[], object]], device: torch.device, plan: TimingPlan = TimingPlan()
 ) -> dict[str, Stats]:
     """Time several functions against each other, interleaved; per-call statistics by name."""
-    first_call_s = _warm_up(fns, device, plan.warmup_calls)
+    first_call_s = _warm_up(fns, device, plan.warmup_calls, plan.budget_s)
     # Fast functions get a batch of calls per sample, so that a sample outlasts timer noise.
     calls = {
         name: min(100, max(1, math.ceil(plan.min_sample_s / max(seconds, 1e-7))))
         for name, seconds in first_call_s.items()
     }
     round_s = max(sum(first_call_s[name] * calls[name] for name in fns), 1e-6)
-    rounds = int(min(plan.max_samples, max(plan.min_samples, plan.budget_s // round_s)))
+    # At least min_samples rounds; three (a median still) when one round outlasts the budget, as
+    # for a baseline that falls back to a slow kernel on this machine.
+    fewest = plan.min_samples if round_s <= plan.budget_s else min(plan.min_samples, 3)
+    rounds = int(min(plan.max_samples, max(fewest, plan.budget_s // round_s)))
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
