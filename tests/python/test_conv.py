@@ -580,11 +580,13 @@ def test_depthwise_channels_last_large_outputs(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_depthwise_channels_last_channel_groups(device, dtype, gen):
+def test_depthwise_channels_last_channel_groups(device, dtype, gen, monkeypatch):
     """A map so wide that the CPU NHWC kernels' row rings of all 260 channels exceed their
-    budget (half an L2 cache, at most 4 MiB) many times over: the channel blocks go in several
-    groups (the last one smaller, one block a single vector), each filling its own rings; the
-    forward and every gradient against the reference."""
+    budget (set to 1 MiB here, TORCH_EXT_CONV_RING_BYTES; by default four L2 caches, 1-8 MiB)
+    several times over: the channel blocks go in several groups (the last one smaller, one block
+    a single vector), each filling its own rings; the forward and every gradient against the
+    reference."""
+    monkeypatch.setenv("TORCH_EXT_CONV_RING_BYTES", str(1 << 20))
     tensors = make_depthwise_nhwc((1, 260, 7, 1200), (3, 3), gen, device=device, dtype=dtype)
     out, _ = check_conv(tensors, conv_kwargs(1, "same", 2, 260), "silu", gen)
     assert out.is_contiguous(memory_format=torch.channels_last)

@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -397,7 +398,14 @@ inline void load_block(const S* src, R* dst) {
   using T = compute_t<S>;
   constexpr int64_t L = Vec<T>::size();
   if constexpr (std::is_same_v<S, R>) {
-    std::memcpy(dst, src, V * L * sizeof(S));
+    // Whole vectors where they fit (the inlined memcpy moved 16 bytes at a time: AVX2 float32
+    // NHWC forwards measured 2-10% slower with it).
+    constexpr int64_t kLanes = Vec<S>::size();
+    if constexpr (V * L % kLanes == 0) {
+      for (int64_t i = 0; i < V * L; i += kLanes) Vec<S>::loadu(src + i).store(dst + i);
+    } else {
+      std::memcpy(dst, src, V * L * sizeof(S));
+    }
   } else {
     static_assert(std::is_same_v<R, T>);
     for (int i = 0; i < V; ++i) load_compute<T>(src + i * L).store(dst + i * L);
@@ -589,14 +597,16 @@ struct NhwcRings {
     loaded_to = std::max(loaded_to, last);
   }
 
-  // Asks for the map rows [first, last) that load would read, on their way into the cache.
-  void prefetch(int64_t first, int64_t last) const {
+  // Asks for the map rows [first, last) that load would read, on their way into the cache: share
+  // `part` of `parts` of their columns (a row's requests spread over the work before its load).
+  void prefetch(int64_t first, int64_t last, int64_t part = 0, int64_t parts = 1) const {
     const int64_t C = cb.C, c0 = cb.channel(b0);
     const int64_t c1 = std::min(C, cb.channel(b1 - 1) + Blocks::kWide);
     const int64_t bytes = (c1 - c0) * int64_t(sizeof(S));
+    const int64_t col0 = copy_cols * part / parts, col1 = copy_cols * (part + 1) / parts;
     for (int64_t r = std::max({loaded_to, first, int64_t(0)}); r < last; ++r) {
       const char* src = reinterpret_cast<const char*>(image + r * cols * C + c0);
-      for (int64_t col = 0; col < copy_cols; ++col) {
+      for (int64_t col = col0; col < col1; ++col) {
         for (int64_t byte = 0; byte < bytes; byte += 64) {
           __builtin_prefetch(src + col * C * int64_t(sizeof(S)) + byte);
         }
@@ -610,19 +620,26 @@ struct NhwcRings {
   }
 };
 
-// What the rings of one task may take: half of a core's L2 cache (256 KiB where the system does
-// not say). Blocks of channels are grouped up to it; one group of all the channels reads each
-// input pixel whole (one contiguous run, which the hardware prefetchers follow best): on a Zen 4
-// core (1 MiB L2) a 512 KiB budget took k3d2 [8,256,64,64] float32 from 1.03x to 1.14-1.16x of
-// F.conv2d, the other shapes within the noise.
+// What the rings of one task may take: four times a core's L2 cache, from 1 to 8 MiB (2 MiB where
+// the system does not say). Blocks of channels are grouped up to it. One group of all the
+// channels reads each input pixel whole (one contiguous run, which the hardware prefetchers follow
+// best), and that counts for more than keeping the rings in L2: on an AVX2 Zen 3 core (512 KiB
+// L2), float32 [8,256,64,64] forwards at 2 threads took 13-15 ms instead of 17-23 ms (k3d2, k5d2)
+// with one group of 2 MiB of rings instead of 2-3 groups of at most 256 KiB (half the L2, the
+// earlier rule; on a Zen 4 core, 512 KiB had taken k3d2 from 1.03x to 1.14-1.16x of F.conv2d).
+// TORCH_EXT_CONV_RING_BYTES, read on every call, sets it (tests: several groups on any machine).
 inline int64_t ring_budget() {
+  if (const char* env = std::getenv("TORCH_EXT_CONV_RING_BYTES")) {
+    const int64_t value = std::atoll(env);
+    if (value > 0) return value;
+  }
   static const int64_t bytes = [] {
     int64_t l2 = 0;
 #if defined(_SC_LEVEL2_CACHE_SIZE)
     l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif
-    return l2 > 0 ? std::clamp<int64_t>(l2 / 2, int64_t{128} << 10, int64_t{4} << 20)
-                  : int64_t{256} << 10;
+    return l2 > 0 ? std::clamp<int64_t>(4 * l2, int64_t{1} << 20, int64_t{8} << 20)
+                  : int64_t{2} << 20;
   }();
   return bytes;
 }
@@ -725,10 +742,13 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
       for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
         const int64_t top = win.top(oh);
         rings.load(top, win.last(oh));
-        // The rows the next output row will load, on their way to the cache while this one runs.
-        if (oh + 1 < oh_end) rings.prefetch(win.top(oh + 1), win.last(oh + 1));
         const int64_t row_start = (n * g.oh + oh) * g.ow * C;
         for (int64_t blk = b0; blk < b1; ++blk) {
+          // The rows the next output row will load, on their way to the cache while this one
+          // runs: a share of the columns before each block (one burst measured 3-7% slower).
+          if (oh + 1 < oh_end) {
+            rings.prefetch(win.top(oh + 1), win.last(oh + 1), blk - b0, b1 - b0);
+          }
           const bool wide = cb.wide(blk);
           const int64_t c = cb.channel(blk), count = cb.count(blk);
           int64_t rows = 0;
