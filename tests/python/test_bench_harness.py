@@ -93,7 +93,7 @@ def test_gpu_kernel_driver_lists_and_runs_the_registry_cases(capsys):
 
 def test_calls_longer_than_the_budget_get_one_warm_up_and_three_samples():
     """A function slower than the whole budget: one untimed call, one timed, then three samples
-    (not min_samples); a fast one beside it still gets the warm-up calls asked for."""
+    (not min_samples); a fast one still gets the warm-up calls and min_samples asked for."""
     from torch_ext._bench.timing import TimingPlan, time_interleaved
 
     counts = {"slow": 0, "fast": 0}
