@@ -535,12 +535,14 @@ def test_depthwise_channels_last_bfloat16_forward(device, channels, activation, 
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_depthwise_channels_last_bfloat16_infinities(device):
+@pytest.mark.parametrize("width", [12, 40])
+def test_depthwise_channels_last_bfloat16_infinities(device, width):
     """An infinite input reaches exactly the outputs whose taps cover it (inf or nan, as in
     F.conv2d): no nan from a zero-padded tap or a lane past the channels times inf (a kernel
-    that paired or padded taps with zero weights would produce one)."""
+    that paired or padded taps with zero weights would produce one). Width 40: the CPU sweeps
+    most of each row in runs of pixels two columns apart (see the next test)."""
     channels = 32
-    x = torch.randn(1, channels, 9, 12, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(1, channels, 9, width, generator=torch.Generator().manual_seed(3))
     x[0, :, 4, 5] = float("inf")
     x[0, ::3, 2, 9] = float("-inf")
     w = torch.randn(channels, 1, 3, 3, generator=torch.Generator().manual_seed(4))
@@ -552,6 +554,27 @@ def test_depthwise_channels_last_bfloat16_infinities(device):
     assert torch.equal(out.float().cpu().isinf(), ref.isinf())
     finite = ref.isfinite()
     torch.testing.assert_close(out.float().cpu()[finite], ref[finite], rtol=2e-2, atol=5e-2)
+
+
+# The CPU NHWC forward sweeps the rows of stride-1 convolutions in runs of 8 pixels (AVX-512; 4
+# on AVX2) `dilation` columns apart, so that each ring column loaded serves every tap that reads
+# it, and the rest of a row a block of neighbouring pixels at a time; the bfloat16 channel blocks
+# of 2 vectors take their lanes in pairs (even channels in one float vector, odd ones in the
+# other, weights and bias in the same order, interleaved again when stored). Widths with two or
+# more runs and a rest, every unrolled kernel width and a wider one, dilations 1-3; the forward,
+# gelu's saved pre-activation (stored in pairs too) and every gradient (the input gradient is
+# that forward on the flipped taps).
+@pytest.mark.parametrize("dtype", [torch.float32, *HALVES], ids=dtype_id)
+@pytest.mark.parametrize("dilation", [1, 2, 3])
+@pytest.mark.parametrize("kernel", [3, 5, 7, 9])
+def test_depthwise_channels_last_pixel_runs(device, dtype, dilation, kernel, gen):
+    channels = 80  # AVX-512: blocks of 32, 32 and 16 lanes; AVX2: five blocks of 16
+    width = 2 * 8 * dilation + 5
+    tensors = make_depthwise_nhwc(
+        (1, channels, 4, width), (kernel, kernel), gen, device=device, dtype=dtype
+    )
+    out, _ = check_conv(tensors, conv_kwargs(1, "same", dilation, channels), "gelu", gen)
+    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.fixture
@@ -981,6 +1004,22 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)):
     out = torch_ext.dilated_conv2d(x, w, b, 1, 2, 1, 128, "relu")
     ref = F.relu(F.conv2d(x.float(), w.float(), b.float(), 1, 2, 1, 128))
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+# NHWC depthwise bfloat16 with whole channel blocks (lanes in pairs) and stride-1 rows in runs of
+# pixels `dilation` apart (4 or 8 of them, by the copy), the rest one block at a time; gelu.
+for d in (1, 3):
+    x = torch.randn(1, 48, 5, 16 * d + 5, generator=g).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = (torch.randn(48, 1, 3, 3, generator=g) * 0.3).bfloat16().requires_grad_()
+    b = torch.randn(48, generator=g).bfloat16().requires_grad_()
+    out = torch_ext.dilated_conv2d(x, w, b, 1, d, d, 48, "gelu")
+    refs = [t.detach().float().requires_grad_() for t in (x, w, b)]
+    ref = F.gelu(F.conv2d(*refs, 1, d, d, 48))
+    go = torch.randn(out.shape, generator=g).bfloat16()
+    out.backward(go)
+    ref.backward(go.float())
+    for a, e in zip([out, x.grad, w.grad, b.grad], [ref] + [t.grad for t in refs]):
+        scale = max(1.0, e.abs().max().item())
+        torch.testing.assert_close(a.float(), e.detach(), rtol=1.6e-2, atol=1.6e-2 * scale)
 print("capability=" + torch_ext.cpu_capability())
 print("ok")
 """

@@ -11,7 +11,8 @@
 // bias gradient, when asked for, a sum per output row beside it).
 // channels_last (NHWC) input with multiplier 1 goes through its own forward and weight gradient:
 // a group of channel blocks at a time, the rows the kernel spans held in small rings (the
-// forward's in the map's own type, half types widened as the taps load them; the weight
+// forward's in the map's own type, half types widened as the taps load them, bfloat16 a pair of
+// lanes at a time (split_pairs); stride-1 rows in runs of pixels a dilation apart; the weight
 // gradient's in the compute type; see NhwcRings, depthwise_forward_nhwc,
 // depthwise_backward_weight_nhwc); its input gradient at stride 1 is that forward on the flipped
 // taps (conv_cpu.cpp).
@@ -29,6 +30,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -412,6 +414,84 @@ inline void load_block(const S* src, R* dst) {
   }
 }
 
+// bfloat16 lanes taken in pairs. A bfloat16 is the top half of the float it stands for, so a
+// vector register of 2L bfloat16 (the channels c, c + 1, ... c + 2L - 1 of a pixel) is also two
+// vectors of L floats: shifted left by 16 bits, the even channels (c, c + 2, ...), masked to its
+// top halves, the odd ones; exactly, in two single-cycle integer operations for 2L lanes. The
+// widening the taps otherwise do (a zero-extending shuffle and a shift per L lanes) was the
+// largest part of the bfloat16 NHWC forward's time (Zen 5, AVX-512). Weights and bias go into
+// the same order (pair_order), and join_pairs rounds the two vectors back (to nearest even, NaN
+// to 0xffff, as at::vec does) and interleaves them into channel order. Vector capabilities only.
+#if defined(CPU_CAPABILITY_AVX512)
+using PairBits = __m512i;
+C10_ALWAYS_INLINE void split_pairs(const c10::BFloat16* p, Vec<float>& even, Vec<float>& odd) {
+  const __m512i raw = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(int32_t(0xffff0000u))));
+}
+// The float's bfloat16 bits, rounded, in the top half of each 32-bit lane (the low half junk).
+C10_ALWAYS_INLINE __m512i round_to_top(const Vec<float>& v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 number = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+  return _mm512_mask_blend_epi32(number, _mm512_set1_epi32(-1), rounded);
+}
+C10_ALWAYS_INLINE __m512i join_pairs(const Vec<float>& even, const Vec<float>& odd) {
+  return _mm512_or_si512(
+      _mm512_srli_epi32(round_to_top(even), 16),
+      _mm512_and_si512(round_to_top(odd), _mm512_set1_epi32(int32_t(0xffff0000u))));
+}
+C10_ALWAYS_INLINE void store_pairs(__m512i v, c10::BFloat16* p, bool stream) {
+  if (stream) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+  } else {
+    _mm512_storeu_si512(p, v);
+  }
+}
+constexpr bool kPairs = true;
+#elif defined(CPU_CAPABILITY_AVX2)
+using PairBits = __m256i;
+C10_ALWAYS_INLINE void split_pairs(const c10::BFloat16* p, Vec<float>& even, Vec<float>& odd) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(int32_t(0xffff0000u))));
+}
+C10_ALWAYS_INLINE __m256i round_to_top(const Vec<float>& v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded =
+      _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  const __m256 number = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
+  return _mm256_blendv_epi8(_mm256_set1_epi32(-1), rounded, _mm256_castps_si256(number));
+}
+C10_ALWAYS_INLINE __m256i join_pairs(const Vec<float>& even, const Vec<float>& odd) {
+  return _mm256_or_si256(
+      _mm256_srli_epi32(round_to_top(even), 16),
+      _mm256_and_si256(round_to_top(odd), _mm256_set1_epi32(int32_t(0xffff0000u))));
+}
+C10_ALWAYS_INLINE void store_pairs(__m256i v, c10::BFloat16* p, bool stream) {
+  if (stream) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+  }
+}
+constexpr bool kPairs = true;
+#else
+constexpr bool kPairs = false;
+#endif
+
+// Whether blocks of V vectors of a map of S held in rings of R take their lanes in pairs.
+template <class S, class R, int V>
+constexpr bool kPaired =
+    kPairs && std::is_same_v<S, c10::BFloat16> && std::is_same_v<R, S> && V % 2 == 0;
+
+// Where channel i of a block of 2L (i < 2L) sits when the block's lanes go in pairs: even
+// channels in the first vector, odd ones in the second.
+inline int64_t pair_order(int64_t i, int64_t L) { return (i % 2) * L + i / 2; }
+
 // NHWC depthwise output pixels of one output row, summed from a ring of input rows held as R (the
 // map's own type; half types widened to float as each tap loads them) in blocks of V vectors of
 // the compute type's lanes per pixel, zero-padded left and right: `rows`
@@ -433,10 +513,24 @@ struct RingTaps {
   int64_t C;
   bool stream;
 
-  // col: the padded column of pixel 0's first tap. KW: the kernel width when it is one of the
-  // common ones (the tap loop unrolled), 0 otherwise. kLight: no pre-activation to keep and an
-  // activation of none or relu, so that the epilogue needs no call (a call would spill every
-  // accumulator).
+  // One column of the block: V vectors of the compute type from the ring at p (split from pairs
+  // of bfloat16 where the lanes go in pairs, widened for other half types).
+  template <int V, class S>
+  C10_ALWAYS_INLINE static void load_column(const R* p, Vec<T> (&x)[V]) {
+    constexpr int64_t L = Vec<T>::size();
+    if constexpr (kPaired<S, R, V>) {
+      _Pragma("GCC unroll 16") for (int v = 0; v < V; v += 2) {
+        split_pairs(p + v * L, x[v], x[v + 1]);
+      }
+    } else {
+      _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) x[v] = load_compute<T>(p + v * L);
+    }
+  }
+
+  // col: the padded column of pixel 0's first tap; P pixels stride_w columns apart, stored C
+  // elements apart. KW: the kernel width when it is one of the common ones (the tap loop
+  // unrolled), 0 otherwise. kLight: no pre-activation to keep and an activation of none or relu,
+  // so that the epilogue needs no call (a call would spill every accumulator).
   template <int P, int V, int KW, bool kLight, class S>
   C10_ALWAYS_INLINE void block(int64_t col, int64_t c, int64_t count, S* out, S* pre) const {
     constexpr int64_t L = Vec<T>::size();
@@ -454,15 +548,63 @@ struct RingTaps {
         Vec<T> wv[V];
         _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) wv[v] = Vec<T>::loadu(wp + v * L);
         _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p) {
+          Vec<T> x[V];
+          load_column<V, S>(px + p * pixel_step, x);
           _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) {
-            acc[p][v] =
-                at::vec::fmadd(load_compute<T>(px + p * pixel_step + v * L), wv[v], acc[p][v]);
+            acc[p][v] = at::vec::fmadd(x[v], wv[v], acc[p][v]);
           }
         }
         px += tap_step;
         wp += weight_stride;
       }
     }
+    finish<P, V, kLight>(acc, c, count, out, pre, C);
+  }
+
+  // As block, for stride 1 and a kernel width KW > 0, with the P pixels dil_w columns apart
+  // (stored dil_w * C elements apart). Pixel p's tap j then reads ring column p + j (in steps
+  // of dil_w), so each of the P + KW - 1 columns is loaded (and split or widened) once and
+  // serves up to KW taps, where block loads a column for every tap of every pixel. The loads and
+  // their widening, not the multiply-adds, had bounded the bfloat16 forward.
+  template <int P, int V, int KW, bool kLight, class S>
+  C10_ALWAYS_INLINE void spread(int64_t col, int64_t c, int64_t count, S* out, S* pre) const {
+    static_assert(KW > 0);
+    constexpr int64_t L = Vec<T>::size();
+    Vec<T> acc[P][V];
+    _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p) {
+      _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) acc[p][v] = Vec<T>(T(0));
+    }
+    const int64_t tap_step = dil_w * V * L;
+    for (int64_t r = 0; r < rows; ++r) {
+      const R* px = row[r] + col * V * L;
+      const T* wp = weight + row_tap[r] * KW * weight_stride + c;
+      Vec<T> wv[KW][V];
+      _Pragma("GCC unroll 8") for (int j = 0; j < KW; ++j) {
+        _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) {
+          wv[j][v] = Vec<T>::loadu(wp + j * weight_stride + v * L);
+        }
+      }
+      _Pragma("GCC unroll 16") for (int q = 0; q < P + KW - 1; ++q) {
+        Vec<T> x[V];
+        load_column<V, S>(px + q * tap_step, x);
+        _Pragma("GCC unroll 8") for (int j = 0; j < KW; ++j) {
+          const int p = q - j;
+          if (p < 0 || p >= P) continue;
+          _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) {
+            acc[p][v] = at::vec::fmadd(x[v], wv[j][v], acc[p][v]);
+          }
+        }
+      }
+    }
+    finish<P, V, kLight>(acc, c, count, out, pre, dil_w * C);
+  }
+
+  // The epilogue of P pixels' sums: bias, pre-activation, activation; pixel p stored at
+  // out + p * out_step.
+  template <int P, int V, bool kLight, class S>
+  C10_ALWAYS_INLINE void finish(Vec<T> (&acc)[P][V], int64_t c, int64_t count, S* out, S* pre,
+                                int64_t out_step) const {
+    constexpr int64_t L = Vec<T>::size();
     Vec<T> bv[V];
     _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) bv[v] = Vec<T>::loadu(bias + c + v * L);
     const bool relu = act == Activation::Relu;
@@ -476,12 +618,26 @@ struct RingTaps {
           }
         }
       } else {
-        if (pre != nullptr) store_vectors<S, V>(y, pre + p * C, count, stream);
+        if (pre != nullptr) store(y, pre + p * out_step, count);
         if (act != Activation::None) {
           _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) y[v] = activate(y[v], act);
         }
       }
-      store_vectors<S, V>(y, out + p * C, count, stream);
+      store(y, out + p * out_step, count);
+    }
+  }
+
+  // V vectors of a block (count lanes of them) stored at p: in pairs where the block's lanes
+  // go in pairs (its blocks are always whole).
+  template <int V, class S>
+  C10_ALWAYS_INLINE void store(const Vec<T> (&y)[V], S* p, int64_t count) const {
+    if constexpr (kPaired<S, R, V>) {
+      constexpr int64_t L = Vec<T>::size();
+      _Pragma("GCC unroll 16") for (int v = 0; v < V; v += 2) {
+        store_pairs(join_pairs(y[v], y[v + 1]), p + v * L, stream);
+      }
+    } else {
+      store_vectors<S, V>(y, p, count, stream);
     }
   }
 };
@@ -526,7 +682,7 @@ struct NhwcRings {
   const Blocks& cb;
   int64_t cols, width, slots, copy_lo, copy_cols;
   int64_t ring_size;  // elements of one block's ring at a wide block's lanes
-  std::vector<R> data;
+  std::unique_ptr<R[]> data;  // uninitialized: start zeroes what load does not write
   const S* image = nullptr;
   int64_t b0 = 0, b1 = 0, wide_end = 0;
   int64_t loaded_to = 0;  // the rows below it that the window has reached are in the rings
@@ -545,7 +701,7 @@ struct NhwcRings {
         copy_lo(std::min(pad_left, ring_width)),
         copy_cols(std::clamp<int64_t>(ring_width - pad_left, 0, map_cols)),
         ring_size(ring_slots * ring_width * Blocks::kWide),
-        data(group_blocks * ring_size) {}
+        data(new R[group_blocks * ring_size]) {}
 
   // Another image or group of blocks: the padding zeroed, no rows held.
   void start(const S* image_start, int64_t first_block, int64_t end_block) {
@@ -557,12 +713,15 @@ struct NhwcRings {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t lanes = cb.lanes(blk), count = cb.count(blk);
       for (int64_t slot = 0; slot < slots; ++slot) {
-        R* r = data.data() + (blk - b0) * ring_size + slot * width * lanes;
-        std::fill(r, r + copy_lo * lanes, R(0));
-        std::fill(r + (copy_lo + copy_cols) * lanes, r + width * lanes, R(0));
+        // Zero is all bits clear in every R (float, double, bfloat16, half); memset, as
+        // std::fill goes an element at a time for the half types.
+        R* r = data.get() + (blk - b0) * ring_size + slot * width * lanes;
+        std::memset(r, 0, copy_lo * lanes * sizeof(R));
+        std::memset(r + (copy_lo + copy_cols) * lanes, 0,
+                    (width - copy_lo - copy_cols) * lanes * sizeof(R));
         if (count < lanes) {
           for (int64_t col = copy_lo; col < copy_lo + copy_cols; ++col) {
-            std::fill(r + col * lanes + count, r + (col + 1) * lanes, R(0));
+            std::memset(r + col * lanes + count, 0, (lanes - count) * sizeof(R));
           }
         }
       }
@@ -575,7 +734,7 @@ struct NhwcRings {
     const int64_t C = cb.C;
     for (int64_t r = std::max({loaded_to, first, int64_t(0)}); r < last; ++r) {
       const S* src = image + r * cols * C;
-      R* dst = data.data() + ((r % slots) * width + copy_lo) * Blocks::kWide;
+      R* dst = data.get() + ((r % slots) * width + copy_lo) * Blocks::kWide;
       for (int64_t col = 0; col < copy_cols; ++col, src += C, dst += Blocks::kWide) {
         for (int64_t blk = b0; blk < wide_end; ++blk) {
           load_block<S, R, kVectors>(src + cb.channel(blk), dst + (blk - b0) * ring_size);
@@ -584,7 +743,7 @@ struct NhwcRings {
       for (int64_t blk = wide_end; blk < b1; ++blk) {
         const int64_t count = cb.count(blk);
         const S* s = image + r * cols * C + cb.channel(blk);
-        R* d = data.data() + (blk - b0) * ring_size + ((r % slots) * width + copy_lo) * L;
+        R* d = data.get() + (blk - b0) * ring_size + ((r % slots) * width + copy_lo) * L;
         for (int64_t col = 0; col < copy_cols; ++col, s += C, d += L) {
           if (count == L) {
             load_block<S, R, 1>(s, d);
@@ -616,7 +775,7 @@ struct NhwcRings {
 
   // Map row r of block blk: `width` columns of lanes(blk) lanes.
   const R* row(int64_t blk, int64_t r) const {
-    return data.data() + (blk - b0) * ring_size + (r % slots) * width * cb.lanes(blk);
+    return data.get() + (blk - b0) * ring_size + (r % slots) * width * cb.lanes(blk);
   }
 };
 
@@ -681,10 +840,13 @@ struct BlockGroups {
 // of the input rows the kernel spans are kept in rings (NhwcRings: each input element is read
 // from the map once per task, widened once, and the taps never need a bounds check; as many
 // blocks in a group as fit ring_budget()). Each output row is swept block by block, kPixels
-// pixels at a time: the taps summed in registers, then the epilogue, and stored once; past the
-// caches when the output is larger than the threads' L2 caches (kStream bytes each:
-// read-for-ownership of lines a pixel apart otherwise stalls the stores). The rings hold a band's
-// rows as it moves down: each output row loads only the input rows it is the first to reach.
+// pixels at a time (at stride 1 mostly kPixels pixels dil_w apart, RingTaps::spread; AVX-512
+// Zen 5, one thread, [1,256,64,64]: float32 k3d2 1.02-1.13x -> 1.12-1.18x of F.conv2d, bfloat16
+// with the pairs too 0.54x -> 0.73-0.83x): the taps summed in registers, then the epilogue, and
+// stored once; past the caches when the output is larger than the threads' L2 caches (kStream
+// bytes each: read-for-ownership of lines a pixel apart otherwise stalls the stores). The rings
+// hold a band's rows as it moves down: each output row loads only the input rows it is the first
+// to reach.
 template <class S>
 void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   using T = compute_t<S>;
@@ -709,10 +871,16 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   // The weight transposed to [tap][c_pad] and the bias to [c_pad], zero past C, so that a
   // block's weights and bias are whole vector loads.
   const int64_t c_pad = cb.c_pad;
+  // Wide blocks of bfloat16 take their lanes in pairs (kPaired): their weights and bias in the
+  // same order.
   std::vector<T> wt(taps * c_pad, T(0)), bias(c_pad, T(0));
+  constexpr bool paired = kPaired<S, S, kVectors>;
   for (int64_t c = 0; c < C; ++c) {
-    for (int64_t t = 0; t < taps; ++t) wt[t * c_pad + c] = w[c * taps + t];
-    if (b != nullptr) bias[c] = b[c];
+    const int64_t lane = c % (2 * L);
+    const int64_t at =
+        paired && c < cb.blocked * Rings::Blocks::kWide ? c - lane + pair_order(lane, L) : c;
+    for (int64_t t = 0; t < taps; ++t) wt[t * c_pad + at] = w[c * taps + t];
+    if (b != nullptr) bias[at] = b[c];
   }
   const KernelWindow win(g);
   const BlockGroups bg(cb.blocks, Rings::block_bytes(win.width, win.slots), ring_budget());
@@ -766,6 +934,20 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
             constexpr int V = decltype(vectors)::value, KW = decltype(kernel_width)::value;
             constexpr bool kLight = decltype(light_epilogue)::value;
             int64_t ow = 0;
+            if constexpr (KW > 0) {
+              // Stride 1: runs of kPixels * dil_w pixels, each as dil_w sets of kPixels pixels
+              // dil_w apart (RingTaps::spread); the rest as below.
+              const int64_t run = kPixels * g.dil_w;
+              if (g.stride_w == 1) {
+                for (; ow + run <= g.ow; ow += run) {
+                  for (int64_t r = 0; r < g.dil_w; ++r) {
+                    const int64_t at = row_start + (ow + r) * C + c;
+                    t.template spread<kPixels, V, KW, kLight>(
+                        ow + r, c, count, y + at, pre != nullptr ? pre + at : nullptr);
+                  }
+                }
+              }
+            }
             for (; ow + kPixels <= g.ow; ow += kPixels) {
               const int64_t at = row_start + ow * C + c;
               t.template block<kPixels, V, KW, kLight>(ow * g.stride_w, c, count, y + at,
