@@ -7,8 +7,8 @@
 # the GPU machine's (2.11.0+cu130 from PyPI), so the library built here loads there:
 #   bash scripts/build_cuda.sh 2.11.0 90   ->  build/cuda-2.11.0/libtorch_ext.so (sm_90)
 # ARCHITECTURES (or $TORCH_EXT_CUDA_ARCHITECTURES): CMake syntax, default "80;90".
-# TORCH_EXT_CUDA_PYTEST=0: build and check the registration only. CI runs 2.11.0 in full and
-# 2.14.1 (the other end of the supported range) for sm_90 without the tests.
+# TORCH_EXT_CUDA_PYTEST=0: build and check the registration only. CI runs 2.11.0 in full for
+# sm_90 and 2.14.1 (the other end of the supported range) for sm_80 without the tests.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 TORCH_CUDA_VERSION="${1:-${TORCH_CUDA_VERSION:-2.11.0}}"
