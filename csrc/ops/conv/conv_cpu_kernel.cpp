@@ -423,7 +423,6 @@ inline void load_block(const S* src, R* dst) {
 // the same order (pair_order), and join_pairs rounds the two vectors back (to nearest even, NaN
 // to 0xffff, as at::vec does) and interleaves them into channel order. Vector capabilities only.
 #if defined(CPU_CAPABILITY_AVX512)
-using PairBits = __m512i;
 C10_ALWAYS_INLINE void split_pairs(const c10::BFloat16* p, Vec<float>& even, Vec<float>& odd) {
   const __m512i raw = _mm512_loadu_si512(p);
   even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
@@ -443,16 +442,8 @@ C10_ALWAYS_INLINE __m512i join_pairs(const Vec<float>& even, const Vec<float>& o
       _mm512_srli_epi32(round_to_top(even), 16),
       _mm512_and_si512(round_to_top(odd), _mm512_set1_epi32(int32_t(0xffff0000u))));
 }
-C10_ALWAYS_INLINE void store_pairs(__m512i v, c10::BFloat16* p, bool stream) {
-  if (stream) {
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
-  } else {
-    _mm512_storeu_si512(p, v);
-  }
-}
 constexpr bool kPairs = true;
 #elif defined(CPU_CAPABILITY_AVX2)
-using PairBits = __m256i;
 C10_ALWAYS_INLINE void split_pairs(const c10::BFloat16* p, Vec<float>& even, Vec<float>& odd) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
@@ -470,13 +461,6 @@ C10_ALWAYS_INLINE __m256i join_pairs(const Vec<float>& even, const Vec<float>& o
   return _mm256_or_si256(
       _mm256_srli_epi32(round_to_top(even), 16),
       _mm256_and_si256(round_to_top(odd), _mm256_set1_epi32(int32_t(0xffff0000u))));
-}
-C10_ALWAYS_INLINE void store_pairs(__m256i v, c10::BFloat16* p, bool stream) {
-  if (stream) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
-  } else {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
-  }
 }
 constexpr bool kPairs = true;
 #else
@@ -634,7 +618,12 @@ struct RingTaps {
     if constexpr (kPaired<S, R, V>) {
       constexpr int64_t L = Vec<T>::size();
       _Pragma("GCC unroll 16") for (int v = 0; v < V; v += 2) {
-        store_pairs(join_pairs(y[v], y[v + 1]), p + v * L, stream);
+        const Vec<S> h(join_pairs(y[v], y[v + 1]));
+        if (stream) {
+          store_streaming(h, p + v * L);
+        } else {
+          h.store(p + v * L);
+        }
       }
     } else {
       store_vectors<S, V>(y, p, count, stream);
