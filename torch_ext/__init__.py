@@ -60,12 +60,13 @@ def compiled_backends() -> list[str]:
 
 
 def cpu_capability() -> str:
-    """The instruction set of the CPU kernels in use: "default", "avx2" or "avx512".
+    """The instruction set of the CPU kernels in use: "default", "avx2", "avx512" or
+    "avx512_bf16" (the AVX-512 copy, bfloat16 rounded by the CPU's own conversion).
 
     "avx2" unless the environment variable TORCH_EXT_CPU_CAPABILITY (or ATEN_CPU_CAPABILITY)
     asks for another, never more than the CPU supports; read once per process. The kernels
-    that measured faster with AVX-512 (the channels_last depthwise convolution) run "avx512"
-    where the CPU supports it unless the environment asks for another.
+    that measured faster with AVX-512 (the channels_last depthwise convolution) run the best
+    AVX-512 copy the CPU supports unless the environment asks for another.
     """
     import torch
 

@@ -15,6 +15,7 @@ CpuCapability supported() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
     result = CpuCapability::Avx512;
+    if (__builtin_cpu_supports("avx512bf16")) result = CpuCapability::Avx512Bf16;
   }
 #endif
   return result;
@@ -29,6 +30,7 @@ int asked() {
   if (std::strcmp(cap, "default") == 0) return static_cast<int>(CpuCapability::Default);
   if (std::strcmp(cap, "avx2") == 0) return static_cast<int>(CpuCapability::Avx2);
   if (std::strcmp(cap, "avx512") == 0) return static_cast<int>(CpuCapability::Avx512);
+  if (std::strcmp(cap, "avx512_bf16") == 0) return static_cast<int>(CpuCapability::Avx512Bf16);
   return -1;
 }
 
@@ -50,12 +52,19 @@ CpuCapability cpu_capability() {
 }
 
 CpuCapability cpu_capability_preferring_avx512() {
-  static const CpuCapability capability = detect(CpuCapability::Avx512);
+  static const CpuCapability capability = detect(CpuCapability::Avx512Bf16);
   return capability;
+}
+
+bool cpu_native_bfloat16(bool prefer_avx512) {
+  return (prefer_avx512 ? cpu_capability_preferring_avx512() : cpu_capability()) ==
+         CpuCapability::Avx512Bf16;
 }
 
 const char* cpu_capability_name(CpuCapability capability) {
   switch (capability) {
+    case CpuCapability::Avx512Bf16:
+      return "avx512_bf16";
     case CpuCapability::Avx512:
       return "avx512";
     case CpuCapability::Avx2:

@@ -642,7 +642,7 @@ PACKING_RAW = Op("plan_packing", "torch.ops.torch_ext.plan_packing", ops.plan_pa
 ATTENTION = Op("varlen.attention", "torch_ext.varlen.attention", torch_ext.varlen.attention,
                attention_ref)  # fmt: skip
 CPU_CAPABILITY = Op("_cpu_capability", "torch.ops.torch_ext._cpu_capability",
-                    lambda: ops._cpu_capability() in ("default", "avx2", "avx512"),
+                    lambda: ops._cpu_capability() in ("default", "avx2", "avx512", "avx512_bf16"),
                     lambda: True)  # fmt: skip
 
 

@@ -1020,6 +1020,25 @@ for d in (1, 3):
     for a, e in zip([out, x.grad, w.grad, b.grad], [ref] + [t.grad for t in refs]):
         scale = max(1.0, e.abs().max().item())
         torch.testing.assert_close(a.float(), e.detach(), rtol=1.6e-2, atol=1.6e-2 * scale)
+# bfloat16 NHWC depthwise outputs and input gradients rounded bit for bit: integer maps and
+# taps keep every float sum exact in any order, so each result must be the exact sum rounded
+# once to nearest even (sums past 256 often fall on ties). By the CPU's conversion in the
+# avx512_bf16 copy, in software in the others; whole channel blocks (lanes in pairs), a single
+# vector and a partial one (88 channels), and a map past the streaming threshold.
+for shape in ((2, 88, 9, 23), (1, 128, 64, 64)):
+    C = shape[1]
+    x = torch.randint(-256, 257, shape, generator=g).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randint(-15, 16, (C, 1, 3, 3), generator=g).bfloat16()
+    b = torch.randint(-256, 257, (C,), generator=g).bfloat16()
+    out = torch_ext.dilated_conv2d(x, w, b, 1, 2, 2, C)
+    xd = x.detach().double().requires_grad_()
+    ref = F.conv2d(xd, w.double(), b.double(), 1, 2, 2, C)
+    go = torch.randint(-8, 9, out.shape, generator=g).bfloat16()
+    out.backward(go)
+    ref.backward(go.double())
+    assert torch.equal(out, ref.bfloat16()), (shape, (out.double() - ref).abs().max())
+    assert torch.equal(x.grad, xd.grad.bfloat16()), (shape, (x.grad.double() - xd.grad).abs().max())
 print("capability=" + torch_ext.cpu_capability())
 print("ok")
 """
@@ -1027,8 +1046,8 @@ print("ok")
 
 @pytest.mark.parametrize(
     "capability,tile_bytes",
-    [("default", None), ("avx2", None), ("avx512", None), ("avx2", 2048)],
-    ids=["default", "avx2", "avx512", "avx2-tiny-tiles"],
+    [("default", None), ("avx2", None), ("avx512", None), ("avx512_bf16", None), ("avx2", 2048)],
+    ids=["default", "avx2", "avx512", "avx512-bf16", "avx2-tiny-tiles"],
 )
 def test_every_cpu_capability_copy(capability, tile_bytes):
     """The CPU loops (depthwise, im2col/col2im, epilogue) are compiled once per instruction

@@ -852,7 +852,7 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512", "avx512_bf16"])
 def test_every_cpu_capability_copy(capability):
     """TORCH_EXT_CPU_CAPABILITY caps the kernel copy picked at first use; it is read once per
     process, hence a fresh interpreter per copy (an unsupported cap falls back to the best the
@@ -879,14 +879,14 @@ def cpu_supported_capability() -> str:
             if line.startswith("flags"):
                 flags.update(line.split(":", 1)[1].split())
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-        return "avx512"
+        return "avx512_bf16" if "avx512_bf16" in flags else "avx512"
     if {"avx2", "fma"} <= flags:
         return "avx2"
     return "default"
 
 
 def expected_capability(asked: str) -> str:
-    order = ["default", "avx2", "avx512"]
+    order = ["default", "avx2", "avx512", "avx512_bf16"]
     return order[min(order.index(asked), order.index(cpu_supported_capability()))]
 
 

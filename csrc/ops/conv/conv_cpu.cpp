@@ -240,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor> conv_forward_cpu(
                                        b.defined() ? b.const_data_ptr() : nullptr,
                                        out.mutable_data_ptr(),
                                        with_preact ? pre.mutable_data_ptr() : nullptr, g, act,
-                                       nhwc});
+                                       nhwc, cpu_native_bfloat16(nhwc)});
     }
     return {out.contiguous(format), with_preact ? pre.contiguous(format) : pre};
   }
@@ -336,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_backward_nhwc(
       gi = at::empty({g.n, g.c_in, g.h, g.w}, input.options().memory_format(cl));
       kernels(true).depthwise_forward({dtype, gy.const_data_ptr(), flipped.const_data_ptr(),
                                        nullptr, gi.mutable_data_ptr(), nullptr, t,
-                                       Activation::None, true});
+                                       Activation::None, true, cpu_native_bfloat16(true)});
     } else {
       const auto gyc = gy.to(cdtype).contiguous();
       auto gic = at::empty({g.n, g.c_in, g.h, g.w}, gyc.options());

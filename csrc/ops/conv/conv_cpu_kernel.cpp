@@ -339,12 +339,37 @@ inline void store_fence() {
 #endif
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Two vectors of floats rounded to bfloat16 by the CPU (VCVTNE2PS2BF16 of AVX512_BF16), lo's
+// lanes in the low half. Inline assembly rather than the intrinsic: the AVX-512 copy is not
+// compiled for AVX512_BF16 (the compiler could then place its instructions anywhere), and the
+// kernels take this path only where the CPU has it (DepthwiseForwardArgs::native_bf16). About a
+// tenth of the bfloat16 NHWC forward's time went into rounding in software (Zen 5).
+C10_ALWAYS_INLINE __m512i native_bf16(const Vec<float>& lo, const Vec<float>& hi) {
+  __m512i packed;
+  asm("vcvtne2ps2bf16 {%2, %1, %0|%0, %1, %2}" : "=v"(packed) : "v"(__m512(hi)), "v"(__m512(lo)));
+  return packed;
+}
+#endif
+
+// Two vectors of floats as one of the half type S (a's lanes first), rounded to nearest even:
+// by the CPU where `native` (bfloat16, AVX-512 copy), else as at::vec rounds.
+template <class S>
+C10_ALWAYS_INLINE Vec<S> round_pair(const Vec<float>& a, const Vec<float>& b, bool native) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    if (native) return Vec<S>(native_bf16(a, b));
+  }
+#endif
+  return at::vec::convert_from_float<S>(a, b);
+}
+
 // The first `count` lanes of V vectors of the compute type, stored as S at p (half types rounded,
-// two vectors at a time where whole). stream: whole vectors of S go through store_streaming (p
-// aligned to Vec<S>'s size).
+// two vectors at a time where whole; by the CPU where `native`, see round_pair). stream: whole
+// vectors of S go through store_streaming (p aligned to Vec<S>'s size).
 template <class S, int V>
 C10_ALWAYS_INLINE void store_vectors(const Vec<compute_t<S>> (&v)[V], S* p, int64_t count,
-                                     bool stream) {
+                                     bool stream, bool native) {
   using T = compute_t<S>;
   constexpr int64_t L = Vec<T>::size();
   if (count == V * L) {
@@ -358,7 +383,7 @@ C10_ALWAYS_INLINE void store_vectors(const Vec<compute_t<S>> (&v)[V], S* p, int6
       }
     } else if constexpr (V % 2 == 0) {
       for (int i = 0; i < V; i += 2) {
-        const auto h = at::vec::convert_from_float<S>(v[i], v[i + 1]);
+        const auto h = round_pair<S>(v[i], v[i + 1], native);
         if (stream) {
           store_streaming(h, p + i * L);
         } else {
@@ -366,7 +391,7 @@ C10_ALWAYS_INLINE void store_vectors(const Vec<compute_t<S>> (&v)[V], S* p, int6
         }
       }
     } else {
-      for (int i = 0; i < V; ++i) at::vec::convert_from_float<S>(v[i], v[i]).store(p + i * L, L);
+      for (int i = 0; i < V; ++i) round_pair<S>(v[i], v[i], native).store(p + i * L, L);
     }
     return;
   }
@@ -375,7 +400,7 @@ C10_ALWAYS_INLINE void store_vectors(const Vec<compute_t<S>> (&v)[V], S* p, int6
     if constexpr (std::is_same_v<S, T>) {
       v[i].store(p + i * L, n);
     } else {
-      at::vec::convert_from_float<S>(v[i], v[i]).store(p + i * L, n);
+      round_pair<S>(v[i], v[i], native).store(p + i * L, n);
     }
   }
 }
@@ -421,7 +446,8 @@ inline void load_block(const S* src, R* dst) {
 // widening the taps otherwise do (a zero-extending shuffle and a shift per L lanes) was the
 // largest part of the bfloat16 NHWC forward's time (Zen 5, AVX-512). Weights and bias go into
 // the same order (pair_order), and join_pairs rounds the two vectors back (to nearest even, NaN
-// to 0xffff, as at::vec does) and interleaves them into channel order. Vector capabilities only.
+// to 0xffff, as at::vec does; or by the CPU, see round_pair) and interleaves them into channel
+// order. Vector capabilities only.
 #if defined(CPU_CAPABILITY_AVX512)
 C10_ALWAYS_INLINE void split_pairs(const c10::BFloat16* p, Vec<float>& even, Vec<float>& odd) {
   const __m512i raw = _mm512_loadu_si512(p);
@@ -437,7 +463,15 @@ C10_ALWAYS_INLINE __m512i round_to_top(const Vec<float>& v) {
   const __mmask16 number = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
   return _mm512_mask_blend_epi32(number, _mm512_set1_epi32(-1), rounded);
 }
-C10_ALWAYS_INLINE __m512i join_pairs(const Vec<float>& even, const Vec<float>& odd) {
+C10_ALWAYS_INLINE __m512i join_pairs(const Vec<float>& even, const Vec<float>& odd,
+                                     bool native) {
+  if (native) {
+    // Rounded by the CPU into [even 0..15, odd 0..15], then interleaved by one word permute.
+    const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                           24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                           16, 0);
+    return _mm512_permutexvar_epi16(order, native_bf16(even, odd));
+  }
   return _mm512_or_si512(
       _mm512_srli_epi32(round_to_top(even), 16),
       _mm512_and_si512(round_to_top(odd), _mm512_set1_epi32(int32_t(0xffff0000u))));
@@ -457,7 +491,8 @@ C10_ALWAYS_INLINE __m256i round_to_top(const Vec<float>& v) {
   const __m256 number = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
   return _mm256_blendv_epi8(_mm256_set1_epi32(-1), rounded, _mm256_castps_si256(number));
 }
-C10_ALWAYS_INLINE __m256i join_pairs(const Vec<float>& even, const Vec<float>& odd) {
+C10_ALWAYS_INLINE __m256i join_pairs(const Vec<float>& even, const Vec<float>& odd,
+                                     bool /*native: AVX-512 only*/) {
   return _mm256_or_si256(
       _mm256_srli_epi32(round_to_top(even), 16),
       _mm256_and_si256(round_to_top(odd), _mm256_set1_epi32(int32_t(0xffff0000u))));
@@ -496,6 +531,7 @@ struct RingTaps {
   Activation act;
   int64_t C;
   bool stream;
+  bool native;  // bfloat16 rounded by the CPU (round_pair)
 
   // One column of the block: V vectors of the compute type from the ring at p (split from pairs
   // of bfloat16 where the lanes go in pairs, widened for other half types).
@@ -618,7 +654,7 @@ struct RingTaps {
     if constexpr (kPaired<S, R, V>) {
       constexpr int64_t L = Vec<T>::size();
       _Pragma("GCC unroll 16") for (int v = 0; v < V; v += 2) {
-        const Vec<S> h(join_pairs(y[v], y[v + 1]));
+        const Vec<S> h(join_pairs(y[v], y[v + 1], native));
         if (stream) {
           store_streaming(h, p + v * L);
         } else {
@@ -626,7 +662,7 @@ struct RingTaps {
         }
       }
     } else {
-      store_vectors<S, V>(y, p, count, stream);
+      store_vectors<S, V>(y, p, count, stream, native);
     }
   }
 };
@@ -918,7 +954,8 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
           }
           const RingTaps<T, S> t{row.data(),  row_tap.data(), rows,      g.kw,
                                  g.dil_w,     g.stride_w,     wt.data(), c_pad,
-                                 bias.data(), a.act,          C,         stream && wide};
+                                 bias.data(), a.act,          C,         stream && wide,
+                                 a.native_bf16};
           const auto sweep = [&](auto vectors, auto kernel_width, auto light_epilogue) {
             constexpr int V = decltype(vectors)::value, KW = decltype(kernel_width)::value;
             constexpr bool kLight = decltype(light_epilogue)::value;

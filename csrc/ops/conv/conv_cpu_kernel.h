@@ -28,6 +28,9 @@ struct DepthwiseForwardArgs {
   ConvGeometry g;
   Activation act;
   bool channels_last;
+  // bfloat16 maps written with the CPU's own rounding (cpu_native_bfloat16), where the kernel
+  // has a use for it (the AVX-512 NHWC loops); the software rounding otherwise.
+  bool native_bf16 = false;
 };
 
 // grad_input[n, c] = sum over the c_out / c_in output channels of c of the transposed taps.
