@@ -560,7 +560,9 @@ def test_depthwise_channels_last_bfloat16_infinities(device, width):
 # on AVX2) `dilation` columns apart, so that each ring column loaded serves every tap that reads
 # it, and the rest of a row a block of neighbouring pixels at a time; the bfloat16 channel blocks
 # of 2 vectors take their lanes in pairs (even channels in one float vector, odd ones in the
-# other, weights and bias in the same order, interleaved again when stored). Widths with two or
+# other, weights and bias in the same order, interleaved again when stored; where the CPU has
+# AVX512_BF16, kernel rows in pairs by its dot product instead, a row left over paired with zero,
+# the lanes unpacked from the two rows and put back when stored). Widths with two or
 # more runs and a rest, every unrolled kernel width and a wider one, dilations 1-3; the forward,
 # gelu's saved pre-activation (stored in pairs too) and every gradient (the input gradient is
 # that forward on the flipped taps).
