@@ -883,20 +883,9 @@ struct NhwcRings {
           load_block<S, R, kVectors>(src + cb.channel(blk), dst + (blk - b0) * ring_size);
         }
       }
-      for (int64_t blk = wide_end; blk < b1; ++blk) {
-        const int64_t count = cb.count(blk);
-        const S* s = image + r * cols * C + cb.channel(blk);
-        R* d = data.get() + (blk - b0) * ring_size + ((r % slots) * width + copy_lo) * L;
-        for (int64_t col = 0; col < copy_cols; ++col, s += C, d += L) {
-          if (count == L) {
-            load_block<S, R, 1>(s, d);
-          } else {
-            widen(s, d, count);
-          }
-        }
-      }
     }
-    loaded_to = std::max(loaded_to, last);
+    for (int64_t blk = wide_end; blk < b1; ++blk) load_block_rows(first, last, blk);
+    reached(last);
   }
 
   // As load, for block blk alone, leaving the other blocks' rings as they are: the rows [first,
