@@ -812,10 +812,8 @@ struct ChannelBlocks {
 // columns of zeros first, the columns past the ring cropped) and zeros elsewhere and past C; a
 // block's lanes of one pixel are contiguous, consecutive pixels too (in the map they lie C elements
 // apart, a stride that maps them all onto a few cache sets). A row is read once and copied or
-// widened once: by load, a pixel's channels of the group at a time (one contiguous read), or by
-// load_block_rows, one block at a time as the taps finish with the rows it replaces (one cache
-// line or two per pixel, C elements apart, which the hardware prefetchers do not follow: the
-// caller prefetches the rows a pixel at a time beforehand).
+// widened once, a pixel's channels of the group at a time (one contiguous read, which the
+// hardware prefetchers follow; the single-vector blocks after the wide ones, block by block).
 template <class S, int kVectors, class R>
 struct NhwcRings {
   using T = compute_t<S>;
@@ -888,9 +886,7 @@ struct NhwcRings {
     reached(last);
   }
 
-  // As load, for block blk alone, leaving the other blocks' rings as they are: the rows [first,
-  // last) the window has not reached yet, then `reached` (for every block) once all are loaded.
-  // Its reads take one block's lanes of each pixel, C elements apart (prefetch them first).
+  // load's rows of block blk alone: the rows [first, last) the window has not reached yet.
   void load_block_rows(int64_t first, int64_t last, int64_t blk) {
     const int64_t C = cb.C, lanes = cb.lanes(blk), count = cb.count(blk);
     for (int64_t r = std::max({loaded_to, first, int64_t(0)}); r < last; ++r) {
@@ -1002,12 +998,14 @@ struct BlockGroups {
 // 0.86-0.88x, k5d2 0.82x -> 1.04x): the taps summed in registers, then the epilogue, and
 // stored once; past the caches when the output is larger than the threads' L2 caches (kStream
 // bytes each: read-for-ownership of lines a pixel apart otherwise stalls the stores). The rings
-// hold a band's rows as it moves down: each output row loads only the input rows it is the first
-// to reach, block by block as the row before finishes each block (the copy, which had been a
-// pass of its own, about a quarter of the bfloat16 k3d2 time at one thread, then overlaps the
-// taps; prefetched two rows ahead). Against one pass per row, interleaved in one process, four
-// runs (Zen 5, AVX-512), k3d2: [1,256,64,64] one thread float32 +10-28%, bfloat16 0-8%;
-// [8,256,64,64] two threads float32 -8% to +4%, bfloat16 -3% to +17%; k5d2 within 7%.
+// hold a band's rows as it moves down: each output row first loads, in one pass, only the input
+// rows it is the first to reach. Copying them instead block by block into the row before, as each
+// block finished with its oldest rows (so the copy would overlap the taps), was slower in all 24
+// cases measured on Zen 5 (AVX-512), interleaved in one process, two runs: k3d2, k5d2, k7d3,
+// float32 and bfloat16, [1,256,64,64] one thread 3-25%, [8,256,64,64] two threads 3-16%. The fill
+// and the taps do not overlap either way ([8,256,64,64] bfloat16 k3d2, two threads: taps alone
+// 0.82 ms, fill alone 0.77-0.95 ms, both 1.65-1.78 ms), and a deferred copy of whole pixels, an
+// eighth of the row after each block (one more ring slot), was no faster than block by block.
 template <class S>
 void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   using T = compute_t<S>;
@@ -1087,18 +1085,13 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
       const int64_t oh_begin = band * band_rows, oh_end = std::min(g.oh, oh_begin + band_rows);
       for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
         const int64_t top = win.top(oh);
-        // The band's first row loads its window; each later one finds its rows loaded block
-        // by block as the row before finished with each block (below).
-        if (oh == oh_begin) rings.load(top, win.last(oh));
-        const bool next = oh + 1 < oh_end;
+        // The rows this output row is the first to reach, in one pass of contiguous reads.
+        rings.load(top, win.last(oh));
         const int64_t row_start = (n * g.oh + oh) * g.ow * C;
         for (int64_t blk = b0; blk < b1; ++blk) {
-          // The rows the output row after next will load, on their way to the cache while this
-          // one runs: a share of the columns before each block.
-          if (oh + 2 < oh_end) {
-            rings.prefetch(std::max(win.last(oh + 1), win.top(oh + 2)), win.last(oh + 2),
-                           blk - b0, b1 - b0);
-          }
+          // The rows the next output row will load, on their way to the cache while this one
+          // runs: a share of the columns before each block.
+          if (oh + 1 < oh_end) rings.prefetch(win.top(oh + 1), win.last(oh + 1), blk - b0, b1 - b0);
           const bool wide = cb.wide(blk);
           const int64_t c = cb.channel(blk), count = cb.count(blk);
           int64_t rows = 0;
@@ -1166,11 +1159,7 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
           } else {
             with_vectors(std::false_type{});
           }
-          // This block is done with the oldest rows: the next output row's new ones take their
-          // slots now, while the rest of the row's work follows (no pass of its own).
-          if (next) rings.load_block_rows(win.top(oh + 1), win.last(oh + 1), blk);
         }
-        if (next) rings.reached(win.last(oh + 1));
       }
     }
     if (stream) store_fence();
