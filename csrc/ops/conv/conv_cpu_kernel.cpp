@@ -566,6 +566,9 @@ struct RingTaps {
   // Wide bfloat16 blocks in kernel-row pairs (kDotPairs), or nullptr: [2 kh][kw][weight_stride]
   // 32-bit lanes, entry 2 i the rows (i, i + 1), entry 2 i + 1 row i with zero.
   const uint32_t* dot_weight;
+  // With dot_weight, a row's taps in column pairs: [kh][kw][weight_stride], entry (i, j) for even
+  // j the taps (j, j + 1) of row i, and for j = kw - 1 with kw odd that tap with zero.
+  const uint32_t* dot_columns;
 
   // One column of the block: V vectors of the compute type from the ring at p (split from pairs
   // of bfloat16 where the lanes go in pairs, widened for other half types).
@@ -681,7 +684,13 @@ struct RingTaps {
     start_sums(acc, c);
     int64_t r = 0;
     for (; r + 1 < rows; r += 2) dot_rows<P, V, KW, kSpread, true>(acc, r, col, c);
-    if (r < rows) dot_rows<P, V, KW, kSpread, false>(acc, r, col, c);
+    if (r < rows) {
+      if constexpr (kSpread && KW % 2 == 1 && KW > 1) {
+        dot_row_columns<P, V, KW>(acc, r, col, c);
+      } else {
+        dot_rows<P, V, KW, kSpread, false>(acc, r, col, c);
+      }
+    }
     Vec<T> sums[P][V];
     _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p) {
       _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) sums[p][v] = acc[p][v];
@@ -729,6 +738,56 @@ struct RingTaps {
           _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) dot_bf16(acc[p][v], x[v], wv[v]);
         }
       }
+    }
+  }
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)
+  // The sums of dot over kernel row r alone, for spread (stride 1, an odd kernel width KW > 1):
+  // the row's taps in column pairs, (j, j + 1) for even j from the columns q and q + 1 unpacked
+  // together, the last tap with zero: (KW + 1) / 2 products per pixel instead of KW, for two
+  // unpacks more per column.
+  template <int P, int V, int KW>
+  C10_ALWAYS_INLINE void dot_row_columns(__m512 (&acc)[P][V], int64_t r, int64_t col,
+                                         int64_t c) const {
+    static_assert(KW % 2 == 1 && KW > 1 && V == 2);
+    constexpr int64_t L = Vec<T>::size();
+    constexpr int kPairs = KW / 2, kColumns = P + KW - 1;
+    const int64_t tap_step = dil_w * V * L;
+    const R* p0 = row[r] + col * V * L;
+    const uint32_t* wp = dot_columns + row_tap[r] * KW * weight_stride + c;
+    __m512i wv[kPairs + 1][V];
+    _Pragma("GCC unroll 8") for (int k = 0; k <= kPairs; ++k) {
+      _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) {
+        wv[k][v] = _mm512_loadu_si512(wp + 2 * k * weight_stride + v * L);
+      }
+    }
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i a = _mm512_loadu_si512(p0);
+    _Pragma("GCC unroll 16") for (int q = 0; q < kColumns; ++q) {
+      // Column q starts the pair (j, j + 1) of pixel q - j (j even), and is the last tap of
+      // pixel q - KW + 1.
+      bool pair = false;
+      _Pragma("GCC unroll 8") for (int k = 0; k < kPairs; ++k) {
+        pair = pair || (q - 2 * k >= 0 && q - 2 * k < P);
+      }
+      const int last = q - (KW - 1);
+      const __m512i b = q + 1 < kColumns ? _mm512_loadu_si512(p0 + (q + 1) * tap_step) : zero;
+      if (pair) {
+        const __m512i x[V] = {_mm512_unpacklo_epi16(a, b), _mm512_unpackhi_epi16(a, b)};
+        _Pragma("GCC unroll 8") for (int k = 0; k < kPairs; ++k) {
+          const int p = q - 2 * k;
+          if (p < 0 || p >= P) continue;
+          _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) dot_bf16(acc[p][v], x[v], wv[k][v]);
+        }
+      }
+      if (last >= 0 && last < P) {
+        const __m512i x[V] = {_mm512_unpacklo_epi16(a, zero), _mm512_unpackhi_epi16(a, zero)};
+        _Pragma("GCC unroll 16") for (int v = 0; v < V; ++v) {
+          dot_bf16(acc[last][v], x[v], wv[kPairs][v]);
+        }
+      }
+      a = b;
     }
   }
 #endif
@@ -995,7 +1054,10 @@ struct BlockGroups {
 // with the pairs too 0.54x -> 0.73-0.83x; with the CPU's dot product on kernel-row pairs,
 // kDotPairs, against the split pairs, interleaved: k3d2 0.84-0.98x -> 0.88-1.01x, k5d2
 // 1.02-1.03x -> 1.22x, k7d3 11x -> 15x, and at [8,256,64,64], two threads, k3d2 0.74-0.79x ->
-// 0.86-0.88x, k5d2 0.82x -> 1.04x): the taps summed in registers, then the epilogue, and
+// 0.86-0.88x, k5d2 0.82x -> 1.04x; a kernel row left over from the pairs in column pairs,
+// RingTaps::dot_row_columns, against pairing it with zero, interleaved, two runs: one thread
+// k3d2 and k5d2 +2-8%, k7d3 +20-27%; two threads at [1,256,64,64] k3d2 +10%, k5d2 +8%, at
+// [8,256,64,64] 0-5%): the taps summed in registers, then the epilogue, and
 // stored once; past the caches when the output is larger than the threads' L2 caches (kStream
 // bytes each: read-for-ownership of lines a pixel apart otherwise stalls the stores). The rings
 // hold a band's rows as it moves down: each output row first loads, in one pass, only the input
@@ -1037,7 +1099,8 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   std::vector<T> wt(taps * c_pad, T(0)), bias(c_pad, T(0));
   constexpr bool paired = kPaired<S, S, kVectors>;
   const bool dot = kDotPairs && paired && a.native_bf16;
-  std::vector<uint32_t> dot_wt(dot ? 2 * taps * c_pad : 0, 0);
+  std::vector<uint32_t> dot_wt(dot ? 3 * taps * c_pad : 0, 0);
+  uint32_t* const dot_cols = dot_wt.data() + 2 * taps * c_pad;
   const auto bf16_bits = [](T v) { return uint32_t(c10::BFloat16(float(v)).x); };
   for (int64_t c = 0; c < C; ++c) {
     const int64_t lane = c % (2 * L);
@@ -1054,6 +1117,10 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
           const uint32_t hi = i + 1 < g.kh ? bf16_bits(w[c * taps + (i + 1) * g.kw + j]) : 0;
           dot_wt[((2 * i) * g.kw + j) * c_pad + at] = lo | hi << 16;
           dot_wt[((2 * i + 1) * g.kw + j) * c_pad + at] = lo;
+          if (j % 2 == 0) {
+            const uint32_t next = j + 1 < g.kw ? bf16_bits(w[c * taps + i * g.kw + j + 1]) : 0;
+            dot_cols[(i * g.kw + j) * c_pad + at] = lo | next << 16;
+          }
         }
       }
     }
@@ -1105,7 +1172,8 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
           const RingTaps<T, S> t{row.data(),  row_tap.data(), rows,      g.kw,
                                  g.dil_w,     g.stride_w,     wt.data(), c_pad,
                                  bias.data(), a.act,          C,         stream && wide,
-                                 a.native_bf16, dot && wide ? dot_wt.data() : nullptr};
+                                 a.native_bf16, dot && wide ? dot_wt.data() : nullptr,
+                                 dot && wide ? dot_cols : nullptr};
           const auto sweep = [&](auto vectors, auto kernel_width, auto light_epilogue) {
             constexpr int V = decltype(vectors)::value, KW = decltype(kernel_width)::value;
             constexpr bool kLight = decltype(light_epilogue)::value;
