@@ -565,11 +565,16 @@ def test_depthwise_channels_last_bfloat16_infinities(device, width):
 # the lanes unpacked from the two rows and put back when stored). Widths with two or
 # more runs and a rest, every unrolled kernel width and a wider one, dilations 1-3; the forward,
 # gelu's saved pre-activation (stored in pairs too) and every gradient (the input gradient is
-# that forward on the flipped taps).
+# that forward on the flipped taps). The CPU forward's input rings in both layouts
+# (TORCH_EXT_CONV_RINGS; by default by pixels only where the output streams and k <= 3).
+@pytest.mark.parametrize("rings", ["blocks", "pixels"])
 @pytest.mark.parametrize("dtype", [torch.float32, *HALVES], ids=dtype_id)
 @pytest.mark.parametrize("dilation", [1, 2, 3])
 @pytest.mark.parametrize("kernel", [3, 5, 7, 9])
-def test_depthwise_channels_last_pixel_runs(device, dtype, dilation, kernel, gen):
+def test_depthwise_channels_last_pixel_runs(
+    device, dtype, dilation, kernel, rings, gen, monkeypatch
+):
+    monkeypatch.setenv("TORCH_EXT_CONV_RINGS", rings)
     channels = 80  # AVX-512: blocks of 32, 32 and 16 lanes; AVX2: five blocks of 16
     width = 2 * 8 * dilation + 5
     tensors = make_depthwise_nhwc(
@@ -604,14 +609,16 @@ def test_depthwise_channels_last_large_outputs(
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("rings", ["blocks", "pixels"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_depthwise_channels_last_channel_groups(device, dtype, gen, monkeypatch):
+def test_depthwise_channels_last_channel_groups(device, dtype, rings, gen, monkeypatch):
     """A map so wide that the CPU NHWC kernels' row rings of all 260 channels exceed their
     budget (set to 1 MiB here, TORCH_EXT_CONV_RING_BYTES; by default four L2 caches, 1-8 MiB)
     several times over: the channel blocks go in several groups (the last one smaller, one block
-    a single vector), each filling its own rings; the forward and every gradient against the
-    reference."""
+    a single vector, partly past C), each filling its own rings, the forward's by blocks or by
+    pixels (TORCH_EXT_CONV_RINGS); the forward and every gradient against the reference."""
     monkeypatch.setenv("TORCH_EXT_CONV_RING_BYTES", str(1 << 20))
+    monkeypatch.setenv("TORCH_EXT_CONV_RINGS", rings)
     tensors = make_depthwise_nhwc((1, 260, 7, 1200), (3, 3), gen, device=device, dtype=dtype)
     out, _ = check_conv(tensors, conv_kwargs(1, "same", 2, 260), "silu", gen)
     assert out.is_contiguous(memory_format=torch.channels_last)

@@ -556,6 +556,7 @@ struct RingTaps {
   const int64_t* row_tap;
   int64_t rows;
   int64_t kw, dil_w, stride_w;
+  int64_t pitch;  // elements from one ring column to the next
   const T* weight;  // [tap][weight_stride], the block's channels at offset c
   int64_t weight_stride;
   const T* bias;
@@ -610,10 +611,10 @@ struct RingTaps {
 #endif
     Vec<T> acc[P][V];
     start_sums(acc, c);
-    // Pixels stride_w columns apart, taps dil_w columns apart, V * L lanes per column.
-    const int64_t pixel_step = stride_w * V * L, tap_step = dil_w * V * L;
+    // Pixels stride_w columns apart, taps dil_w columns apart.
+    const int64_t pixel_step = stride_w * pitch, tap_step = dil_w * pitch;
     for (int64_t r = 0; r < rows; ++r) {
-      const R* px = row[r] + col * V * L;
+      const R* px = row[r] + col * pitch;
       const T* wp = weight + row_tap[r] * width * weight_stride + c;
       _Pragma("GCC unroll 8") for (int64_t j = 0; j < width; ++j) {
         Vec<T> wv[V];
@@ -648,9 +649,9 @@ struct RingTaps {
 #endif
     Vec<T> acc[P][V];
     start_sums(acc, c);
-    const int64_t tap_step = dil_w * V * L;
+    const int64_t tap_step = dil_w * pitch;
     for (int64_t r = 0; r < rows; ++r) {
-      const R* px = row[r] + col * V * L;
+      const R* px = row[r] + col * pitch;
       const T* wp = weight + row_tap[r] * KW * weight_stride + c;
       Vec<T> wv[KW][V];
       _Pragma("GCC unroll 8") for (int j = 0; j < KW; ++j) {
@@ -703,9 +704,9 @@ struct RingTaps {
   C10_ALWAYS_INLINE void dot_rows(__m512 (&acc)[P][V], int64_t r, int64_t col, int64_t c) const {
     constexpr int64_t L = Vec<T>::size();
     const int64_t width = KW > 0 ? KW : kw;
-    const int64_t pixel_step = stride_w * V * L, tap_step = dil_w * V * L;
-    const R* p0 = row[r] + col * V * L;
-    const R* p1 = kTwo ? row[r + 1] + col * V * L : p0;
+    const int64_t pixel_step = stride_w * pitch, tap_step = dil_w * pitch;
+    const R* p0 = row[r] + col * pitch;
+    const R* p1 = kTwo ? row[r + 1] + col * pitch : p0;
     const uint32_t* wp = dot_weight + (2 * row_tap[r] + (kTwo ? 0 : 1)) * width * weight_stride + c;
     if constexpr (kSpread) {
       __m512i wv[KW][V];
@@ -753,8 +754,8 @@ struct RingTaps {
     static_assert(KW % 2 == 1 && KW > 1 && V == 2);
     constexpr int64_t L = Vec<T>::size();
     constexpr int kPairs = KW / 2, kColumns = P + KW - 1;
-    const int64_t tap_step = dil_w * V * L;
-    const R* p0 = row[r] + col * V * L;
+    const int64_t tap_step = dil_w * pitch;
+    const R* p0 = row[r] + col * pitch;
     const uint32_t* wp = dot_columns + row_tap[r] * KW * weight_stride + c;
     __m512i wv[kPairs + 1][V];
     _Pragma("GCC unroll 8") for (int k = 0; k <= kPairs; ++k) {
@@ -866,13 +867,21 @@ struct ChannelBlocks {
 };
 
 // Rows of one NHWC image [rows, cols, C] held as R (S itself, or S widened to the compute type),
-// for a group of channel blocks [b0, b1): per block a ring of `slots` rows (map row r in slot r %
-// slots), each `width` columns wide, the map's columns at [copy_lo, copy_lo + copy_cols) (pad_left
-// columns of zeros first, the columns past the ring cropped) and zeros elsewhere and past C; a
-// block's lanes of one pixel are contiguous, consecutive pixels too (in the map they lie C elements
-// apart, a stride that maps them all onto a few cache sets). A row is read once and copied or
-// widened once, a pixel's channels of the group at a time (one contiguous read, which the
-// hardware prefetchers follow; the single-vector blocks after the wide ones, block by block).
+// for a group of channel blocks [b0, b1): rings of `slots` rows (map row r in slot r % slots),
+// each `width` columns wide, the map's columns at [copy_lo, copy_lo + copy_cols) (pad_left
+// columns of zeros first, the columns past the ring cropped) and zeros elsewhere and past C. A row
+// is read once and copied or widened once, a pixel's channels of the group at a time (one
+// contiguous read, which the hardware prefetchers follow). Two layouts:
+// - by blocks: a ring per block, a block's lanes of one pixel contiguous and consecutive pixels
+//   too (the taps then read contiguous memory; in the map the pixels lie C elements apart, a
+//   stride that maps them all onto a few cache sets). The copy writes every block's ring in turn.
+// - by pixels (`pixel_major`, R the map's own type): one ring, each column the group's channels
+//   of a pixel, `pitch` elements apart, as the map holds them. The copy of a row is one memcpy
+//   where the group is all the channels and C fills whole vectors, else a memcpy per pixel. On
+//   Zen 5 a copy of [8,256,64,64] bfloat16 rows by blocks took 0.72-0.95 ms at two threads, in
+//   one memcpy per row 0.53-0.59 ms. The same contiguous copy in vector loads and stores was
+//   nearly as slow as by blocks (a standalone test): probably the stores read each ring line into
+//   the cache before writing it, and the library's memcpy (string moves, at this size) does not.
 template <class S, int kVectors, class R>
 struct NhwcRings {
   using T = compute_t<S>;
@@ -882,6 +891,9 @@ struct NhwcRings {
   const Blocks& cb;
   int64_t cols, width, slots, copy_lo, copy_cols;
   int64_t ring_size;  // elements of one block's ring at a wide block's lanes
+  bool pixel_major;
+  int64_t pitch = 0;  // by pixels: the group's lanes (a pixel's column in the ring)
+  int64_t channels = 0;  // by pixels: the group's channels inside C
   std::unique_ptr<R[]> data;  // uninitialized: start zeroes what load does not write
   const S* image = nullptr;
   int64_t b0 = 0, b1 = 0, wide_end = 0;
@@ -893,7 +905,7 @@ struct NhwcRings {
   }
 
   NhwcRings(const Blocks& blocks, int64_t map_cols, int64_t ring_width, int64_t ring_slots,
-            int64_t pad_left, int64_t group_blocks)
+            int64_t pad_left, int64_t group_blocks, bool by_pixels = false)
       : cb(blocks),
         cols(map_cols),
         width(ring_width),
@@ -901,6 +913,7 @@ struct NhwcRings {
         copy_lo(std::min(pad_left, ring_width)),
         copy_cols(std::clamp<int64_t>(ring_width - pad_left, 0, map_cols)),
         ring_size(ring_slots * ring_width * Blocks::kWide),
+        pixel_major(by_pixels && std::is_same_v<R, S>),
         data(new R[group_blocks * ring_size]) {}
 
   // Another image or group of blocks: the padding zeroed, no rows held.
@@ -910,20 +923,34 @@ struct NhwcRings {
     b1 = end_block;
     wide_end = std::clamp(cb.blocked, b0, b1);  // blocks [b0, wide_end) are wide
     loaded_to = std::numeric_limits<int64_t>::min();
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t lanes = cb.lanes(blk), count = cb.count(blk);
+    if (pixel_major) {
+      const int64_t c0 = cb.channel(b0);
+      pitch = cb.channel(b1 - 1) + cb.lanes(b1 - 1) - c0;
+      channels = std::min(cb.C, c0 + pitch) - c0;
       for (int64_t slot = 0; slot < slots; ++slot) {
-        // Zero is all bits clear in every R (float, double, bfloat16, half); memset, as
-        // std::fill goes an element at a time for the half types.
-        R* r = data.get() + (blk - b0) * ring_size + slot * width * lanes;
-        std::memset(r, 0, copy_lo * lanes * sizeof(R));
-        std::memset(r + (copy_lo + copy_cols) * lanes, 0,
-                    (width - copy_lo - copy_cols) * lanes * sizeof(R));
-        if (count < lanes) {
-          for (int64_t col = copy_lo; col < copy_lo + copy_cols; ++col) {
-            std::memset(r + col * lanes + count, 0, (lanes - count) * sizeof(R));
-          }
-        }
+        zero_padding(data.get() + slot * width * pitch, pitch, channels);
+      }
+      return;
+    }
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t lanes = cb.lanes(blk);
+      for (int64_t slot = 0; slot < slots; ++slot) {
+        zero_padding(data.get() + (blk - b0) * ring_size + slot * width * lanes, lanes,
+                     cb.count(blk));
+      }
+    }
+  }
+
+  // Zeroes a ring row's padding: r's columns of `step` elements outside the map's, and each
+  // column's elements past `count` (past C). Zero is all bits clear in every R (float, double,
+  // bfloat16, half); memset, as std::fill goes an element at a time for the half types.
+  void zero_padding(R* r, int64_t step, int64_t count) const {
+    std::memset(r, 0, copy_lo * step * sizeof(R));
+    std::memset(r + (copy_lo + copy_cols) * step, 0,
+                (width - copy_lo - copy_cols) * step * sizeof(R));
+    if (count < step) {
+      for (int64_t col = copy_lo; col < copy_lo + copy_cols; ++col) {
+        std::memset(r + col * step + count, 0, (step - count) * sizeof(R));
       }
     }
   }
@@ -932,6 +959,24 @@ struct NhwcRings {
   // those the window has not reached yet, the wide blocks, then the single vectors.
   void load(int64_t first, int64_t last) {
     const int64_t C = cb.C;
+    if constexpr (std::is_same_v<R, S>) {
+      if (pixel_major) {
+        const int64_t c0 = cb.channel(b0);
+        for (int64_t r = std::max({loaded_to, first, int64_t(0)}); r < last; ++r) {
+          const S* src = image + r * cols * C + c0;
+          R* dst = data.get() + ((r % slots) * width + copy_lo) * pitch;
+          if (channels == C && pitch == C) {
+            std::memcpy(dst, src, copy_cols * C * sizeof(S));
+          } else {
+            for (int64_t col = 0; col < copy_cols; ++col) {
+              std::memcpy(dst + col * pitch, src + col * C, channels * sizeof(S));
+            }
+          }
+        }
+        reached(last);
+        return;
+      }
+    }
     for (int64_t r = std::max({loaded_to, first, int64_t(0)}); r < last; ++r) {
       const S* src = image + r * cols * C;
       R* dst = data.get() + ((r % slots) * width + copy_lo) * Blocks::kWide;
@@ -982,10 +1027,14 @@ struct NhwcRings {
     }
   }
 
-  // Map row r of block blk: `width` columns of lanes(blk) lanes.
+  // Map row r of block blk: `width` columns of lanes(blk) lanes, step(blk) elements apart.
   const R* row(int64_t blk, int64_t r) const {
+    if (pixel_major) {
+      return data.get() + (r % slots) * width * pitch + cb.channel(blk) - cb.channel(b0);
+    }
     return data.get() + (blk - b0) * ring_size + (r % slots) * width * cb.lanes(blk);
   }
+  int64_t step(int64_t blk) const { return pixel_major ? pitch : cb.lanes(blk); }
 };
 
 // What the rings of one task may take: four times a core's L2 cache, from 1 to 8 MiB (2 MiB where
@@ -1010,6 +1059,17 @@ inline int64_t ring_budget() {
                   : int64_t{2} << 20;
   }();
   return bytes;
+}
+
+// Whether the NHWC forward's rings go by pixels (NhwcRings), given the rule's answer:
+// TORCH_EXT_CONV_RINGS=pixels or blocks, read on every call, overrides it (tests: both layouts
+// on any map).
+inline bool rings_by_pixels(bool rule) {
+  if (const char* env = std::getenv("TORCH_EXT_CONV_RINGS")) {
+    if (std::strcmp(env, "pixels") == 0) return true;
+    if (std::strcmp(env, "blocks") == 0) return false;
+  }
+  return rule;
 }
 
 // The input rows and columns one output row's taps reach, for the NHWC rings: `width` padded
@@ -1068,6 +1128,14 @@ struct BlockGroups {
 // and the taps do not overlap either way ([8,256,64,64] bfloat16 k3d2, two threads: taps alone
 // 0.82 ms, fill alone 0.77-0.95 ms, both 1.65-1.78 ms), and a deferred copy of whole pixels, an
 // eighth of the row after each block (one more ring slot), was no faster than block by block.
+// The rings go by pixels (one memcpy per row where the group is all the channels) where the
+// output streams (the input comes from memory, the copy weighs most) and the kernel has at most 9
+// taps; by blocks otherwise, as the taps read a block's columns a pitch of the group's channels
+// apart then (at 256 float32 channels, 1 KiB: a few cache sets). By pixels against by blocks,
+// interleaved in one process, Zen 5: [8,256,64,64] two threads k3d2 bfloat16 +15-17%, float32
+// +24-28% (the avx512 and avx2 copies: +10% and +9% bfloat16, +24% and +16% float32); but k5d2
+// -6% to +4%, k7d3 -14% to +7%, and at [1,256,64,64] one thread (input in cache) k3d2 -7% to
+// +4%, k5d2 -23% to -2%.
 template <class S>
 void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   using T = compute_t<S>;
@@ -1140,8 +1208,9 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   };
   const bool stream = g.n * g.oh * g.ow * C * int64_t(sizeof(S)) >= kStream * threads &&
                       (C * int64_t(sizeof(S))) % kAlign == 0 && aligned(y) && aligned(pre);
+  const bool by_pixels = rings_by_pixels(stream && taps <= 9);
   at::parallel_for(0, g.n * bg.groups * bands, 1, [&](int64_t begin, int64_t end) {
-    Rings rings(cb, g.w, win.width, win.slots, g.pad_left, bg.group_blocks);
+    Rings rings(cb, g.w, win.width, win.slots, g.pad_left, bg.group_blocks, by_pixels);
     std::vector<const S*> row(g.kh);
     std::vector<int64_t> row_tap(g.kh);
     for (int64_t task = begin; task < end; ++task) {
@@ -1170,7 +1239,7 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
             ++rows;
           }
           const RingTaps<T, S> t{row.data(),  row_tap.data(), rows,      g.kw,
-                                 g.dil_w,     g.stride_w,     wt.data(), c_pad,
+                                 g.dil_w,     g.stride_w,     rings.step(blk), wt.data(), c_pad,
                                  bias.data(), a.act,          C,         stream && wide,
                                  a.native_bf16, dot && wide ? dot_wt.data() : nullptr,
                                  dot && wide ? dot_cols : nullptr};
