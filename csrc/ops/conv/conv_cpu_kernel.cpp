@@ -686,10 +686,11 @@ struct RingTaps {
     int64_t r = 0;
     for (; r + 1 < rows; r += 2) dot_rows<P, V, KW, kSpread, true>(acc, r, col, c);
     if (r < rows) {
-      if constexpr (kSpread && KW % 2 == 1 && KW > 1) {
+      // The row left over: in column pairs where the pixels go in runs (spread's widths are odd).
+      if constexpr (kSpread) {
         dot_row_columns<P, V, KW>(acc, r, col, c);
       } else {
-        dot_rows<P, V, KW, kSpread, false>(acc, r, col, c);
+        dot_rows<P, V, KW, false, false>(acc, r, col, c);
       }
     }
     Vec<T> sums[P][V];
@@ -956,58 +957,46 @@ struct NhwcRings {
   }
 
   // Makes the map rows [first, last) present (last inside the map, first >= last - slots): reads
-  // those the window has not reached yet, the wide blocks, then the single vectors.
+  // those the window has not reached yet. By pixels, a memcpy per row (or per pixel); by blocks,
+  // a pixel's wide blocks at a time, then the single vectors block by block.
   void load(int64_t first, int64_t last) {
-    const int64_t C = cb.C;
-    if constexpr (std::is_same_v<R, S>) {
-      if (pixel_major) {
-        const int64_t c0 = cb.channel(b0);
-        for (int64_t r = std::max({loaded_to, first, int64_t(0)}); r < last; ++r) {
-          const S* src = image + r * cols * C + c0;
+    const int64_t C = cb.C, c0 = cb.channel(b0);
+    for (int64_t r = std::max({loaded_to, first, int64_t(0)}); r < last; ++r) {
+      const S* src = image + r * cols * C;
+      if constexpr (std::is_same_v<R, S>) {
+        if (pixel_major) {
           R* dst = data.get() + ((r % slots) * width + copy_lo) * pitch;
           if (channels == C && pitch == C) {
             std::memcpy(dst, src, copy_cols * C * sizeof(S));
           } else {
             for (int64_t col = 0; col < copy_cols; ++col) {
-              std::memcpy(dst + col * pitch, src + col * C, channels * sizeof(S));
+              std::memcpy(dst + col * pitch, src + col * C + c0, channels * sizeof(S));
             }
           }
+          continue;
         }
-        reached(last);
-        return;
       }
-    }
-    for (int64_t r = std::max({loaded_to, first, int64_t(0)}); r < last; ++r) {
-      const S* src = image + r * cols * C;
       R* dst = data.get() + ((r % slots) * width + copy_lo) * Blocks::kWide;
-      for (int64_t col = 0; col < copy_cols; ++col, src += C, dst += Blocks::kWide) {
+      for (int64_t col = 0; col < copy_cols; ++col, dst += Blocks::kWide) {
         for (int64_t blk = b0; blk < wide_end; ++blk) {
-          load_block<S, R, kVectors>(src + cb.channel(blk), dst + (blk - b0) * ring_size);
+          load_block<S, R, kVectors>(src + col * C + cb.channel(blk),
+                                     dst + (blk - b0) * ring_size);
+        }
+      }
+      for (int64_t blk = wide_end; blk < b1; ++blk) {
+        const int64_t count = cb.count(blk);
+        R* single = data.get() + (blk - b0) * ring_size + ((r % slots) * width + copy_lo) * L;
+        for (int64_t col = 0; col < copy_cols; ++col) {
+          if (count == L) {
+            load_block<S, R, 1>(src + col * C + cb.channel(blk), single + col * L);
+          } else {
+            widen(src + col * C + cb.channel(blk), single + col * L, count);
+          }
         }
       }
     }
-    for (int64_t blk = wide_end; blk < b1; ++blk) load_block_rows(first, last, blk);
-    reached(last);
+    loaded_to = std::max(loaded_to, last);
   }
-
-  // load's rows of block blk alone: the rows [first, last) the window has not reached yet.
-  void load_block_rows(int64_t first, int64_t last, int64_t blk) {
-    const int64_t C = cb.C, lanes = cb.lanes(blk), count = cb.count(blk);
-    for (int64_t r = std::max({loaded_to, first, int64_t(0)}); r < last; ++r) {
-      const S* src = image + r * cols * C + cb.channel(blk);
-      R* dst = data.get() + (blk - b0) * ring_size + ((r % slots) * width + copy_lo) * lanes;
-      for (int64_t col = 0; col < copy_cols; ++col, src += C, dst += lanes) {
-        if (lanes == Blocks::kWide) {
-          load_block<S, R, kVectors>(src, dst);
-        } else if (count == L) {
-          load_block<S, R, 1>(src, dst);
-        } else {
-          widen(src, dst, count);
-        }
-      }
-    }
-  }
-  void reached(int64_t last) { loaded_to = std::max(loaded_to, last); }
 
   // Asks for the map rows [first, last) on their way into the cache (first at least the rows
   // loaded so far): share `part` of `parts` of their columns, all the group's channels of a
