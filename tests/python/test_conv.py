@@ -584,6 +584,29 @@ def test_depthwise_channels_last_pixel_runs(
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+# The CPU NCHW depthwise forward at stride 1 with a square kernel of width 3, 5 or 7 runs
+# register tiles: four output rows a dilation apart by 2 vectors of columns, or 4 on AVX-512
+# where the map is wider than 32 columns. Heights and widths that leave partial tiles (rows past
+# the map summed from the zero slack below the padded plane and not stored, columns past it
+# masked), dilations 1-3, a channel multiplier of 2, padding other than "same"; the forward,
+# gelu's saved pre-activation and every gradient against the reference.
+@pytest.mark.parametrize("width", [20, 37, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, *HALVES], ids=dtype_id)
+@pytest.mark.parametrize("dilation", [1, 2, 3])
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+def test_depthwise_nchw_tiles(device, dtype, dilation, kernel, width, gen):
+    channels = 3
+    height = 2 * 4 * dilation + 3
+    tensors = make_conv(
+        (2, channels, height, width), 2 * channels, (kernel, kernel), channels, gen,
+        device=device, dtype=dtype,
+    )
+    for padding in ("same", (dilation, 1)):
+        conv = conv_kwargs(1, padding, dilation, channels)
+        out, _ = check_conv(tensors, conv, "gelu", gen)
+        assert out.is_contiguous()
+
+
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
@@ -979,13 +1002,15 @@ cases = [  # x shape, C_out, kernel, stride, padding, dilation, groups
     ((2, 6, 13, 17), 6, (4, 3), 1, "same", (1, 3), 3),
     ((2, 6, 13, 17), 12, (3, 3), (1, 2), 2, 2, 6),
     ((1, 5, 9, 21), 5, (5, 7), 1, "same", 1, 5),
+    ((2, 4, 19, 37), 8, (3, 3), 1, "same", 2, 4),  # NCHW: the forward's register tiles
+    ((1, 3, 11, 70), 3, (7, 7), 1, (3, 1), 1, 3),
 ]
 tols = {torch.float64: 1e-11, torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
 for dtype, tol in tols.items():
     ref_dtype = torch.float32 if dtype == torch.bfloat16 else torch.float64
     for layout in (torch.contiguous_format, torch.channels_last):
         for i, (shape, cout, k, s, p, d, groups) in enumerate(cases):
-            act = list(acts)[i]
+            act = list(acts)[i % len(acts)]
             x = torch.randn(shape, generator=g, dtype=torch.float64)
             w = torch.randn(cout, shape[1] // groups, *k, generator=g, dtype=torch.float64) * 0.3
             b = torch.randn(cout, generator=g, dtype=torch.float64)
@@ -1029,15 +1054,19 @@ for d in (1, 3):
     for a, e in zip([out, x.grad, w.grad, b.grad], [ref] + [t.grad for t in refs]):
         scale = max(1.0, e.abs().max().item())
         torch.testing.assert_close(a.float(), e.detach(), rtol=1.6e-2, atol=1.6e-2 * scale)
-# bfloat16 NHWC depthwise outputs and input gradients rounded bit for bit: integer maps and
+# bfloat16 depthwise outputs and input gradients rounded bit for bit: integer maps and
 # taps keep every float sum exact in any order, so each result must be the exact sum rounded
 # once to nearest even (sums past 256 often fall on ties). By the CPU's conversion in the
-# avx512_bf16 copy, in software in the others; whole channel blocks (lanes in pairs), a single
-# vector and a partial one (88 channels), and a map past the streaming threshold.
-for shape in ((2, 88, 9, 23), (1, 128, 64, 64)):
+# avx512_bf16 copy, in software in the others. NHWC: whole channel blocks (lanes in pairs), a
+# single vector and a partial one (88 channels), and a map past the streaming threshold; NCHW:
+# the forward's register tiles, partial and past the streaming threshold.
+for shape, layout in (((2, 88, 9, 23), torch.channels_last),
+                      ((1, 128, 64, 64), torch.channels_last),
+                      ((2, 3, 9, 23), torch.contiguous_format),
+                      ((1, 128, 64, 64), torch.contiguous_format)):
     C = shape[1]
     x = torch.randint(-256, 257, shape, generator=g).bfloat16()
-    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = x.contiguous(memory_format=layout).requires_grad_()
     w = torch.randint(-15, 16, (C, 1, 3, 3), generator=g).bfloat16()
     b = torch.randint(-256, 257, (C,), generator=g).bfloat16()
     out = torch_ext.dilated_conv2d(x, w, b, 1, 2, 2, C)

@@ -33,6 +33,14 @@ struct DepthwiseForwardArgs {
   bool native_bf16 = false;
 };
 
+// Whether the NCHW depthwise forward of maps other than double takes its register tiles (in the
+// vector copies): stride 1 and a square kernel of width 3, 5 or 7. Those copies run AVX-512 where
+// the CPU has it (conv_cpu.cpp), as the NHWC kernels do.
+inline bool depthwise_nchw_tiled(const ConvGeometry& g, c10::ScalarType dtype) {
+  return dtype != c10::ScalarType::Double && g.stride_h == 1 && g.stride_w == 1 &&
+         g.kh == g.kw && (g.kh == 3 || g.kh == 5 || g.kh == 7);
+}
+
 // grad_input[n, c] = sum over the c_out / c_in output channels of c of the transposed taps.
 struct DepthwiseBackwardInputArgs {
   c10::ScalarType dtype;
