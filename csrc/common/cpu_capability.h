@@ -17,8 +17,9 @@ enum class CpuCapability { Default = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
 CpuCapability cpu_capability();
 
 // For the kernels that measured faster with AVX-512 (the NHWC depthwise convolution, whose
-// oneDNN counterpart runs AVX-512 too): the capability asked for by the environment variable
-// when set, else the best this CPU supports. Read once.
+// oneDNN counterpart runs AVX-512 too, and the NCHW depthwise forward's register tiles): the
+// capability asked for by the environment variable when set, else the best this CPU supports.
+// Read once.
 CpuCapability cpu_capability_preferring_avx512();
 
 const char* cpu_capability_name(CpuCapability capability);
