@@ -312,10 +312,41 @@ void gemm_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
   if (grad_weight != nullptr) *grad_weight = gw_parts.sum(0).view(w.sizes());
 }
 
+// The input gradient of a depthwise convolution with multiplier 1 and stride 1 whose paddings
+// lie within the kernel's reach, as the forward kernel on grad_preact (NHWC when nhwc, else
+// NCHW; in its own dtype) with the taps flipped and the paddings mirrored (pad' = dilation *
+// (k - 1) - pad): the transposed convolution. Where it applies and the forward kernel is fast
+// for it (NHWC, or the NCHW register tiles), writes grad_input and returns true.
+bool input_gradient_by_forward(const at::Tensor& gy, const at::Tensor& w, const ConvGeometry& g,
+                               bool nhwc, at::Tensor& grad_input) {
+  const int64_t reach_h = (g.kh - 1) * g.dil_h, reach_w = (g.kw - 1) * g.dil_w;
+  if (g.c_out != g.c_in || g.stride_h != 1 || g.stride_w != 1 || g.pad_top > reach_h ||
+      g.pad_left > reach_w) {
+    return false;
+  }
+  ConvGeometry t = g;  // the transposed convolution: grad_preact in, grad_input out
+  t.h = g.oh;
+  t.w = g.ow;
+  t.oh = g.h;
+  t.ow = g.w;
+  t.pad_top = reach_h - g.pad_top;
+  t.pad_left = reach_w - g.pad_left;
+  const auto dtype = gy.scalar_type();
+  const bool wide = nhwc || depthwise_nchw_tiled(t, dtype);
+  if (!wide) return false;
+  const auto format = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto flipped = w.flip({2, 3}).contiguous();
+  grad_input = at::empty({g.n, g.c_in, g.h, g.w}, gy.options().memory_format(format));
+  kernels(wide).depthwise_forward({dtype, gy.const_data_ptr(), flipped.const_data_ptr(), nullptr,
+                                   grad_input.mutable_data_ptr(), nullptr, t, Activation::None,
+                                   nhwc, cpu_native_bfloat16(wide)});
+  return true;
+}
+
 // Depthwise with multiplier 1 on NHWC maps, in their own dtype and layout (no converted or
 // transposed copy of a map): with stride 1 (and paddings within the kernel's reach), the input
-// gradient is the forward kernel on grad_preact with the taps flipped and the paddings mirrored
-// (pad' = dilation * (k - 1) - pad); otherwise it goes through the NCHW kernel. The weight
+// gradient is the NHWC forward of the flipped taps (input_gradient_by_forward); otherwise it
+// goes through the NCHW kernel. The weight
 // gradient reads both maps NHWC and sums the bias gradient on the way.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_backward_nhwc(
     const at::Tensor& grad_preact, const at::Tensor& input, const at::Tensor& weight,
@@ -326,28 +357,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_backward_nhwc(
   const auto w = weight.to(cdtype).contiguous();
   const auto none = at::empty({0}, input.options());
   at::Tensor gi = none, gw = none, gb = none;
-  if (output_mask[0]) {
-    const int64_t reach_h = (g.kh - 1) * g.dil_h, reach_w = (g.kw - 1) * g.dil_w;
-    if (g.stride_h == 1 && g.stride_w == 1 && g.pad_top <= reach_h && g.pad_left <= reach_w) {
-      ConvGeometry t = g;  // the transposed convolution: grad_preact in, grad_input out
-      t.h = g.oh;
-      t.w = g.ow;
-      t.oh = g.h;
-      t.ow = g.w;
-      t.pad_top = reach_h - g.pad_top;
-      t.pad_left = reach_w - g.pad_left;
-      const auto flipped = w.flip({2, 3}).contiguous();
-      gi = at::empty({g.n, g.c_in, g.h, g.w}, input.options().memory_format(cl));
-      kernels(true).depthwise_forward({dtype, gy.const_data_ptr(), flipped.const_data_ptr(),
-                                       nullptr, gi.mutable_data_ptr(), nullptr, t,
-                                       Activation::None, true, cpu_native_bfloat16(true)});
-    } else {
-      const auto gyc = gy.to(cdtype).contiguous();
-      auto gic = at::empty({g.n, g.c_in, g.h, g.w}, gyc.options());
-      kernels().depthwise_backward_input(
-          {cdtype, gyc.const_data_ptr(), w.const_data_ptr(), gic.mutable_data_ptr(), g});
-      gi = gic.to(dtype).contiguous(cl);
-    }
+  if (output_mask[0] && !input_gradient_by_forward(gy, w, g, true, gi)) {
+    const auto gyc = gy.to(cdtype).contiguous();
+    auto gic = at::empty({g.n, g.c_in, g.h, g.w}, gyc.options());
+    kernels().depthwise_backward_input(
+        {cdtype, gyc.const_data_ptr(), w.const_data_ptr(), gic.mutable_data_ptr(), g});
+    gi = gic.to(dtype).contiguous(cl);
   }
   if (output_mask[1]) {
     // The bias gradient comes with the weight's (one more sum over the rows the kernel reads).
@@ -395,7 +410,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_cpu(
   if (output_mask[0]) {
     if (empty) {
       gi = at::zeros_like(x);
-    } else if (g.depthwise()) {
+    } else if (g.depthwise() && !input_gradient_by_forward(gy, w, g, false, gi)) {
       gi = at::empty_like(x);
       kernels().depthwise_backward_input(
           {cdtype, gy.const_data_ptr(), w.const_data_ptr(), gi.mutable_data_ptr(), g});
