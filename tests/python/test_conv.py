@@ -590,7 +590,10 @@ def test_depthwise_channels_last_pixel_runs(
 # on the flipped taps. Heights and widths that leave partial tiles (rows past the map summed
 # from the zero slack below the padded plane and not stored, columns past it masked), dilations
 # 1-3, channel multipliers 1 and 2, padding other than "same"; the forward, gelu's saved
-# pre-activation and the gradients against the reference. The half types' bias gradient is left
+# pre-activation and the gradients against the reference. The weight gradient of float maps with
+# kernels 3, 5, 7 wide at stride 1 along the width sums each plane in vector registers, kernel
+# rows three at a time for width 3 (the rest of kh one at a time): also at stride 2 down the
+# rows. The half types' bias gradient is left
 # out: it sums a thousand and more values of gelu's derivative at the rounded pre-activation, an
 # error that grows with the square root of the count and, over only three channels, crossed the
 # tolerance in about one case in a hundred (never the input or weight gradient, in 1296 cases).
@@ -607,10 +610,20 @@ def test_depthwise_nchw_tiles(device, dtype, dilation, kernel, width, multiplier
         device=device, dtype=dtype,
     )
     requires = (True, True, dtype == torch.float32)
-    for padding in ("same", (dilation, 1)):
-        conv = conv_kwargs(1, padding, dilation, channels)
+    for stride, padding in ((1, "same"), (1, (dilation, 1)), ((2, 1), (dilation, 1))):
+        conv = conv_kwargs(stride, padding, dilation, channels)
         out, _ = check_conv(tensors, conv, "gelu", gen, requires=requires)
         assert out.is_contiguous()
+
+
+# The CPU NCHW weight gradient's plane sums for kernel widths 3, 5, 7 take kernel rows three at
+# a time for width 3 and the rest one at a time: heights that leave a remainder, a single row,
+# strides down the rows; against the reference.
+@pytest.mark.parametrize("stride", [1, (2, 1)], ids=["stride1", "stride2x1"])
+@pytest.mark.parametrize("kernel", [(5, 3), (2, 3), (4, 7), (1, 5), (3, 5)], ids=str)
+def test_depthwise_nchw_weight_gradient_kernel_shapes(device, kernel, stride, gen):
+    tensors = make_conv((2, 4, 19, 45), 4, kernel, 4, gen, device=device, dtype=torch.float32)
+    check_conv(tensors, conv_kwargs(stride, (2, 1), 2, 4), "none", gen)
 
 
 @pytest.fixture

@@ -1728,6 +1728,75 @@ void depthwise_backward_input(const DepthwiseBackwardInputArgs& a) {
   });
 }
 
+// The weight (and bias) gradient sums of one channel's plane at stride 1 along the width, for
+// kernels KW wide, kernel rows G at a time: G * KW vector sums per U column vectors over every
+// output row (each grad_output vector loaded once per G kernel rows, the input rows' shifted
+// vectors against it: U * G * KW independent chains), added to the double sums acc[i * KW + j]
+// (and *bias_acc) every kFlushRows rows, lanes and chains in a fixed order. gy: the plane's
+// grad_preact [oh, ow]; buf: the zero-padded input plane (pitch pcols). The columns past ow are
+// loaded masked (as zero), so nothing past a row enters the sums.
+template <int KW, int G>
+void plane_weight_sums(const float* gy, const float* buf, int64_t pcols, const ConvGeometry& g,
+                       double* acc, double* bias_acc) {
+  constexpr int64_t L = Vec<float>::size();
+  // Chains within the registers: 16 on AVX2 (U = 1 past 7 sums), 32 on AVX-512.
+  constexpr int U = G * KW > (L < 16 ? 7 : 18) ? 1 : 2;
+  constexpr int64_t kFlushRows = 8;
+  const auto load = [](const float* p, int64_t count) {
+    if (count >= L) return Vec<float>::loadu(p);
+    return count > 0 ? Vec<float>::loadu(p, count) : Vec<float>(0.f);
+  };
+  const auto flush = [](Vec<float>* sums, int n, double* to) {
+    float lanes[L];
+    for (int k = 0; k < n; ++k) {
+      sums[k].store(lanes);
+      double total = 0;
+      for (int64_t l = 0; l < L; ++l) total += lanes[l];
+      to[k] += total;
+      sums[k] = Vec<float>(0.f);
+    }
+  };
+  const auto rows = [&](int64_t i0, auto group) {
+    constexpr int GG = decltype(group)::value;
+    const bool with_bias = bias_acc != nullptr && i0 == 0;
+    Vec<float> sums[U][GG * KW], bias_sums[U];
+    for (int u = 0; u < U; ++u) {
+      bias_sums[u] = Vec<float>(0.f);
+      for (int t = 0; t < GG * KW; ++t) sums[u][t] = Vec<float>(0.f);
+    }
+    for (int64_t oh = 0; oh < g.oh; ++oh) {
+      const float* gr = gy + oh * g.ow;
+      const float* xr = buf + (oh * g.stride_h + i0 * g.dil_h) * pcols;
+      for (int64_t c = 0; c < g.ow; c += U * L) {
+#pragma GCC unroll 2
+        for (int u = 0; u < U; ++u) {
+          const int64_t at = c + u * L, count = g.ow - at;
+          const auto gv = load(gr + at, count);
+          if (with_bias) bias_sums[u] = bias_sums[u] + gv;
+#pragma GCC unroll 4
+          for (int r = 0; r < GG; ++r) {
+            const float* xi = xr + r * g.dil_h * pcols + at;
+#pragma GCC unroll 8
+            for (int j = 0; j < KW; ++j) {
+              sums[u][r * KW + j] =
+                  at::vec::fmadd(gv, load(xi + j * g.dil_w, count), sums[u][r * KW + j]);
+            }
+          }
+        }
+      }
+      if ((oh + 1) % kFlushRows == 0 || oh + 1 == g.oh) {
+        for (int u = 0; u < U; ++u) {
+          flush(sums[u], GG * KW, acc + i0 * KW);
+          if (with_bias) flush(&bias_sums[u], 1, bias_acc);
+        }
+      }
+    }
+  };
+  int64_t i = 0;
+  for (; i + G <= g.kh; i += G) rows(i, std::integral_constant<int, G>{});
+  for (; i < g.kh; ++i) rows(i, std::integral_constant<int, 1>{});
+}
+
 template <class T>
 void depthwise_backward_weight(const DepthwiseBackwardWeightArgs& a) {
   const auto& g = a.g;
@@ -1738,6 +1807,10 @@ void depthwise_backward_weight(const DepthwiseBackwardWeightArgs& a) {
   const int64_t mult = g.c_out / g.c_in;
   const int64_t prows = padded_rows(g), pcols = padded_cols(g);
   const int64_t plane_in = g.h * g.w, plane_out = g.oh * g.ow, taps = g.kh * g.kw;
+  // Float maps, stride 1 along the width, kernels 3, 5 or 7 wide: the sums of a whole plane in
+  // vector registers (plane_weight_sums); otherwise a dot product per output row and tap.
+  const bool by_plane =
+      kUnrolledWidths<T> && g.stride_w == 1 && (g.kw == 3 || g.kw == 5 || g.kw == 7);
   at::parallel_for(0, g.c_out, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> acc(taps);
     std::vector<T> buf(prows * pcols);
@@ -1746,14 +1819,27 @@ void depthwise_backward_weight(const DepthwiseBackwardWeightArgs& a) {
       double bias_sum = 0;
       for (int64_t n = 0; n < g.n; ++n) {
         const T* gyp = gy + (n * g.c_out + co) * plane_out;
+        pad_plane(x + (n * g.c_in + co / mult) * plane_in, g.h, g.w, buf.data(), prows, pcols,
+                  g.pad_top, g.pad_left);
+        if constexpr (kUnrolledWidths<T>) {
+          if (by_plane) {
+            double* bias_at = gb != nullptr ? &bias_sum : nullptr;
+            if (g.kw == 3) {
+              plane_weight_sums<3, 3>(gyp, buf.data(), pcols, g, acc.data(), bias_at);
+            } else if (g.kw == 5) {
+              plane_weight_sums<5, 1>(gyp, buf.data(), pcols, g, acc.data(), bias_at);
+            } else {
+              plane_weight_sums<7, 1>(gyp, buf.data(), pcols, g, acc.data(), bias_at);
+            }
+            continue;
+          }
+        }
         if (gb != nullptr) {
           for (int64_t oh = 0; oh < g.oh; ++oh) {
             bias_sum += at::vec::reduce_all<T>([](auto& l, auto& r) { return l + r; },
                                                gyp + oh * g.ow, g.ow);
           }
         }
-        pad_plane(x + (n * g.c_in + co / mult) * plane_in, g.h, g.w, buf.data(), prows, pcols,
-                  g.pad_top, g.pad_left);
         for (int64_t oh = 0; oh < g.oh; ++oh) {
           const T* gr = gyp + oh * g.ow;
           for (int64_t i = 0; i < g.kh; ++i) {
