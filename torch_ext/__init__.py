@@ -66,8 +66,9 @@ def cpu_capability() -> str:
     "avx2" unless the environment variable TORCH_EXT_CPU_CAPABILITY (or ATEN_CPU_CAPABILITY)
     asks for another, never more than the CPU supports; read once per process. The kernels
     that measured faster with AVX-512 (the channels_last depthwise convolution, and the NCHW
-    depthwise forward at stride 1 with square kernels of width 3, 5, 7) run the best AVX-512
-    copy the CPU supports unless the environment asks for another.
+    depthwise forward at stride 1 with square kernels of width 3, 5, 7, which also computes the
+    input gradient with multiplier 1) run the best AVX-512 copy the CPU supports unless the
+    environment asks for another.
     """
     import torch
 

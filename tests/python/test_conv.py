@@ -626,6 +626,58 @@ def test_depthwise_nchw_weight_gradient_kernel_shapes(device, kernel, stride, ge
     check_conv(tensors, conv_kwargs(stride, (2, 1), 2, 4), "none", gen)
 
 
+# Four-sided paddings through the CPU NCHW tiles (float32, stride 1): some past the kernel's
+# reach (output rows and columns that see only padding), some smaller than "same" (the output
+# smaller than the input); the forward op's output and pre-activation, and the backward op's
+# gradients (multiplier 1: the input gradient is the tiles' forward on the flipped taps with the
+# paddings mirrored where they lie within the reach), against F.conv2d of the padded map.
+@pytest.mark.parametrize("padding4", [(0, 0, 0, 0), (2, 0, 1, 3), (5, 1, 0, 6), (1, 4, 6, 2)],
+                         ids=lambda p: "pad" + "-".join(map(str, p)))
+@pytest.mark.parametrize("kernel,dilation", [(3, 2), (5, 1)], ids=["k3d2", "k5d1"])
+def test_depthwise_nchw_tiles_four_sided_padding(device, kernel, dilation, padding4, gen):
+    (x, _), (w, _), b = make_conv(
+        (2, 3, 11, 37), 3, (kernel, kernel), 3, gen, device=device, dtype=torch.float32
+    )
+    top, left, bottom, right = padding4
+    refs = [t.detach().cpu().double().requires_grad_() for t in (x, w, b)]
+    preact_ref = F.conv2d(F.pad(refs[0], (left, right, top, bottom)), refs[1], refs[2], 1, 0,
+                          dilation, 3)
+    out, preact = ops._dilated_conv2d_forward(
+        x, w, b, [1, 1], list(padding4), [dilation] * 2, 3, "gelu", True
+    )
+    assert_close(preact, preact_ref, torch.float32)
+    assert_close(out, F.gelu(preact_ref), torch.float32)
+    grad = draw(preact_ref.shape, gen)
+    preact_ref.backward(grad)
+    grads = ops._dilated_conv2d_backward(
+        grad.float().to(device), x, w, preact, [1, 1], list(padding4), [dilation] * 2, 3, "none",
+        [True, True, True],
+    )
+    for got, ref in zip(grads, refs, strict=True):
+        assert_close(got, ref.grad, torch.float32)
+
+
+def test_depthwise_input_without_rows_but_padding(device, gen):
+    """A map of height 0 padded into a non-empty output: the forward sees only padding (the
+    bias), the input gradient is empty, the weight gradient zero, the bias gradient the sum of
+    grad_output (the CPU's input gradient by the flipped forward must not take this case).
+    F.conv2d refuses such a map; the reference pads it explicitly."""
+    (x, _), (w, _), b = make_conv((1, 4, 0, 8), 4, (3, 3), 4, gen, device=device,
+                                  dtype=torch.float32)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    refs = [t.detach().cpu().double().requires_grad_() for t in (x, w, b)]
+    out = torch_ext.dilated_conv2d(*leaves, 1, 2, 1, 4)
+    ref = F.conv2d(F.pad(refs[0], (2, 2, 2, 2)), refs[1], refs[2], 1, 0, 1, 4)
+    assert out.shape == ref.shape == (1, 4, 2, 10)
+    assert_close(out, ref, torch.float32)
+    grad = draw(ref.shape, gen)
+    out.backward(grad.float().to(device))
+    ref.backward(grad)
+    for leaf, r in zip(leaves, refs, strict=True):
+        assert leaf.grad.shape == r.shape
+        assert_close(leaf.grad, r.grad, torch.float32)
+
+
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
@@ -649,6 +701,18 @@ def test_depthwise_channels_last_large_outputs(
     grads = (activation == "gelu",) * 3
     out, _ = check_conv(tensors, conv_kwargs(1, 2, 2, channels), activation, gen, requires=grads)
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("width", [64, 62], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_depthwise_nchw_large_outputs(device, dtype, width, gen, one_thread):
+    """NCHW outputs past the CPU tiles' streaming threshold (1 MiB per thread, one thread here):
+    non-temporal stores where the rows keep every vector aligned (64 columns), plain stores
+    otherwise (62); gelu's pre-activation streamed too; the forward and the gradients."""
+    tensors = make_conv((1, 128, 64, width), 128, (3, 3), 128, gen, device=device, dtype=dtype)
+    grads = (True, True, dtype == torch.float32)
+    out, _ = check_conv(tensors, conv_kwargs(1, 2, 2, 128), "gelu", gen, requires=grads)
+    assert out.is_contiguous()
 
 
 @pytest.mark.parametrize("rings", ["blocks", "pixels"])

@@ -321,7 +321,7 @@ bool input_gradient_by_forward(const at::Tensor& gy, const at::Tensor& w, const 
                                bool nhwc, at::Tensor& grad_input) {
   const int64_t reach_h = (g.kh - 1) * g.dil_h, reach_w = (g.kw - 1) * g.dil_w;
   if (g.c_out != g.c_in || g.stride_h != 1 || g.stride_w != 1 || g.pad_top > reach_h ||
-      g.pad_left > reach_w) {
+      g.pad_left > reach_w || g.h == 0 || g.w == 0) {
     return false;
   }
   ConvGeometry t = g;  // the transposed convolution: grad_preact in, grad_input out

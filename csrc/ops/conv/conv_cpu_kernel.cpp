@@ -8,9 +8,12 @@
 // (nchw_plane_tiles); otherwise each output row accumulated in registers across all taps
 // (stride 1 along the width) and through the epilogue while it is in L1. With stride 1 the
 // input gradient is the same kernel on the padded output gradient with the taps flipped (a
-// gather); with larger strides it is a scatter that stays inside the plane its task owns. The
-// weight gradient is a dot product per tap and output row, summed in double per channel (the
-// bias gradient, when asked for, a sum per output row beside it).
+// gather; with multiplier 1 and the tiles' kernels, the tiled forward itself, conv_cpu.cpp);
+// with larger strides it is a scatter that stays inside the plane its task owns. The weight
+// gradient (float maps, kernels 3, 5, 7 wide at stride 1 along the width) sums each plane in
+// vector registers, flushed to double every few rows (plane_weight_sums); otherwise a dot
+// product per tap and output row; summed in double per channel (the bias gradient, when asked
+// for, beside it).
 // channels_last (NHWC) input with multiplier 1 goes through its own forward and weight gradient:
 // a group of channel blocks at a time, the rows the kernel spans held in small rings (the
 // forward's in the map's own type, half types widened as the taps load them, bfloat16 a pair of
@@ -53,8 +56,9 @@ using Vec = at::vec::Vectorized<T>;
 template <class S>
 using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
-// Whether the NHWC kernels of maps of S get copies unrolled for the common kernel widths (3, 5,
-// 7): in the vector copies of the kernels, for every type but double; the DEFAULT copy (vectors
+// Whether the kernels of maps of S get copies unrolled for the common kernel widths (3, 5, 7:
+// the NHWC loops, the NCHW forward's tiles and weight-gradient plane sums): in the vector copies
+// of the kernels, for every type but double; the DEFAULT copy (vectors
 // emulated in scalar code, for CPUs without AVX2) keeps the any-width loops only, which compile
 // in a fraction of the time (the unrolled copies are most of this file's compile time, several
 // times that under the sanitizers).
@@ -418,7 +422,7 @@ void nchw_plane_tiles(const float* buf, int64_t pcols, const ConvGeometry& g, co
   constexpr int64_t L = Vec<float>::size();
   constexpr int R = kTileRows;
   const int64_t dh = g.dil_h, dw = g.dil_w, step = dh * pcols;
-  const int64_t share = next == nullptr ? 0 : (next_lines * R + g.oh - 1) / g.oh;
+  const int64_t share = next == nullptr || g.oh == 0 ? 0 : (next_lines * R + g.oh - 1) / g.oh;
   int64_t fetched = 0;
   for (int64_t block = 0; block < g.oh; block += R * dh) {
     for (int64_t r0 = block; r0 < std::min(block + dh, g.oh); ++r0) {

@@ -29,13 +29,14 @@ struct DepthwiseForwardArgs {
   Activation act;
   bool channels_last;
   // bfloat16 maps written with the CPU's own rounding (cpu_native_bfloat16), where the kernel
-  // has a use for it (the AVX-512 NHWC loops); the software rounding otherwise.
+  // has a use for it (the AVX-512 NHWC loops and NCHW tiles); the software rounding otherwise.
   bool native_bf16 = false;
 };
 
 // Whether the NCHW depthwise forward of maps other than double takes its register tiles (in the
-// vector copies): stride 1 and a square kernel of width 3, 5 or 7. Those copies run AVX-512 where
-// the CPU has it (conv_cpu.cpp), as the NHWC kernels do.
+// vector copies): stride 1 and a square kernel of width 3, 5 or 7. Those calls (forwards, and
+// input gradients computed as the forward of the flipped taps) run AVX-512 where the CPU has it
+// (conv_cpu.cpp), as the NHWC kernels do.
 inline bool depthwise_nchw_tiled(const ConvGeometry& g, c10::ScalarType dtype) {
   return dtype != c10::ScalarType::Double && g.stride_h == 1 && g.stride_w == 1 &&
          g.kh == g.kw && (g.kh == 3 || g.kh == 5 || g.kh == 7);
