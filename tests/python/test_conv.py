@@ -618,12 +618,17 @@ def test_depthwise_nchw_tiles(device, dtype, dilation, kernel, width, multiplier
 
 # The CPU NCHW weight gradient's plane sums for kernel widths 3, 5, 7 take kernel rows three at
 # a time for width 3 and the rest one at a time: heights that leave a remainder, a single row,
-# strides down the rows; against the reference.
-@pytest.mark.parametrize("stride", [1, (2, 1)], ids=["stride1", "stride2x1"])
+# strides down the rows. At stride 2 along the width, the forward and the weight gradient read
+# the padded rows split into even and odd columns (odd and even padded widths). Against the
+# reference.
+@pytest.mark.parametrize(
+    "stride", [1, (2, 1), (1, 2), 2], ids=["stride1", "stride2x1", "stride1x2", "stride2"]
+)
+@pytest.mark.parametrize("dilation", [1, 2])
 @pytest.mark.parametrize("kernel", [(5, 3), (2, 3), (4, 7), (1, 5), (3, 5)], ids=str)
-def test_depthwise_nchw_weight_gradient_kernel_shapes(device, kernel, stride, gen):
+def test_depthwise_nchw_weight_gradient_kernel_shapes(device, kernel, stride, dilation, gen):
     tensors = make_conv((2, 4, 19, 45), 4, kernel, 4, gen, device=device, dtype=torch.float32)
-    check_conv(tensors, conv_kwargs(stride, (2, 1), 2, 4), "none", gen)
+    check_conv(tensors, conv_kwargs(stride, (2, 1), dilation, 4), "none", gen)
 
 
 # Four-sided paddings through the CPU NCHW tiles (float32, stride 1): some past the kernel's

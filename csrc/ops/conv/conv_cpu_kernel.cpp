@@ -3,17 +3,18 @@
 // a fixed order, so results are deterministic for a given thread count.
 //
 // Depthwise: one input plane per task, copied into a zero-padded buffer so that no tap needs a
-// bounds check; at stride 1 with square kernels of width 3, 5, 7, register tiles of four output
-// rows a dilation apart, the epilogue (bias, activation, rounding) in registers
-// (nchw_plane_tiles); otherwise each output row accumulated in registers across all taps
-// (stride 1 along the width) and through the epilogue while it is in L1. With stride 1 the
+// bounds check. Forward: at stride 1 with square kernels of width 3, 5, 7, register tiles of four
+// output rows a dilation apart, the epilogue (bias, activation, rounding) in registers
+// (nchw_plane_tiles); otherwise each output row accumulated in registers across all taps and
+// through the epilogue while it is in L1, at stride 2 along the width on the padded rows split
+// into even and odd columns (split_even_odd: each tap's columns consecutive). With stride 1 the
 // input gradient is the same kernel on the padded output gradient with the taps flipped (a
-// gather; with multiplier 1 and the tiles' kernels, the tiled forward itself, conv_cpu.cpp);
-// with larger strides it is a scatter that stays inside the plane its task owns. The weight
-// gradient (float maps, kernels 3, 5, 7 wide at stride 1 along the width) sums each plane in
-// vector registers, flushed to double every few rows (plane_weight_sums); otherwise a dot
-// product per tap and output row; summed in double per channel (the bias gradient, when asked
-// for, beside it).
+// gather; with multiplier 1 and the tiles' kernels, the tiled forward itself, conv_cpu.cpp); with
+// larger strides it is a scatter that stays inside the plane its task owns. The weight gradient
+// (float maps, kernels 3, 5, 7 wide at stride 1 along the width) sums each plane in vector
+// registers, flushed to double every few rows (plane_weight_sums); otherwise a dot product per
+// tap and output row (stride 2: on the split rows); summed in double per channel (the bias
+// gradient, when asked for, beside it).
 // channels_last (NHWC) input with multiplier 1 goes through its own forward and weight gradient:
 // a group of channel blocks at a time, the rows the kernel spans held in small rings (the
 // forward's in the map's own type, half types widened as the taps load them, bfloat16 a pair of
@@ -237,6 +238,28 @@ inline void pad_plane(const S* plane, int64_t rows, int64_t cols, T* buf, int64_
 }
 
 // ---------------------------------------------------------------- depthwise
+
+// Each row of buf [rows, cols] rearranged as its even columns followed by its odd ones
+// ((cols + 1) / 2 and cols / 2 of them), through tmp (cols elements): the taps of a stride-2 row
+// then read consecutive elements.
+template <class T>
+inline void split_even_odd(T* buf, int64_t rows, int64_t cols, T* tmp) {
+  constexpr int64_t L = Vec<T>::size();
+  const int64_t evens = (cols + 1) / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = buf + r * cols;
+    int64_t c = 0;
+    for (; c + 2 * L <= cols; c += 2 * L) {
+      const auto halves =
+          at::vec::deinterleave2(Vec<T>::loadu(row + c), Vec<T>::loadu(row + c + L));
+      halves.first.store(tmp + c / 2);
+      halves.second.store(tmp + evens + c / 2);
+    }
+    for (; c < cols; ++c) tmp[(c % 2 == 0 ? 0 : evens) + c / 2] = row[c];
+    std::memcpy(row, tmp, cols * sizeof(T));
+  }
+}
+
 
 // The zero-padded input plane every tap of every output reads: rows ih + pad_top, columns
 // iw + pad_left.
@@ -545,18 +568,27 @@ void depthwise_forward_nchw(const DepthwiseForwardArgs& a) {
   const int64_t mult = g.c_out / g.c_in;
   const int64_t prows = padded_rows(g), pcols = padded_cols(g);
   const int64_t taps = g.kh * g.kw, plane_in = g.h * g.w, plane_out = g.oh * g.ow;
+  // Stride 2 along the width: the padded rows split into even and odd columns
+  // (split_even_odd), where each tap's columns are consecutive, so tap_rows serves it too.
+  const bool split = g.stride_w == 2;
+  const int64_t evens = (pcols + 1) / 2;
   std::vector<int64_t> offset(taps);
   for (int64_t i = 0; i < g.kh; ++i) {
-    for (int64_t j = 0; j < g.kw; ++j) offset[i * g.kw + j] = i * g.dil_h * pcols + j * g.dil_w;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t col = j * g.dil_w;
+      offset[i * g.kw + j] =
+          i * g.dil_h * pcols + (!split ? col : col % 2 == 0 ? col / 2 : evens + col / 2);
+    }
   }
   at::parallel_for(0, g.n * g.c_in, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(prows * pcols);
+    std::vector<T> buf(prows * pcols), split_row(split ? pcols : 0);
     std::vector<Vec<T>> wv(taps);
     // Half types: the output row (and its pre-activation) in float, rounded once when stored.
     std::vector<T> row(kSame ? 0 : g.ow), pre_row(kSame || pre == nullptr ? 0 : g.ow);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / g.c_in, ci = plane % g.c_in;
       pad_plane(x + plane * plane_in, g.h, g.w, buf.data(), prows, pcols, g.pad_top, g.pad_left);
+      if (split) split_even_odd(buf.data(), prows, pcols, split_row.data());
       for (int64_t m = 0; m < mult; ++m) {
         const int64_t co = ci * mult + m;
         for (int64_t t = 0; t < taps; ++t) wv[t] = Vec<T>(w[co * taps + t]);
@@ -573,7 +605,7 @@ void depthwise_forward_nchw(const DepthwiseForwardArgs& a) {
             if (pp != nullptr) pr = pre_row.data();
           }
           const T* base = buf.data() + oh * g.stride_h * pcols;
-          if (g.stride_w == 1) {
+          if (g.stride_w == 1 || split) {
             tap_rows(base, offset.data(), wv.data(), taps, yr, g.ow, false);
           } else {
             for (int64_t ow = 0; ow < g.ow; ++ow) {
@@ -1813,11 +1845,14 @@ void depthwise_backward_weight(const DepthwiseBackwardWeightArgs& a) {
   const int64_t plane_in = g.h * g.w, plane_out = g.oh * g.ow, taps = g.kh * g.kw;
   // Float maps, stride 1 along the width, kernels 3, 5 or 7 wide: the sums of a whole plane in
   // vector registers (plane_weight_sums); otherwise a dot product per output row and tap.
+  // Stride 2 along the width: dot products on the rows split into even and odd columns.
   const bool by_plane =
       kUnrolledWidths<T> && g.stride_w == 1 && (g.kw == 3 || g.kw == 5 || g.kw == 7);
+  const bool split = g.stride_w == 2;
+  const int64_t evens = (pcols + 1) / 2;
   at::parallel_for(0, g.c_out, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> acc(taps);
-    std::vector<T> buf(prows * pcols);
+    std::vector<T> buf(prows * pcols), split_row(split ? pcols : 0);
     for (int64_t co = begin; co < end; ++co) {
       std::fill(acc.begin(), acc.end(), 0.0);
       double bias_sum = 0;
@@ -1844,14 +1879,18 @@ void depthwise_backward_weight(const DepthwiseBackwardWeightArgs& a) {
                                                gyp + oh * g.ow, g.ow);
           }
         }
+        if (split) split_even_odd(buf.data(), prows, pcols, split_row.data());
         for (int64_t oh = 0; oh < g.oh; ++oh) {
           const T* gr = gyp + oh * g.ow;
           for (int64_t i = 0; i < g.kh; ++i) {
             const T* xr = buf.data() + (oh * g.stride_h + i * g.dil_h) * pcols;
             for (int64_t j = 0; j < g.kw; ++j) {
               T sum = 0;
+              const int64_t col = j * g.dil_w;
               if (g.stride_w == 1) {
-                sum = dot(gr, xr + j * g.dil_w, g.ow);
+                sum = dot(gr, xr + col, g.ow);
+              } else if (split) {
+                sum = dot(gr, xr + (col % 2 == 0 ? col / 2 : evens + col / 2), g.ow);
               } else {
                 for (int64_t ow = 0; ow < g.ow; ++ow) {
                   sum += gr[ow] * xr[ow * g.stride_w + j * g.dil_w];
