@@ -332,14 +332,13 @@ bool input_gradient_by_forward(const at::Tensor& gy, const at::Tensor& w, const 
   t.pad_top = reach_h - g.pad_top;
   t.pad_left = reach_w - g.pad_left;
   const auto dtype = gy.scalar_type();
-  const bool wide = nhwc || depthwise_nchw_tiled(t, dtype);
-  if (!wide) return false;
+  if (!nhwc && !depthwise_nchw_tiled(t, dtype)) return false;
   const auto format = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const auto flipped = w.flip({2, 3}).contiguous();
   grad_input = at::empty({g.n, g.c_in, g.h, g.w}, gy.options().memory_format(format));
-  kernels(wide).depthwise_forward({dtype, gy.const_data_ptr(), flipped.const_data_ptr(), nullptr,
+  kernels(true).depthwise_forward({dtype, gy.const_data_ptr(), flipped.const_data_ptr(), nullptr,
                                    grad_input.mutable_data_ptr(), nullptr, t, Activation::None,
-                                   nhwc, cpu_native_bfloat16(wide)});
+                                   nhwc, cpu_native_bfloat16(true)});
   return true;
 }
 

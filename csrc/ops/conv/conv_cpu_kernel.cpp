@@ -260,6 +260,11 @@ inline void split_even_odd(T* buf, int64_t rows, int64_t cols, T* tmp) {
   }
 }
 
+// Where column col of a row lies once split_even_odd has split it (evens = (cols + 1) / 2).
+inline int64_t split_column(int64_t col, int64_t evens) {
+  return col % 2 == 0 ? col / 2 : evens + col / 2;
+}
+
 
 // The zero-padded input plane every tap of every output reads: rows ih + pad_top, columns
 // iw + pad_left.
@@ -576,8 +581,7 @@ void depthwise_forward_nchw(const DepthwiseForwardArgs& a) {
   for (int64_t i = 0; i < g.kh; ++i) {
     for (int64_t j = 0; j < g.kw; ++j) {
       const int64_t col = j * g.dil_w;
-      offset[i * g.kw + j] =
-          i * g.dil_h * pcols + (!split ? col : col % 2 == 0 ? col / 2 : evens + col / 2);
+      offset[i * g.kw + j] = i * g.dil_h * pcols + (split ? split_column(col, evens) : col);
     }
   }
   at::parallel_for(0, g.n * g.c_in, 1, [&](int64_t begin, int64_t end) {
@@ -1890,7 +1894,7 @@ void depthwise_backward_weight(const DepthwiseBackwardWeightArgs& a) {
               if (g.stride_w == 1) {
                 sum = dot(gr, xr + col, g.ow);
               } else if (split) {
-                sum = dot(gr, xr + (col % 2 == 0 ? col / 2 : evens + col / 2), g.ow);
+                sum = dot(gr, xr + split_column(col, evens), g.ow);
               } else {
                 for (int64_t ow = 0; ow < g.ow; ++ow) {
                   sum += gr[ow] * xr[ow * g.stride_w + j * g.dil_w];
