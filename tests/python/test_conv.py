@@ -584,6 +584,31 @@ def test_depthwise_channels_last_pixel_runs(
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+# The CPU NHWC float32 forward at stride 1 with a square kernel of width 3, 5 or 7 runs register
+# tiles on AVX-512 (four output rows a dilation apart by four columns a dilation apart, three
+# for width 7, by a vector of 16 channels), reading the map through a table of pointers with a
+# zero pixel for the padding; with multiplier 1 the input gradient is that forward on the flipped
+# taps. Heights and widths that leave partial tiles both ways, two images (the next image's rows
+# prefetched), channel counts below one vector, exactly one, and with a part vector past whole
+# ones (loaded and stored masked); activations with the sums stored from the registers (none,
+# relu) and through the epilogue with gelu's saved pre-activation; "same" padding and one smaller
+# than the kernel's reach. On other CPUs and dtypes the rings serve the same cases.
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+@pytest.mark.parametrize("channels", [5, 16, 40])
+@pytest.mark.parametrize("dilation", [1, 2, 3])
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+def test_depthwise_channels_last_tiles(device, kernel, dilation, channels, activation, gen):
+    height, width = 2 * 4 * dilation + 3, 2 * 4 * dilation + 5
+    tensors = make_depthwise_nhwc(
+        (2, channels, height, width), (kernel, kernel), gen, device=device, dtype=torch.float32
+    )
+    for padding in ("same", (dilation, 1)):
+        conv = conv_kwargs(1, padding, dilation, channels)
+        out, grads = check_conv(tensors, conv, activation, gen)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
 # The CPU NCHW depthwise forward at stride 1 with a square kernel of width 3, 5 or 7 runs
 # register tiles: four output rows a dilation apart by 2 vectors of columns, or 4 on AVX-512
 # where the map is wider than 32 columns; with multiplier 1 the input gradient is that forward
@@ -631,17 +656,20 @@ def test_depthwise_nchw_weight_gradient_kernel_shapes(device, kernel, stride, di
     check_conv(tensors, conv_kwargs(stride, (2, 1), dilation, 4), "none", gen)
 
 
-# Four-sided paddings through the CPU NCHW tiles (float32, stride 1): some past the kernel's
+# Four-sided paddings through the CPU tiles (float32, stride 1; NCHW, and NHWC on AVX-512),
+# channels_last maps through the NHWC kernels on any CPU: some past the kernel's
 # reach (output rows and columns that see only padding), some smaller than "same" (the output
 # smaller than the input); the forward op's output and pre-activation, and the backward op's
 # gradients (multiplier 1: the input gradient is the tiles' forward on the flipped taps with the
 # paddings mirrored where they lie within the reach), against F.conv2d of the padded map.
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("padding4", [(0, 0, 0, 0), (2, 0, 1, 3), (5, 1, 0, 6), (1, 4, 6, 2)],
                          ids=lambda p: "pad" + "-".join(map(str, p)))
 @pytest.mark.parametrize("kernel,dilation", [(3, 2), (5, 1)], ids=["k3d2", "k5d1"])
-def test_depthwise_nchw_tiles_four_sided_padding(device, kernel, dilation, padding4, gen):
+def test_depthwise_tiles_four_sided_padding(device, kernel, dilation, padding4, layout, gen):
     (x, _), (w, _), b = make_conv(
-        (2, 3, 11, 37), 3, (kernel, kernel), 3, gen, device=device, dtype=torch.float32
+        (2, 3, 11, 37), 3, (kernel, kernel), 3, gen, device=device, dtype=torch.float32,
+        x_layout=layout,
     )
     top, left, bottom, right = padding4
     refs = [t.detach().cpu().double().requires_grad_() for t in (x, w, b)]

@@ -15,8 +15,10 @@
 // registers, flushed to double every few rows (plane_weight_sums); otherwise a dot product per
 // tap and output row (stride 2: on the split rows); summed in double per channel (the bias
 // gradient, when asked for, beside it).
-// channels_last (NHWC) input with multiplier 1 goes through its own forward and weight gradient:
-// a group of channel blocks at a time, the rows the kernel spans held in small rings (the
+// channels_last (NHWC) input with multiplier 1 goes through its own forward and weight gradient.
+// The float32 forward at stride 1 with square kernels of width 3, 5, 7 runs register tiles read
+// straight from the map on AVX-512 (depthwise_forward_nhwc_tiles); otherwise a group of channel
+// blocks at a time, the rows the kernel spans held in small rings (the
 // forward's in the map's own type, half types widened as the taps load them, bfloat16 a pair of
 // lanes at a time (split_pairs); stride-1 rows in runs of pixels a dilation apart; the weight
 // gradient's in the compute type; see NhwcRings, depthwise_forward_nhwc,
@@ -1306,6 +1308,210 @@ struct BlockGroups {
   }
 };
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The float32 NHWC forward at stride 1 with square kernels of width 3, 5 or 7 (multiplier 1), in
+// register tiles read straight from the map: R output rows a dilation apart by P output columns a
+// dilation apart by one vector of 16 channels. The tile's (R + K - 1) x (P + K - 1) input pixels
+// go through a table of pointers (the zero pixel where a tap falls into the padding), so neither
+// a copy of the map nor a bounds check in the taps is needed. Each input row of the tile is loaded
+// once and serves every kernel row that reaches it (up to min(R, K) output rows, K taps each);
+// each weight is loaded from L1 as its kernel row needs it (kept from being hoisted: the compiler
+// otherwise held them, spilling the sums), and the table is read again for each vector of
+// channels (held in registers, its pointers had spilled the sums too). The rings
+// (depthwise_forward_nhwc) copy every input row once, then sum one output row at a time.
+// Interleaved in one process, Zen 5, two threads, against F.conv2d, rings -> tiles:
+// [8,256,64,64] k3d2 0.99x -> 1.30x, k5d2 0.99x -> 1.26x, k7d3 8.4x -> 9.6x; [64,256,28,28]
+// k3d1 1.03x -> 1.37x, k3d2 1.06x -> 1.25x, k5d1 0.84x -> 1.22x; [128,256,16,16] k3d1 0.80x ->
+// 1.24x, k3d2 0.93x -> 1.69x; one thread [1,256,64,64] k3d2 1.04x -> 1.59x. R x P of 3 x 4 (k3),
+// 2 x 6 (k5) and 2 x 4 (k7) were best or within a few percent among 4 x 4, 4 x 5, 3 x 6, 3 x 4
+// (k3), 4 x 4, 3 x 4, 3 x 5, 2 x 6 (k5) and 4 x 3, 3 x 3, 3 x 4, 2 x 4 (k7). bfloat16 tiles (pairs
+// split into floats) were no faster than the rings' dot products at k3d2 and slower at k5d2, and
+// float16's rings are far past F.conv2d already, so the half types keep the rings.
+template <int K>
+struct NhwcTile {
+  static constexpr int R = K == 3 ? 3 : 2, P = K == 5 ? 6 : 4;
+  static constexpr int F = R + K - 1, E = P + K - 1;  // the tile's input rows and columns
+  using Pixels = const float* [F][E];
+};
+
+// The sums (from the bias) of one tile for the 16 channels at c: the first of them in `lanes`
+// where kMasked (the last vector of a C that is not a multiple of 16; weights and bias are
+// zero-padded to whole vectors, and so is the zero pixel).
+template <int K, bool kMasked>
+C10_ALWAYS_INLINE void nhwc_tile_sums(const typename NhwcTile<K>::Pixels& px, int64_t c,
+                                      __mmask16 lanes, const float* wt, int64_t c_pad,
+                                      const float* bias,
+                                      __m512 (&sum)[NhwcTile<K>::R][NhwcTile<K>::P]) {
+  constexpr int R = NhwcTile<K>::R, P = NhwcTile<K>::P, E = NhwcTile<K>::E;
+  const __m512 b = _mm512_loadu_ps(bias + c);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int k = 0; k < P; ++k) sum[r][k] = b;
+  }
+#pragma GCC unroll 16
+  for (int f = 0; f < NhwcTile<K>::F; ++f) {
+    __m512 x[E];
+#pragma GCC unroll 16
+    for (int e = 0; e < E; ++e) {
+      x[e] = kMasked ? _mm512_maskz_loadu_ps(lanes, px[f][e] + c) : _mm512_loadu_ps(px[f][e] + c);
+    }
+    // Input row f is kernel row i = f - r of output row r.
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int i = f - r;
+      if (i < 0 || i >= K) continue;
+#pragma GCC unroll 8
+      for (int j = 0; j < K; ++j) {
+        __m512 w = _mm512_loadu_ps(wt + (i * K + j) * c_pad + c);
+        asm("" : "+v"(w));
+#pragma GCC unroll 8
+        for (int k = 0; k < P; ++k) sum[r][k] = _mm512_fmadd_ps(x[k + j], w, sum[r][k]);
+      }
+    }
+  }
+}
+
+// The epilogue of a tile's sums past the registers (stored to `sums` first: the activations'
+// calls would otherwise spill the sums inside the taps' loop): pre-activation, activation and
+// the stores (plain ones, also where the output streams) of `rows` x `cols` pixels, pixel (r, k)
+// at r * row_step + k * col_step; `count` channels each.
+template <int R, int P>
+C10_NOINLINE void nhwc_tile_epilogue(const float (&sums)[R * P][16], int rows, int cols,
+                                     int64_t count, Activation act, float* y, float* pre,
+                                     int64_t row_step, int64_t col_step) {
+  for (int r = 0; r < rows; ++r) {
+    for (int k = 0; k < cols; ++k) {
+      const int64_t at = r * row_step + k * col_step;
+      const Vec<float> v = Vec<float>::loadu(sums[r * P + k]);
+      if (pre != nullptr) v.store(pre + at, count);
+      activate(v, act).store(y + at, count);
+    }
+  }
+}
+
+// A task per (image, band of R * dil_h output rows): the band's dil_h sets of rows a dilation
+// apart, each swept in tiles of P columns a dilation apart, the vectors of channels innermost
+// (the tile's table of pointers serves them all). The input rows the next task reads first are
+// prefetched a share per tile position (float32 k3d2, interleaved: 1.20x -> 1.63x of F.conv2d).
+template <int K>
+void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
+  using Tile = NhwcTile<K>;
+  constexpr int R = Tile::R, P = Tile::P, F = Tile::F, E = Tile::E;
+  constexpr int64_t L = 16;
+  const auto& g = a.g;
+  const float* x = static_cast<const float*>(a.input);
+  const float* w = static_cast<const float*>(a.weight);
+  const float* b = static_cast<const float*>(a.bias);
+  float* y = static_cast<float*>(a.output);
+  float* pre = static_cast<float*>(a.preact);
+  const int64_t C = g.c_in, taps = K * K, c_pad = (C + L - 1) / L * L;
+  // The weight transposed to [tap][c_pad] and the bias to [c_pad], zero past C.
+  std::vector<float> wt(taps * c_pad, 0.f), bias(c_pad, 0.f), zero(c_pad, 0.f);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t t = 0; t < taps; ++t) wt[t * c_pad + c] = w[c * taps + t];
+    if (b != nullptr) bias[c] = b[c];
+  }
+  const int64_t dh = g.dil_h, dw = g.dil_w, band = R * dh;
+  const int64_t bands = (g.oh + band - 1) / band;
+  const bool stream = stream_outputs(g.n * g.oh * g.ow * C, C, y, pre);
+  const bool light = pre == nullptr && (a.act == Activation::None || a.act == Activation::Relu);
+  const bool relu = a.act == Activation::Relu;
+  const int64_t row_step = dh * g.ow * C, col_step = dw * C;
+  const __mmask16 tail = __mmask16((1u << (C % L)) - 1);
+  // Input rows [first_row(b), last_row(b)) are band b's.
+  const auto first_row = [&](int64_t b) {
+    return std::clamp<int64_t>(b * band - g.pad_top, 0, g.h);
+  };
+  const auto last_row = [&](int64_t b) {
+    const int64_t last_out = std::min(g.oh, (b + 1) * band) - 1;
+    return std::clamp<int64_t>(last_out + (K - 1) * dh - g.pad_top + 1, 0, g.h);
+  };
+  const int64_t positions =
+      std::min(dh, g.oh) * ((g.ow + P * dw - 1) / (P * dw)) * std::min(dw, g.ow);
+  at::parallel_for(0, g.n * bands, 1, [&](int64_t begin, int64_t end) {
+    typename Tile::Pixels px;
+    alignas(64) float sums_out[R * P][16];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / bands, oh_band = task % bands * band;
+      const float* image = x + n * g.h * g.w * C;
+      // The rows of the next task that this one does not read.
+      const char* next = nullptr;
+      int64_t lines = 0, share = 0, fetched = 0;
+      if (task + 1 < end) {
+        const int64_t nb = (task + 1) % bands;
+        const int64_t lo = nb == 0 ? first_row(0) : std::max(first_row(nb), last_row(nb - 1));
+        const int64_t hi = last_row(nb);
+        if (hi > lo) {
+          next = reinterpret_cast<const char*>(x + ((task + 1) / bands * g.h + lo) * g.w * C);
+          lines = ((hi - lo) * g.w * C * int64_t(sizeof(float)) + 63) / 64;
+          share = (lines + positions - 1) / positions;
+        }
+      }
+      for (int64_t oh0 = oh_band; oh0 < std::min(oh_band + dh, g.oh); ++oh0) {
+        const int rows = int(std::min<int64_t>(R, (g.oh - 1 - oh0) / dh + 1));
+        for (int64_t group = 0; group < g.ow; group += P * dw) {
+          for (int64_t ow0 = group; ow0 < std::min(group + dw, g.ow); ++ow0) {
+            for (const int64_t e = std::min(lines, fetched + share); fetched < e; ++fetched) {
+              __builtin_prefetch(next + fetched * 64, 0, 3);
+            }
+            const int cols = int(std::min<int64_t>(P, (g.ow - 1 - ow0) / dw + 1));
+            for (int f = 0; f < F; ++f) {
+              const int64_t ih = oh0 - g.pad_top + f * dh;
+              for (int e = 0; e < E; ++e) {
+                const int64_t iw = ow0 - g.pad_left + e * dw;
+                px[f][e] = ih >= 0 && ih < g.h && iw >= 0 && iw < g.w
+                               ? image + (ih * g.w + iw) * C
+                               : zero.data();
+              }
+            }
+            const int64_t at = ((n * g.oh + oh0) * g.ow + ow0) * C;
+            for (int64_t c = 0; c < C; c += L) {
+              asm volatile("" : : "r"(&px) : "memory");  // the table read again, see above
+              const bool whole = c + L <= C;
+              __m512 sum[R][P];
+              if (whole) {
+                nhwc_tile_sums<K, false>(px, c, 0xffff, wt.data(), c_pad, bias.data(), sum);
+              } else {
+                nhwc_tile_sums<K, true>(px, c, tail, wt.data(), c_pad, bias.data(), sum);
+              }
+              if (light && whole) {
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) {
+                  if (r >= rows) break;
+#pragma GCC unroll 8
+                  for (int k = 0; k < P; ++k) {
+                    if (k >= cols) break;
+                    __m512 v = sum[r][k];
+                    if (relu) v = at::vec::clamp_min(Vec<float>(v), Vec<float>(0.f));
+                    float* o = y + at + r * row_step + k * col_step + c;
+                    if (stream) {
+                      _mm512_stream_ps(o, v);
+                    } else {
+                      _mm512_storeu_ps(o, v);
+                    }
+                  }
+                }
+              } else {
+#pragma GCC unroll 8
+                for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+                  for (int k = 0; k < P; ++k) _mm512_store_ps(sums_out[r * P + k], sum[r][k]);
+                }
+                nhwc_tile_epilogue<R, P>(sums_out, rows, cols, std::min(L, C - c), a.act,
+                                         y + at + c, pre != nullptr ? pre + at + c : nullptr,
+                                         row_step, col_step);
+              }
+            }
+          }
+        }
+      }
+    }
+    if (stream) store_fence();
+  });
+}
+#endif  // CPU_CAPABILITY_AVX512
+
 // NHWC, multiplier 1. The channels go in blocks of kVectors vectors (then single vectors, the
 // last one partial); a task is (image, group of blocks, band of output rows). The group's slices
 // of the input rows the kernel spans are kept in rings (NhwcRings: each input element is read
@@ -1357,6 +1563,22 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   S* pre = static_cast<S*>(a.preact);
   const int64_t C = g.c_in, taps = g.kh * g.kw;
   if (g.n == 0 || g.oh == 0 || g.ow == 0 || C == 0) return;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<S, float>) {
+    if (g.stride_h == 1 && g.stride_w == 1 && g.kh == g.kw) {
+      switch (g.kh) {
+        case 3:
+          return depthwise_forward_nhwc_tiles<3>(a);
+        case 5:
+          return depthwise_forward_nhwc_tiles<5>(a);
+        case 7:
+          return depthwise_forward_nhwc_tiles<7>(a);
+        default:
+          break;
+      }
+    }
+  }
+#endif
   const typename Rings::Blocks cb(C);
   // The weight transposed to [tap][c_pad] and the bias to [c_pad], zero past C, so that a
   // block's weights and bias are whole vector loads.
