@@ -584,23 +584,24 @@ def test_depthwise_channels_last_pixel_runs(
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-# The CPU NHWC float32 forward at stride 1 with a square kernel of width 3, 5 or 7 runs register
-# tiles on AVX-512 (four output rows a dilation apart by four columns a dilation apart, three
-# for width 7, by a vector of 16 channels), reading the map through a table of pointers with a
-# zero pixel for the padding; with multiplier 1 the input gradient is that forward on the flipped
-# taps. Heights and widths that leave partial tiles both ways, two images (the next image's rows
+# The CPU NHWC forward at stride 1 with a square kernel of width 3, 5 or 7 runs register tiles on
+# AVX-512 (two or three output rows a dilation apart by three to six columns a dilation apart by
+# a vector of 16 channels; half types widened as they load and rounded as they store), reading
+# the map through a table of pointers with a zero pixel for the padding; with multiplier 1 the
+# input gradient is that forward on the flipped taps. Heights and widths that leave partial tiles both ways, two images (the next image's rows
 # prefetched), channel counts below one vector, exactly one, and with a part vector past whole
 # ones (loaded and stored masked); activations with the sums stored from the registers (none,
 # relu) and through the epilogue with gelu's saved pre-activation; "same" padding and one smaller
 # than the kernel's reach. On other CPUs and dtypes the rings serve the same cases.
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
 @pytest.mark.parametrize("channels", [5, 16, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, *HALVES], ids=dtype_id)
 @pytest.mark.parametrize("dilation", [1, 2, 3])
 @pytest.mark.parametrize("kernel", [3, 5, 7])
-def test_depthwise_channels_last_tiles(device, kernel, dilation, channels, activation, gen):
+def test_depthwise_channels_last_tiles(device, kernel, dilation, dtype, channels, activation, gen):
     height, width = 2 * 4 * dilation + 3, 2 * 4 * dilation + 5
     tensors = make_depthwise_nhwc(
-        (2, channels, height, width), (kernel, kernel), gen, device=device, dtype=torch.float32
+        (2, channels, height, width), (kernel, kernel), gen, device=device, dtype=dtype
     )
     for padding in ("same", (dilation, 1)):
         conv = conv_kwargs(1, padding, dilation, channels)

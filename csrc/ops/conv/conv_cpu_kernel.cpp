@@ -16,9 +16,9 @@
 // tap and output row (stride 2: on the split rows); summed in double per channel (the bias
 // gradient, when asked for, beside it).
 // channels_last (NHWC) input with multiplier 1 goes through its own forward and weight gradient.
-// The float32 forward at stride 1 with square kernels of width 3, 5, 7 runs register tiles read
-// straight from the map on AVX-512 (depthwise_forward_nhwc_tiles); otherwise a group of channel
-// blocks at a time, the rows the kernel spans held in small rings (the
+// The forward at stride 1 with square kernels of width 3, 5, 7 (not float64) runs register tiles
+// read straight from the map on AVX-512 (depthwise_forward_nhwc_tiles); otherwise a group of
+// channel blocks at a time, the rows the kernel spans held in small rings (the
 // forward's in the map's own type, half types widened as the taps load them, bfloat16 a pair of
 // lanes at a time (split_pairs); stride-1 rows in runs of pixels a dilation apart; the weight
 // gradient's in the compute type; see NhwcRings, depthwise_forward_nhwc,
@@ -1309,9 +1309,10 @@ struct BlockGroups {
 };
 
 #if defined(CPU_CAPABILITY_AVX512)
-// The float32 NHWC forward at stride 1 with square kernels of width 3, 5 or 7 (multiplier 1), in
-// register tiles read straight from the map: R output rows a dilation apart by P output columns a
-// dilation apart by one vector of 16 channels. The tile's (R + K - 1) x (P + K - 1) input pixels
+// The NHWC forward at stride 1 with square kernels of width 3, 5 or 7 (multiplier 1; float32 and
+// the half types), in register tiles read straight from the map: R output rows a dilation apart
+// by P output columns a dilation apart by one vector of 16 channels (half types widened as they
+// are loaded, rounded once as they are stored). The tile's (R + K - 1) x (P + K - 1) input pixels
 // go through a table of pointers (the zero pixel where a tap falls into the padding), so neither
 // a copy of the map nor a bounds check in the taps is needed. Each input row of the tile is loaded
 // once and serves every kernel row that reaches it (up to min(R, K) output rows, K taps each);
@@ -1320,29 +1321,81 @@ struct BlockGroups {
 // channels (held in registers, its pointers had spilled the sums too). The rings
 // (depthwise_forward_nhwc) copy every input row once, then sum one output row at a time.
 // Interleaved in one process, Zen 5, two threads, against F.conv2d, rings -> tiles:
-// [8,256,64,64] k3d2 0.99x -> 1.30x, k5d2 0.99x -> 1.26x, k7d3 8.4x -> 9.6x; [64,256,28,28]
-// k3d1 1.03x -> 1.37x, k3d2 1.06x -> 1.25x, k5d1 0.84x -> 1.22x; [128,256,16,16] k3d1 0.80x ->
-// 1.24x, k3d2 0.93x -> 1.69x; one thread [1,256,64,64] k3d2 1.04x -> 1.59x. R x P of 3 x 4 (k3),
-// 2 x 6 (k5) and 2 x 4 (k7) were best or within a few percent among 4 x 4, 4 x 5, 3 x 6, 3 x 4
-// (k3), 4 x 4, 3 x 4, 3 x 5, 2 x 6 (k5) and 4 x 3, 3 x 3, 3 x 4, 2 x 4 (k7). bfloat16 tiles (pairs
-// split into floats) were no faster than the rings' dot products at k3d2 and slower at k5d2, and
-// float16's rings are far past F.conv2d already, so the half types keep the rings.
-template <int K>
+// float32 [8,256,64,64] k3d2 0.99x -> 1.30x, k5d2 0.99x -> 1.26x, k7d3 8.4x -> 9.6x;
+// [64,256,28,28] k3d1 1.03x -> 1.37x, k3d2 1.06x -> 1.25x, k5d1 0.84x -> 1.22x; [128,256,16,16]
+// k3d1 0.80x -> 1.24x, k3d2 0.93x -> 1.69x; one thread [1,256,64,64] k3d2 1.04x -> 1.59x.
+// bfloat16 [8,256,64,64] k3d2 0.84-0.87x -> 0.98-1.16x, k5d2 1.13x -> 1.18-1.23x, k7d3 15x ->
+// 15.7x; float16 (F.conv2d has no fast kernel for it here) 8-26% faster than the rings.
+// R x P of 3 x 4 (k3), 2 x 6 (k5) and 2 x 4 (k7) were best or within a few percent for float32
+// among 4 x 4, 4 x 5, 3 x 6, 3 x 4 (k3), 4 x 4, 3 x 4, 3 x 5, 2 x 6 (k5) and 4 x 3, 3 x 3, 3 x 4,
+// 2 x 4 (k7); bfloat16 measured with 2 x 4 (k3, k5) and 2 x 3 (k7). Tiles of bfloat16 in the
+// CPU's dot product (kernel rows in pairs unpacked word by word, as the rings do it) were
+// slower than these float tiles at k3d2 and k5d2 (0.85-0.91x, 1.05-1.09x of F.conv2d), faster
+// only at k7d3 (17x).
+template <int K, class S>
 struct NhwcTile {
-  static constexpr int R = K == 3 ? 3 : 2, P = K == 5 ? 6 : 4;
+  static constexpr bool kBf16 = std::is_same_v<S, c10::BFloat16>;
+  static constexpr int R = K == 3 && !kBf16 ? 3 : 2;
+  static constexpr int P = kBf16 ? (K == 7 ? 3 : 4) : (K == 5 ? 6 : 4);
   static constexpr int F = R + K - 1, E = P + K - 1;  // the tile's input rows and columns
-  using Pixels = const float* [F][E];
+  using Pixels = const S* [F][E];
 };
+
+// 16 lanes of S at p as floats (the first of them in `lanes` where kMasked, the rest zero).
+template <class S, bool kMasked>
+C10_ALWAYS_INLINE __m512 load_lanes(const S* p, __mmask16 lanes) {
+  if constexpr (std::is_same_v<S, float>) {
+    return kMasked ? _mm512_maskz_loadu_ps(lanes, p) : _mm512_loadu_ps(p);
+  } else {
+    const __m256i raw = kMasked ? _mm256_maskz_loadu_epi16(lanes, p)
+                                : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (std::is_same_v<S, c10::BFloat16>) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    } else {
+      return _mm512_cvtph_ps(raw);
+    }
+  }
+}
+
+// 16 floats stored as S at p (half types rounded to nearest even; bfloat16 by the CPU where
+// `native`), past the caches where `stream` (p aligned to the stored vector's size).
+template <class S>
+C10_ALWAYS_INLINE void store_lanes(__m512 v, S* p, bool stream, bool native) {
+  if constexpr (std::is_same_v<S, float>) {
+    if (stream) {
+      _mm512_stream_ps(p, v);
+    } else {
+      _mm512_storeu_ps(p, v);
+    }
+  } else {
+    __m256i h;
+    if constexpr (std::is_same_v<S, c10::BFloat16>) {
+      if (native) {
+        asm("vcvtneps2bf16 {%1, %0|%0, %1}" : "=v"(h) : "v"(v));
+      } else {
+        h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_to_top(Vec<float>(v)), 16));
+      }
+    } else {
+      h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    if (stream) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+    }
+  }
+}
 
 // The sums (from the bias) of one tile for the 16 channels at c: the first of them in `lanes`
 // where kMasked (the last vector of a C that is not a multiple of 16; weights and bias are
 // zero-padded to whole vectors, and so is the zero pixel).
-template <int K, bool kMasked>
-C10_ALWAYS_INLINE void nhwc_tile_sums(const typename NhwcTile<K>::Pixels& px, int64_t c,
+template <int K, bool kMasked, class S>
+C10_ALWAYS_INLINE void nhwc_tile_sums(const typename NhwcTile<K, S>::Pixels& px, int64_t c,
                                       __mmask16 lanes, const float* wt, int64_t c_pad,
                                       const float* bias,
-                                      __m512 (&sum)[NhwcTile<K>::R][NhwcTile<K>::P]) {
-  constexpr int R = NhwcTile<K>::R, P = NhwcTile<K>::P, E = NhwcTile<K>::E;
+                                      __m512 (&sum)[NhwcTile<K, S>::R][NhwcTile<K, S>::P]) {
+  using Tile = NhwcTile<K, S>;
+  constexpr int R = Tile::R, P = Tile::P, E = Tile::E;
   const __m512 b = _mm512_loadu_ps(bias + c);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -1350,11 +1403,11 @@ C10_ALWAYS_INLINE void nhwc_tile_sums(const typename NhwcTile<K>::Pixels& px, in
     for (int k = 0; k < P; ++k) sum[r][k] = b;
   }
 #pragma GCC unroll 16
-  for (int f = 0; f < NhwcTile<K>::F; ++f) {
+  for (int f = 0; f < Tile::F; ++f) {
     __m512 x[E];
 #pragma GCC unroll 16
     for (int e = 0; e < E; ++e) {
-      x[e] = kMasked ? _mm512_maskz_loadu_ps(lanes, px[f][e] + c) : _mm512_loadu_ps(px[f][e] + c);
+      x[e] = load_lanes<S, kMasked>(px[f][e] + c, lanes);
     }
     // Input row f is kernel row i = f - r of output row r.
 #pragma GCC unroll 8
@@ -1376,16 +1429,23 @@ C10_ALWAYS_INLINE void nhwc_tile_sums(const typename NhwcTile<K>::Pixels& px, in
 // calls would otherwise spill the sums inside the taps' loop): pre-activation, activation and
 // the stores (plain ones, also where the output streams) of `rows` x `cols` pixels, pixel (r, k)
 // at r * row_step + k * col_step; `count` channels each.
-template <int R, int P>
+template <int R, int P, class S>
 C10_NOINLINE void nhwc_tile_epilogue(const float (&sums)[R * P][16], int rows, int cols,
-                                     int64_t count, Activation act, float* y, float* pre,
-                                     int64_t row_step, int64_t col_step) {
+                                     int64_t count, Activation act, S* y, S* pre,
+                                     int64_t row_step, int64_t col_step, bool native) {
+  const auto put = [&](const Vec<float>& v, S* p) {
+    if constexpr (std::is_same_v<S, float>) {
+      v.store(p, count);
+    } else {
+      round_pair<S>(v, v, native).store(p, count);
+    }
+  };
   for (int r = 0; r < rows; ++r) {
     for (int k = 0; k < cols; ++k) {
       const int64_t at = r * row_step + k * col_step;
       const Vec<float> v = Vec<float>::loadu(sums[r * P + k]);
-      if (pre != nullptr) v.store(pre + at, count);
-      activate(v, act).store(y + at, count);
+      if (pre != nullptr) put(v, pre + at);
+      put(activate(v, act), y + at);
     }
   }
 }
@@ -1394,20 +1454,21 @@ C10_NOINLINE void nhwc_tile_epilogue(const float (&sums)[R * P][16], int rows, i
 // apart, each swept in tiles of P columns a dilation apart, the vectors of channels innermost
 // (the tile's table of pointers serves them all). The input rows the next task reads first are
 // prefetched a share per tile position (float32 k3d2, interleaved: 1.20x -> 1.63x of F.conv2d).
-template <int K>
+template <class S, int K>
 void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
-  using Tile = NhwcTile<K>;
+  using Tile = NhwcTile<K, S>;
   constexpr int R = Tile::R, P = Tile::P, F = Tile::F, E = Tile::E;
   constexpr int64_t L = 16;
   const auto& g = a.g;
-  const float* x = static_cast<const float*>(a.input);
+  const S* x = static_cast<const S*>(a.input);
   const float* w = static_cast<const float*>(a.weight);
   const float* b = static_cast<const float*>(a.bias);
-  float* y = static_cast<float*>(a.output);
-  float* pre = static_cast<float*>(a.preact);
+  S* y = static_cast<S*>(a.output);
+  S* pre = static_cast<S*>(a.preact);
   const int64_t C = g.c_in, taps = K * K, c_pad = (C + L - 1) / L * L;
   // The weight transposed to [tap][c_pad] and the bias to [c_pad], zero past C.
-  std::vector<float> wt(taps * c_pad, 0.f), bias(c_pad, 0.f), zero(c_pad, 0.f);
+  std::vector<float> wt(taps * c_pad, 0.f), bias(c_pad, 0.f);
+  const std::vector<S> zero(c_pad, S(0));
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t t = 0; t < taps; ++t) wt[t * c_pad + c] = w[c * taps + t];
     if (b != nullptr) bias[c] = b[c];
@@ -1434,7 +1495,7 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
     alignas(64) float sums_out[R * P][16];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / bands, oh_band = task % bands * band;
-      const float* image = x + n * g.h * g.w * C;
+      const S* image = x + n * g.h * g.w * C;
       // The rows of the next task that this one does not read.
       const char* next = nullptr;
       int64_t lines = 0, share = 0, fetched = 0;
@@ -1444,7 +1505,7 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
         const int64_t hi = last_row(nb);
         if (hi > lo) {
           next = reinterpret_cast<const char*>(x + ((task + 1) / bands * g.h + lo) * g.w * C);
-          lines = ((hi - lo) * g.w * C * int64_t(sizeof(float)) + 63) / 64;
+          lines = ((hi - lo) * g.w * C * int64_t(sizeof(S)) + 63) / 64;
           share = (lines + positions - 1) / positions;
         }
       }
@@ -1471,9 +1532,9 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
               const bool whole = c + L <= C;
               __m512 sum[R][P];
               if (whole) {
-                nhwc_tile_sums<K, false>(px, c, 0xffff, wt.data(), c_pad, bias.data(), sum);
+                nhwc_tile_sums<K, false, S>(px, c, 0xffff, wt.data(), c_pad, bias.data(), sum);
               } else {
-                nhwc_tile_sums<K, true>(px, c, tail, wt.data(), c_pad, bias.data(), sum);
+                nhwc_tile_sums<K, true, S>(px, c, tail, wt.data(), c_pad, bias.data(), sum);
               }
               if (light && whole) {
 #pragma GCC unroll 8
@@ -1484,12 +1545,8 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
                     if (k >= cols) break;
                     __m512 v = sum[r][k];
                     if (relu) v = at::vec::clamp_min(Vec<float>(v), Vec<float>(0.f));
-                    float* o = y + at + r * row_step + k * col_step + c;
-                    if (stream) {
-                      _mm512_stream_ps(o, v);
-                    } else {
-                      _mm512_storeu_ps(o, v);
-                    }
+                    store_lanes(v, y + at + r * row_step + k * col_step + c, stream,
+                                a.native_bf16);
                   }
                 }
               } else {
@@ -1498,9 +1555,9 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
 #pragma GCC unroll 8
                   for (int k = 0; k < P; ++k) _mm512_store_ps(sums_out[r * P + k], sum[r][k]);
                 }
-                nhwc_tile_epilogue<R, P>(sums_out, rows, cols, std::min(L, C - c), a.act,
-                                         y + at + c, pre != nullptr ? pre + at + c : nullptr,
-                                         row_step, col_step);
+                nhwc_tile_epilogue<R, P, S>(sums_out, rows, cols, std::min(L, C - c), a.act,
+                                            y + at + c, pre != nullptr ? pre + at + c : nullptr,
+                                            row_step, col_step, a.native_bf16);
               }
             }
           }
@@ -1564,15 +1621,15 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   const int64_t C = g.c_in, taps = g.kh * g.kw;
   if (g.n == 0 || g.oh == 0 || g.ow == 0 || C == 0) return;
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<S, float>) {
+  if constexpr (kUnrolledWidths<S>) {
     if (g.stride_h == 1 && g.stride_w == 1 && g.kh == g.kw) {
       switch (g.kh) {
         case 3:
-          return depthwise_forward_nhwc_tiles<3>(a);
+          return depthwise_forward_nhwc_tiles<S, 3>(a);
         case 5:
-          return depthwise_forward_nhwc_tiles<5>(a);
+          return depthwise_forward_nhwc_tiles<S, 5>(a);
         case 7:
-          return depthwise_forward_nhwc_tiles<7>(a);
+          return depthwise_forward_nhwc_tiles<S, 7>(a);
         default:
           break;
       }
