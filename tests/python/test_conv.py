@@ -566,7 +566,8 @@ def test_depthwise_channels_last_bfloat16_infinities(device, width):
 # more runs and a rest, every unrolled kernel width and a wider one, dilations 1-3; the forward,
 # gelu's saved pre-activation (stored in pairs too) and every gradient (the input gradient is
 # that forward on the flipped taps). The CPU forward's input rings in both layouts
-# (TORCH_EXT_CONV_RINGS; by default by pixels only where the output streams and k <= 3).
+# (TORCH_EXT_CONV_RINGS; by default by pixels only where the output streams and k <= 3; set, it
+# also keeps these shapes on the rings where the AVX-512 tiles would take them).
 @pytest.mark.parametrize("rings", ["blocks", "pixels"])
 @pytest.mark.parametrize("dtype", [torch.float32, *HALVES], ids=dtype_id)
 @pytest.mark.parametrize("dilation", [1, 2, 3])
@@ -588,17 +589,20 @@ def test_depthwise_channels_last_pixel_runs(
 # AVX-512 (two or three output rows a dilation apart by three to six columns a dilation apart by
 # a vector of 16 channels; half types widened as they load and rounded as they store), reading
 # the map through a table of pointers with a zero pixel for the padding; with multiplier 1 the
-# input gradient is that forward on the flipped taps. Heights and widths that leave partial tiles both ways, two images (the next image's rows
-# prefetched), channel counts below one vector, exactly one, and with a part vector past whole
-# ones (loaded and stored masked); activations with the sums stored from the registers (none,
-# relu) and through the epilogue with gelu's saved pre-activation; "same" padding and one smaller
-# than the kernel's reach. On other CPUs and dtypes the rings serve the same cases.
+# input gradient is that forward on the flipped taps. Heights and widths that leave partial
+# tiles both ways, two images (the next image's rows prefetched), channel counts below one
+# vector, exactly one, and with a part vector past whole ones (loaded and stored masked);
+# activations with the sums stored from the registers (none, relu) and through the epilogue
+# with gelu's saved pre-activation; "same" padding and one smaller than the kernel's reach. On
+# other CPUs the rings serve the same cases.
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
 @pytest.mark.parametrize("channels", [5, 16, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, *HALVES], ids=dtype_id)
 @pytest.mark.parametrize("dilation", [1, 2, 3])
 @pytest.mark.parametrize("kernel", [3, 5, 7])
-def test_depthwise_channels_last_tiles(device, kernel, dilation, dtype, channels, activation, gen):
+def test_depthwise_channels_last_tiles(
+    device, kernel, dilation, dtype, channels, activation, gen
+):
     height, width = 2 * 4 * dilation + 3, 2 * 4 * dilation + 5
     tensors = make_depthwise_nhwc(
         (2, channels, height, width), (kernel, kernel), gen, device=device, dtype=dtype
@@ -608,6 +612,19 @@ def test_depthwise_channels_last_tiles(device, kernel, dilation, dtype, channels
         out, grads = check_conv(tensors, conv, activation, gen)
         assert out.is_contiguous(memory_format=torch.channels_last)
         assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALVES], ids=dtype_id)
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+@pytest.mark.parametrize("shape", [(1, 20, 2, 3), (2, 20, 1, 2), (1, 20, 4, 1)], ids=str)
+def test_depthwise_channels_last_tiles_small_maps(device, shape, kernel, dtype, gen):
+    """channels_last maps smaller than the kernel's reach through the CPU NHWC tiles: most taps
+    of every tile fall into the padding (the zero pixel); "same" padding at dilation 2 and a
+    padding past the reach (every output of the first rows and columns sees only padding)."""
+    tensors = make_depthwise_nhwc(shape, (kernel, kernel), gen, device=device, dtype=dtype)
+    for padding in ("same", kernel + 2):
+        out, _ = check_conv(tensors, conv_kwargs(1, padding, 2, shape[1]), "gelu", gen)
+        assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 # The CPU NCHW depthwise forward at stride 1 with a square kernel of width 3, 5 or 7 runs
@@ -722,15 +739,16 @@ def one_thread():
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 @pytest.mark.parametrize("channels", [128, 132], ids=["aligned", "unaligned"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, *HALVES], ids=dtype_id)
 def test_depthwise_channels_last_large_outputs(
     device, dtype, channels, activation, gen, one_thread
 ):
     """Outputs past the CPU NHWC forward's streaming threshold (1 MiB per thread, one thread
     here): written with non-temporal stores where C keeps every vector aligned (128 channels),
     with plain stores otherwise (132); relu's epilogue in registers, gelu's with the saved
-    pre-activation (streamed too; its backward reads it). Against the reference: the forward,
-    and gelu's gradients (relu's would flip wherever an output lies within rounding of 0)."""
+    pre-activation (its backward reads it; streamed by the rings, plain stores from the AVX-512
+    tiles' epilogue). Against the reference: the forward, and gelu's gradients (relu's would
+    flip wherever an output lies within rounding of 0)."""
     tensors = make_depthwise_nhwc((1, channels, 64, 64), (3, 3), gen, device=device, dtype=dtype)
     grads = (activation == "gelu",) * 3
     out, _ = check_conv(tensors, conv_kwargs(1, 2, 2, channels), activation, gen, requires=grads)
@@ -756,7 +774,8 @@ def test_depthwise_channels_last_channel_groups(device, dtype, rings, gen, monke
     budget (set to 1 MiB here, TORCH_EXT_CONV_RING_BYTES; by default four L2 caches, 1-8 MiB)
     several times over: the channel blocks go in several groups (the last one smaller, one block
     a single vector, partly past C), each filling its own rings, the forward's by blocks or by
-    pixels (TORCH_EXT_CONV_RINGS); the forward and every gradient against the reference."""
+    pixels (TORCH_EXT_CONV_RINGS, which keeps the forward on the rings where the AVX-512 tiles
+    would take it); the forward and every gradient against the reference."""
     monkeypatch.setenv("TORCH_EXT_CONV_RING_BYTES", str(1 << 20))
     monkeypatch.setenv("TORCH_EXT_CONV_RINGS", rings)
     tensors = make_depthwise_nhwc((1, 260, 7, 1200), (3, 3), gen, device=device, dtype=dtype)
@@ -1174,8 +1193,9 @@ for d in (1, 3):
 # bfloat16 depthwise outputs and input gradients rounded bit for bit: integer maps and
 # taps keep every float sum exact in any order, so each result must be the exact sum rounded
 # once to nearest even (sums past 256 often fall on ties). By the CPU's conversion in the
-# avx512_bf16 copy, in software in the others. NHWC: whole channel blocks (lanes in pairs), a
-# single vector and a partial one (88 channels), and a map past the streaming threshold; NCHW:
+# avx512_bf16 copy, in software in the others. NHWC (the tiles in the AVX-512 copies, the rings'
+# whole channel blocks with lanes in pairs in the AVX2 one): 88 channels (whole vectors and a
+# partial one), and a map past the streaming threshold; NCHW:
 # the forward's register tiles, partial and past the streaming threshold.
 for shape, layout in (((2, 88, 9, 23), torch.channels_last),
                       ((1, 128, 64, 64), torch.channels_last),

@@ -736,7 +736,8 @@ inline int64_t pair_order(int64_t i, int64_t L) { return (i % 2) * L + i / 2; }
 // its input with a zero vector) and in the unpacked order of the channels (unpack_order), the bias
 // too; join_unpacked rounds (by the CPU) and puts the channels back. Taken where the CPU has
 // AVX512_BF16 (DepthwiseForwardArgs::native_bf16), for the wide blocks; bfloat16 NHWC forwards
-// on Zen 5 in depthwise_forward_nhwc.
+// on Zen 5 in depthwise_forward_nhwc (the rings; the AVX-512 tiles, which take stride 1 with
+// square kernels of width 3, 5, 7, sum in float).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr bool kDotPairs = true;
 C10_ALWAYS_INLINE void dot_bf16(__m512& acc, const __m512i& a, const __m512i& b) {
@@ -1267,7 +1268,8 @@ inline int64_t ring_budget() {
 
 // Whether the NHWC forward's rings go by pixels (NhwcRings), given the rule's answer:
 // TORCH_EXT_CONV_RINGS=pixels or blocks, read on every call, overrides it (tests: both layouts
-// on any map).
+// on any map); set at all, it also keeps the forward on the rings where the AVX-512 tiles
+// (depthwise_forward_nhwc_tiles) would take it.
 inline bool rings_by_pixels(bool rule) {
   if (const char* env = std::getenv("TORCH_EXT_CONV_RINGS")) {
     if (std::strcmp(env, "pixels") == 0) return true;
@@ -1326,7 +1328,8 @@ struct BlockGroups {
 // k3d1 0.80x -> 1.24x, k3d2 0.93x -> 1.69x; one thread [1,256,64,64] k3d2 1.04x -> 1.59x.
 // bfloat16 [8,256,64,64] k3d2 0.84-0.87x -> 0.98-1.16x, k5d2 1.13x -> 1.18-1.23x, k7d3 15x ->
 // 15.7x; float16 (F.conv2d has no fast kernel for it here) 8-26% faster than the rings.
-// R x P of 3 x 4 (k3), 2 x 6 (k5) and 2 x 4 (k7) were best or within a few percent for float32
+// float16 uses float32's tiles (not tuned for it). R x P of 3 x 4 (k3), 2 x 6 (k5) and 2 x 4 (k7)
+// were best or within a few percent for float32
 // among 4 x 4, 4 x 5, 3 x 6, 3 x 4 (k3), 4 x 4, 3 x 4, 3 x 5, 2 x 6 (k5) and 4 x 3, 3 x 3, 3 x 4,
 // 2 x 4 (k7); bfloat16 measured with 2 x 4 (k3, k5) and 2 x 3 (k7). Tiles of bfloat16 in the
 // CPU's dot product (kernel rows in pairs unpacked word by word, as the rings do it) were
@@ -1450,9 +1453,10 @@ C10_NOINLINE void nhwc_tile_epilogue(const float (&sums)[R * P][16], int rows, i
   }
 }
 
-// A task per (image, band of R * dil_h output rows): the band's dil_h sets of rows a dilation
-// apart, each swept in tiles of P columns a dilation apart, the vectors of channels innermost
-// (the tile's table of pointers serves them all). The input rows the next task reads first are
+// A task per (image, band of R * dil_h output rows; and group of channel vectors where there are
+// few bands): the band's dil_h sets of rows a dilation apart, each swept in tiles of P columns a
+// dilation apart, the vectors of channels innermost (the tile's table of pointers serves them
+// all). The input rows the next task reads first are
 // prefetched a share per tile position (float32 k3d2, interleaved: 1.20x -> 1.63x of F.conv2d).
 template <class S, int K>
 void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
@@ -1475,6 +1479,12 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
   }
   const int64_t dh = g.dil_h, dw = g.dil_w, band = R * dh;
   const int64_t bands = (g.oh + band - 1) / band;
+  // Tasks (image, group of channel vectors, band): the channels in groups only where the images'
+  // bands leave fewer than four tasks per thread.
+  const int64_t vectors = c_pad / L;
+  const int64_t groups = std::clamp<int64_t>(
+      (4 * at::get_num_threads() + g.n * bands - 1) / (g.n * bands), 1, vectors);
+  const int64_t group_vectors = (vectors + groups - 1) / groups;
   const bool stream = stream_outputs(g.n * g.oh * g.ow * C, C, y, pre);
   const bool light = pre == nullptr && (a.act == Activation::None || a.act == Activation::Relu);
   const bool relu = a.act == Activation::Relu;
@@ -1490,16 +1500,19 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
   };
   const int64_t positions =
       std::min(dh, g.oh) * ((g.ow + P * dw - 1) / (P * dw)) * std::min(dw, g.ow);
-  at::parallel_for(0, g.n * bands, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.n * groups * bands, 1, [&](int64_t begin, int64_t end) {
     typename Tile::Pixels px;
     alignas(64) float sums_out[R * P][16];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / bands, oh_band = task % bands * band;
+      const int64_t n = task / bands / groups, oh_band = task % bands * band;
+      const int64_t group = task / bands % groups;
+      const int64_t c_begin = group * group_vectors * L;
+      const int64_t c_end = std::min(C, (group + 1) * group_vectors * L);
       const S* image = x + n * g.h * g.w * C;
-      // The rows of the next task that this one does not read.
+      // The rows of the next task that this one does not read (whole rows: only without groups).
       const char* next = nullptr;
       int64_t lines = 0, share = 0, fetched = 0;
-      if (task + 1 < end) {
+      if (groups == 1 && task + 1 < end) {
         const int64_t nb = (task + 1) % bands;
         const int64_t lo = nb == 0 ? first_row(0) : std::max(first_row(nb), last_row(nb - 1));
         const int64_t hi = last_row(nb);
@@ -1527,7 +1540,7 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
               }
             }
             const int64_t at = ((n * g.oh + oh0) * g.ow + ow0) * C;
-            for (int64_t c = 0; c < C; c += L) {
+            for (int64_t c = c_begin; c < c_end; c += L) {
               asm volatile("" : : "r"(&px) : "memory");  // the table read again, see above
               const bool whole = c + L <= C;
               __m512 sum[R][P];
@@ -1569,7 +1582,9 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
 }
 #endif  // CPU_CAPABILITY_AVX512
 
-// NHWC, multiplier 1. The channels go in blocks of kVectors vectors (then single vectors, the
+// NHWC, multiplier 1. On AVX-512, stride 1 with square kernels of width 3, 5, 7 goes to the tiles
+// above (the figures below are the rings' own, measured before the tiles took those cases).
+// The channels go in blocks of kVectors vectors (then single vectors, the
 // last one partial); a task is (image, group of blocks, band of output rows). The group's slices
 // of the input rows the kernel spans are kept in rings (NhwcRings: each input element is read
 // from the map once per task, widened once, and the taps never need a bounds check; as many
@@ -1622,7 +1637,8 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   if (g.n == 0 || g.oh == 0 || g.ow == 0 || C == 0) return;
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (kUnrolledWidths<S>) {
-    if (g.stride_h == 1 && g.stride_w == 1 && g.kh == g.kw) {
+    if (g.stride_h == 1 && g.stride_w == 1 && g.kh == g.kw &&
+        std::getenv("TORCH_EXT_CONV_RINGS") == nullptr) {
       switch (g.kh) {
         case 3:
           return depthwise_forward_nhwc_tiles<S, 3>(a);
