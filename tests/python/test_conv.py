@@ -585,11 +585,12 @@ def test_depthwise_channels_last_pixel_runs(
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-# The CPU NHWC forward at stride 1 with a square kernel of width 3, 5 or 7 runs register tiles on
-# AVX-512 (two or three output rows a dilation apart by three to six columns a dilation apart by
-# a vector of 16 channels; half types widened as they load and rounded as they store), reading
-# the map through a table of pointers with a zero pixel for the padding; with multiplier 1 the
-# input gradient is that forward on the flipped taps. Heights and widths that leave partial
+# The CPU NHWC forward at stride 1 (and 2, test_depthwise_channels_last_stride2) with a square
+# kernel of width 3, 5 or 7 runs register tiles on AVX-512 (two or three output rows a dilation
+# apart by three to six columns a dilation apart by a vector of 16 channels; half types widened
+# as they load and rounded as they store), reading the map through a table of pointers with a
+# zero pixel for the padding; with multiplier 1 the input gradient is that forward on the
+# flipped taps. Heights and widths that leave partial
 # tiles both ways, two images (the next image's rows prefetched), channel counts below one
 # vector, exactly one, and with a part vector past whole ones (loaded and stored masked);
 # activations with the sums stored from the registers (none, relu) and through the epilogue
@@ -625,6 +626,36 @@ def test_depthwise_channels_last_tiles_small_maps(device, shape, kernel, dtype, 
     for padding in ("same", kernel + 2):
         out, _ = check_conv(tensors, conv_kwargs(1, padding, 2, shape[1]), "gelu", gen)
         assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+# The CPU NHWC forward at stride 2 (both ways) with a square kernel of width 3, 5 or 7 runs the
+# same register tiles on AVX-512 (two output rows a dilation apart by four columns, two for
+# width 7; output row r reads input row 2 r + i under kernel row i), the rings elsewhere and
+# where TORCH_EXT_CONV_RINGS is set: both paths. Odd and even heights and widths (partial tiles
+# both ways, the last input row or column read by no tap), a part vector of channels past whole
+# ones, paddings symmetric, smaller than the kernel's reach and none, the register epilogue
+# (relu, none) and gelu's through the stack; the input gradient (strided: through the NCHW
+# kernel) and the weight gradient against the reference too.
+@pytest.mark.parametrize("path", ["tiles", "rings"])
+@pytest.mark.parametrize("dtype", [torch.float32, *HALVES], ids=dtype_id)
+@pytest.mark.parametrize("dilation", [1, 2, 3])
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+def test_depthwise_channels_last_stride2(device, kernel, dilation, dtype, path, gen, monkeypatch):
+    if path == "rings":
+        monkeypatch.setenv("TORCH_EXT_CONV_RINGS", "blocks")
+    else:
+        monkeypatch.delenv("TORCH_EXT_CONV_RINGS", raising=False)
+    channels = 40
+    height, width = 4 * 4 * dilation + 5, 4 * 4 * dilation + 10
+    tensors = make_depthwise_nhwc(
+        (2, channels, height, width), (kernel, kernel), gen, device=device, dtype=dtype
+    )
+    reach = dilation * (kernel - 1) // 2
+    for padding, activation in ((reach, "relu"), ((dilation, 1), "gelu"), (0, "none")):
+        conv = conv_kwargs(2, padding, dilation, channels)
+        out, grads = check_conv(tensors, conv, activation, gen)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
 
 
 # The CPU NCHW depthwise forward at stride 1 with a square kernel of width 3, 5 or 7 runs

@@ -1311,12 +1311,15 @@ struct BlockGroups {
 };
 
 #if defined(CPU_CAPABILITY_AVX512)
-// The NHWC forward at stride 1 with square kernels of width 3, 5 or 7 (multiplier 1; float32 and
-// the half types), in register tiles read straight from the map: R output rows a dilation apart
-// by P output columns a dilation apart by one vector of 16 channels (half types widened as they
-// are loaded, rounded once as they are stored). The tile's (R + K - 1) x (P + K - 1) input pixels
-// go through a table of pointers (the zero pixel where a tap falls into the padding), so neither
-// a copy of the map nor a bounds check in the taps is needed. Each input row of the tile is loaded
+// The NHWC forward at stride ST of 1 or 2 with square kernels of width 3, 5 or 7 (multiplier 1;
+// float32 and the half types), in register tiles read straight from the map: R output rows a
+// dilation apart by P output columns a dilation apart by one vector of 16 channels (half types
+// widened as they are loaded, rounded once as they are stored). Rows a dilation apart make the
+// taps' pattern independent of the dilation: output row r reads input row ST * r + i (in steps of
+// the dilation) under kernel row i, and likewise the columns. The tile's
+// (ST * (R - 1) + K) x (ST * (P - 1) + K) input pixels go through a table of pointers (the zero
+// pixel where a tap falls into the padding), so neither a copy of the map nor a bounds check in
+// the taps is needed. Each input row of the tile is loaded
 // once and serves every kernel row that reaches it (up to min(R, K) output rows, K taps each);
 // each weight is loaded from L1 as its kernel row needs it (kept from being hoisted: the compiler
 // otherwise held them, spilling the sums), and the table is read again for each vector of
@@ -1335,12 +1338,24 @@ struct BlockGroups {
 // CPU's dot product (kernel rows in pairs unpacked word by word, as the rings do it) were
 // slower than these float tiles at k3d2 and k5d2 (0.85-0.91x, 1.05-1.09x of F.conv2d), faster
 // only at k7d3 (17x).
-template <int K, class S>
+// Stride 2 (the rings before), interleaved in one process, Zen 5, against F.conv2d, rings ->
+// tiles, two runs: [8,256,64,64] two threads float32 k3d1 0.91-0.96x -> 0.81-1.17x, k5d1
+// 0.70-0.80x -> 0.78-1.01x, k7d1 0.73-0.74x -> 0.77-0.78x, k3d2 0.61-0.69x -> 0.70-0.82x;
+// bfloat16 k3d1 0.68-0.71x -> 0.92-1.09x, k5d1 0.60-0.63x -> 1.10-1.11x, k7d1 0.60-0.61x ->
+// 0.81-0.97x, k3d2 0.55-0.59x -> 0.68-0.78x; [1,256,64,64] one thread float32 k3d1 0.90x ->
+// 1.07x, k5d1 1.04x -> 1.43x, k3d2 0.94x -> 1.33x, bfloat16 k3d1 0.86x -> 1.29x, k5d1 0.76x ->
+// 1.48x, k3d2 0.60x -> 1.20x. Two rows by four columns (two for k7): at C = 256 float32 a pixel
+// is 1 KiB, so one vector of a tile's pixels falls into four L1 sets, and tiles of more pixels
+// (3 x 4 for k3, 2 x 3 for k7) measured slower (k3 by 10-30%), as did one row (1 x 6 for k3,
+// 1 x 4 for k5, 1 x 3 for k7: 5-30% slower).
+template <int K, class S, int ST>
 struct NhwcTile {
   static constexpr bool kBf16 = std::is_same_v<S, c10::BFloat16>;
-  static constexpr int R = K == 3 && !kBf16 ? 3 : 2;
-  static constexpr int P = kBf16 ? (K == 7 ? 3 : 4) : (K == 5 ? 6 : 4);
-  static constexpr int F = R + K - 1, E = P + K - 1;  // the tile's input rows and columns
+  static constexpr int R = ST == 1 && K == 3 && !kBf16 ? 3 : 2;
+  static constexpr int P =
+      ST == 1 ? (kBf16 ? (K == 7 ? 3 : 4) : (K == 5 ? 6 : 4)) : (K == 7 ? 2 : 4);
+  // The tile's input rows and columns (output row r, kernel row i read input row ST * r + i).
+  static constexpr int F = ST * (R - 1) + K, E = ST * (P - 1) + K;
   using Pixels = const S* [F][E];
 };
 
@@ -1392,12 +1407,13 @@ C10_ALWAYS_INLINE void store_lanes(__m512 v, S* p, bool stream, bool native) {
 // The sums (from the bias) of one tile for the 16 channels at c: the first of them in `lanes`
 // where kMasked (the last vector of a C that is not a multiple of 16; weights and bias are
 // zero-padded to whole vectors, and so is the zero pixel).
-template <int K, bool kMasked, class S>
-C10_ALWAYS_INLINE void nhwc_tile_sums(const typename NhwcTile<K, S>::Pixels& px, int64_t c,
+template <int K, int ST, bool kMasked, class S>
+C10_ALWAYS_INLINE void nhwc_tile_sums(const typename NhwcTile<K, S, ST>::Pixels& px, int64_t c,
                                       __mmask16 lanes, const float* wt, int64_t c_pad,
                                       const float* bias,
-                                      __m512 (&sum)[NhwcTile<K, S>::R][NhwcTile<K, S>::P]) {
-  using Tile = NhwcTile<K, S>;
+                                      __m512 (&sum)[NhwcTile<K, S, ST>::R]
+                                                   [NhwcTile<K, S, ST>::P]) {
+  using Tile = NhwcTile<K, S, ST>;
   constexpr int R = Tile::R, P = Tile::P, E = Tile::E;
   const __m512 b = _mm512_loadu_ps(bias + c);
 #pragma GCC unroll 8
@@ -1412,17 +1428,17 @@ C10_ALWAYS_INLINE void nhwc_tile_sums(const typename NhwcTile<K, S>::Pixels& px,
     for (int e = 0; e < E; ++e) {
       x[e] = load_lanes<S, kMasked>(px[f][e] + c, lanes);
     }
-    // Input row f is kernel row i = f - r of output row r.
+    // Input row f is kernel row i = f - ST * r of output row r.
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const int i = f - r;
+      const int i = f - ST * r;
       if (i < 0 || i >= K) continue;
 #pragma GCC unroll 8
       for (int j = 0; j < K; ++j) {
         __m512 w = _mm512_loadu_ps(wt + (i * K + j) * c_pad + c);
         asm("" : "+v"(w));
 #pragma GCC unroll 8
-        for (int k = 0; k < P; ++k) sum[r][k] = _mm512_fmadd_ps(x[k + j], w, sum[r][k]);
+        for (int k = 0; k < P; ++k) sum[r][k] = _mm512_fmadd_ps(x[ST * k + j], w, sum[r][k]);
       }
     }
   }
@@ -1458,9 +1474,9 @@ C10_NOINLINE void nhwc_tile_epilogue(const float (&sums)[R * P][16], int rows, i
 // dilation apart, the vectors of channels innermost (the tile's table of pointers serves them
 // all). The input rows the next task reads first are
 // prefetched a share per tile position (float32 k3d2, interleaved: 1.20x -> 1.63x of F.conv2d).
-template <class S, int K>
+template <class S, int K, int ST>
 void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
-  using Tile = NhwcTile<K, S>;
+  using Tile = NhwcTile<K, S, ST>;
   constexpr int R = Tile::R, P = Tile::P, F = Tile::F, E = Tile::E;
   constexpr int64_t L = 16;
   const auto& g = a.g;
@@ -1492,11 +1508,11 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
   const __mmask16 tail = __mmask16((1u << (C % L)) - 1);
   // Input rows [first_row(b), last_row(b)) are band b's.
   const auto first_row = [&](int64_t b) {
-    return std::clamp<int64_t>(b * band - g.pad_top, 0, g.h);
+    return std::clamp<int64_t>(b * band * ST - g.pad_top, 0, g.h);
   };
   const auto last_row = [&](int64_t b) {
     const int64_t last_out = std::min(g.oh, (b + 1) * band) - 1;
-    return std::clamp<int64_t>(last_out + (K - 1) * dh - g.pad_top + 1, 0, g.h);
+    return std::clamp<int64_t>(last_out * ST + (K - 1) * dh - g.pad_top + 1, 0, g.h);
   };
   const int64_t positions =
       std::min(dh, g.oh) * ((g.ow + P * dw - 1) / (P * dw)) * std::min(dw, g.ow);
@@ -1531,9 +1547,9 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
             }
             const int cols = int(std::min<int64_t>(P, (g.ow - 1 - ow0) / dw + 1));
             for (int f = 0; f < F; ++f) {
-              const int64_t ih = oh0 - g.pad_top + f * dh;
+              const int64_t ih = oh0 * ST - g.pad_top + f * dh;
               for (int e = 0; e < E; ++e) {
-                const int64_t iw = ow0 - g.pad_left + e * dw;
+                const int64_t iw = ow0 * ST - g.pad_left + e * dw;
                 px[f][e] = ih >= 0 && ih < g.h && iw >= 0 && iw < g.w
                                ? image + (ih * g.w + iw) * C
                                : zero.data();
@@ -1545,9 +1561,10 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
               const bool whole = c + L <= C;
               __m512 sum[R][P];
               if (whole) {
-                nhwc_tile_sums<K, false, S>(px, c, 0xffff, wt.data(), c_pad, bias.data(), sum);
+                nhwc_tile_sums<K, ST, false, S>(px, c, 0xffff, wt.data(), c_pad, bias.data(),
+                                                sum);
               } else {
-                nhwc_tile_sums<K, true, S>(px, c, tail, wt.data(), c_pad, bias.data(), sum);
+                nhwc_tile_sums<K, ST, true, S>(px, c, tail, wt.data(), c_pad, bias.data(), sum);
               }
               if (light && whole) {
 #pragma GCC unroll 8
@@ -1582,8 +1599,8 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
 }
 #endif  // CPU_CAPABILITY_AVX512
 
-// NHWC, multiplier 1. On AVX-512, stride 1 with square kernels of width 3, 5, 7 goes to the tiles
-// above (the figures below are the rings' own, measured before the tiles took those cases).
+// NHWC, multiplier 1. On AVX-512, strides 1 and 2 with square kernels of width 3, 5, 7 go to the
+// tiles above (the figures below are the rings' own, measured before the tiles took those cases).
 // The channels go in blocks of kVectors vectors (then single vectors, the
 // last one partial); a task is (image, group of blocks, band of output rows). The group's slices
 // of the input rows the kernel spans are kept in rings (NhwcRings: each input element is read
@@ -1637,15 +1654,19 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   if (g.n == 0 || g.oh == 0 || g.ow == 0 || C == 0) return;
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (kUnrolledWidths<S>) {
-    if (g.stride_h == 1 && g.stride_w == 1 && g.kh == g.kw &&
+    if (g.stride_h == g.stride_w && g.stride_h <= 2 && g.kh == g.kw &&
         std::getenv("TORCH_EXT_CONV_RINGS") == nullptr) {
+      const bool s1 = g.stride_h == 1;
       switch (g.kh) {
         case 3:
-          return depthwise_forward_nhwc_tiles<S, 3>(a);
+          return s1 ? depthwise_forward_nhwc_tiles<S, 3, 1>(a)
+                    : depthwise_forward_nhwc_tiles<S, 3, 2>(a);
         case 5:
-          return depthwise_forward_nhwc_tiles<S, 5>(a);
+          return s1 ? depthwise_forward_nhwc_tiles<S, 5, 1>(a)
+                    : depthwise_forward_nhwc_tiles<S, 5, 2>(a);
         case 7:
-          return depthwise_forward_nhwc_tiles<S, 7>(a);
+          return s1 ? depthwise_forward_nhwc_tiles<S, 7, 1>(a)
+                    : depthwise_forward_nhwc_tiles<S, 7, 2>(a);
         default:
           break;
       }
