@@ -323,6 +323,24 @@ bool stream_outputs(int64_t elements, int64_t unit, const S* y, const S* pre) {
          (unit * int64_t(sizeof(S))) % kAlign == 0 && aligned(y) && aligned(pre);
 }
 
+// The next task's `lines` cache lines from `base` (nullptr: none), prefetched `share` lines at
+// each step() of this task's sweep, so that they arrive while this task computes.
+class SweepPrefetch {
+ public:
+  SweepPrefetch(const void* base, int64_t lines, int64_t share)
+      : base_(static_cast<const char*>(base)), lines_(base == nullptr ? 0 : lines),
+        share_(share) {}
+  C10_ALWAYS_INLINE void step() {
+    for (const int64_t end = std::min(lines_, fetched_ + share_); fetched_ < end; ++fetched_) {
+      __builtin_prefetch(base_ + fetched_ * 64, 0, 3);
+    }
+  }
+
+ private:
+  const char* base_;
+  int64_t lines_, share_, fetched_ = 0;
+};
+
 #if defined(CPU_CAPABILITY_AVX512)
 // Two vectors of floats rounded to bfloat16 by the CPU (VCVTNE2PS2BF16 of AVX512_BF16), lo's
 // lanes in the low half. Inline assembly rather than the intrinsic: the AVX-512 copy is not
@@ -452,13 +470,10 @@ void nchw_plane_tiles(const float* buf, int64_t pcols, const ConvGeometry& g, co
   constexpr int64_t L = Vec<float>::size();
   constexpr int R = kTileRows;
   const int64_t dh = g.dil_h, dw = g.dil_w, step = dh * pcols;
-  const int64_t share = next == nullptr || g.oh == 0 ? 0 : (next_lines * R + g.oh - 1) / g.oh;
-  int64_t fetched = 0;
+  SweepPrefetch prefetch(next, next_lines, g.oh == 0 ? 0 : (next_lines * R + g.oh - 1) / g.oh);
   for (int64_t block = 0; block < g.oh; block += R * dh) {
     for (int64_t r0 = block; r0 < std::min(block + dh, g.oh); ++r0) {
-      for (const int64_t e = std::min(next_lines, fetched + share); fetched < e; ++fetched) {
-        __builtin_prefetch(next + fetched * 64, 0, 3);
-      }
+      prefetch.step();
       for (int64_t ow = 0; ow < g.ow; ow += V * L) {
         Vec<float> acc[R][V];
         for (int r = 0; r < R; ++r) {
@@ -1526,25 +1541,23 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
       const int64_t c_end = std::min(C, (group + 1) * group_vectors * L);
       const S* image = x + n * g.h * g.w * C;
       // The rows of the next task that this one does not read (whole rows: only without groups).
-      const char* next = nullptr;
-      int64_t lines = 0, share = 0, fetched = 0;
+      const S* next = nullptr;
+      int64_t lines = 0;
       if (groups == 1 && task + 1 < end) {
         const int64_t nb = (task + 1) % bands;
         const int64_t lo = nb == 0 ? first_row(0) : std::max(first_row(nb), last_row(nb - 1));
         const int64_t hi = last_row(nb);
         if (hi > lo) {
-          next = reinterpret_cast<const char*>(x + ((task + 1) / bands * g.h + lo) * g.w * C);
+          next = x + ((task + 1) / bands * g.h + lo) * g.w * C;
           lines = ((hi - lo) * g.w * C * int64_t(sizeof(S)) + 63) / 64;
-          share = (lines + positions - 1) / positions;
         }
       }
+      SweepPrefetch prefetch(next, lines, (lines + positions - 1) / positions);
       for (int64_t oh0 = oh_band; oh0 < std::min(oh_band + dh, g.oh); ++oh0) {
         const int rows = int(std::min<int64_t>(R, (g.oh - 1 - oh0) / dh + 1));
         for (int64_t group = 0; group < g.ow; group += P * dw) {
           for (int64_t ow0 = group; ow0 < std::min(group + dw, g.ow); ++ow0) {
-            for (const int64_t e = std::min(lines, fetched + share); fetched < e; ++fetched) {
-              __builtin_prefetch(next + fetched * 64, 0, 3);
-            }
+            prefetch.step();
             const int cols = int(std::min<int64_t>(P, (g.ow - 1 - ow0) / dw + 1));
             for (int f = 0; f < F; ++f) {
               const int64_t ih = oh0 * ST - g.pad_top + f * dh;
