@@ -567,7 +567,7 @@ def test_depthwise_channels_last_bfloat16_infinities(device, width):
 # gelu's saved pre-activation (stored in pairs too) and every gradient (the input gradient is
 # that forward on the flipped taps). The CPU forward's input rings in both layouts
 # (TORCH_EXT_CONV_RINGS; by default by pixels only where the output streams and k <= 3; set, it
-# also keeps these shapes on the rings where the AVX-512 tiles would take them).
+# also keeps these shapes on the rings where the AVX-512 or AVX2 tiles would take them).
 @pytest.mark.parametrize("rings", ["blocks", "pixels"])
 @pytest.mark.parametrize("dtype", [torch.float32, *HALVES], ids=dtype_id)
 @pytest.mark.parametrize("dilation", [1, 2, 3])
@@ -586,8 +586,9 @@ def test_depthwise_channels_last_pixel_runs(
 
 
 # The CPU NHWC forward at stride 1 (and 2, test_depthwise_channels_last_stride2) with a square
-# kernel of width 3, 5 or 7 runs register tiles on AVX-512 (two or three output rows a dilation
-# apart by three to six columns a dilation apart by a vector of 16 channels; half types widened
+# kernel of width 3, 5 or 7 runs register tiles on AVX-512 and AVX2 (on AVX-512: two or three
+# output rows a dilation apart by three to six columns a dilation apart by a vector of 16
+# channels; AVX2: smaller tiles of 8 channels; half types widened
 # as they load and rounded as they store), reading the map through a table of pointers with a
 # zero pixel for the padding; with multiplier 1 the input gradient is that forward on the
 # flipped taps. Heights and widths that leave partial
@@ -630,7 +631,8 @@ def test_depthwise_channels_last_tiles_small_maps(device, shape, kernel, dtype, 
 
 # The CPU NHWC forward at stride 2 (both ways) with a square kernel of width 3, 5 or 7 runs the
 # same register tiles on AVX-512 (two output rows a dilation apart by four columns, two for
-# width 7; output row r reads input row 2 r + i under kernel row i), the rings elsewhere and
+# width 7; output row r reads input row 2 r + i under kernel row i) and AVX2 (but width 7), the
+# rings elsewhere and
 # where TORCH_EXT_CONV_RINGS is set: both paths. Odd and even heights and widths (partial tiles
 # both ways, the last input row or column read by no tap), a part vector of channels past whole
 # ones, paddings symmetric, smaller than the kernel's reach and none, the register epilogue
@@ -805,7 +807,7 @@ def test_depthwise_channels_last_channel_groups(device, dtype, rings, gen, monke
     budget (set to 1 MiB here, TORCH_EXT_CONV_RING_BYTES; by default four L2 caches, 1-8 MiB)
     several times over: the channel blocks go in several groups (the last one smaller, one block
     a single vector, partly past C), each filling its own rings, the forward's by blocks or by
-    pixels (TORCH_EXT_CONV_RINGS, which keeps the forward on the rings where the AVX-512 tiles
+    pixels (TORCH_EXT_CONV_RINGS, which keeps the forward on the rings where the register tiles
     would take it); the forward and every gradient against the reference."""
     monkeypatch.setenv("TORCH_EXT_CONV_RING_BYTES", str(1 << 20))
     monkeypatch.setenv("TORCH_EXT_CONV_RINGS", rings)
@@ -1245,6 +1247,31 @@ for shape, layout in (((2, 88, 9, 23), torch.channels_last),
     ref.backward(go.double())
     assert torch.equal(out, ref.bfloat16()), (shape, (out.double() - ref).abs().max())
     assert torch.equal(x.grad, xd.grad.bfloat16()), (shape, (x.grad.double() - xd.grad).abs().max())
+# NHWC depthwise in register tiles (the AVX-512 and AVX2 copies; the rings in the default one):
+# strides 1 and 2, kernels 3, 5, 7, dilations 1 and 2, 21 channels (whole vectors and a part
+# one), partial tiles; gelu (the pre-activation stored too, through the tiles' epilogue) and relu
+# (stored from the registers); the input gradient (at stride 1 the forward on flipped taps)
+# against float64.
+for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1.6e-2), (torch.float16, 2e-3)):
+    for k in (3, 5, 7):
+        for s in (1, 2):
+            for d in (1, 2):
+                x = torch.randn(2, 21, 4 * d + 9, 4 * d + 12, generator=g).to(dtype)
+                x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+                w = (torch.randn(21, 1, k, k, generator=g) * 0.3).to(dtype)
+                b = torch.randn(21, generator=g).to(dtype)
+                p = d * (k - 1) // 2
+                act = "gelu" if d == 1 else "relu"
+                out = torch_ext.dilated_conv2d(x, w, b, s, p, d, 21, act)
+                xd = x.detach().double().requires_grad_()
+                ref = acts[act](F.conv2d(xd, w.double(), b.double(), s, p, d, 21))
+                go = torch.randn(out.shape, generator=g).to(dtype)
+                out.backward(go)
+                ref.backward(go.double())
+                for a, e in ((out, ref), (x.grad, xd.grad)):
+                    torch.testing.assert_close(
+                        a.double(), e.detach(), rtol=tol, atol=tol * max(1.0, e.abs().max().item()),
+                        msg=lambda m: f"NHWC tiles {dtype} k{k} s{s} d{d}: {m}")
 print("capability=" + torch_ext.cpu_capability())
 print("ok")
 """

@@ -751,8 +751,8 @@ inline int64_t pair_order(int64_t i, int64_t L) { return (i % 2) * L + i / 2; }
 // its input with a zero vector) and in the unpacked order of the channels (unpack_order), the bias
 // too; join_unpacked rounds (by the CPU) and puts the channels back. Taken where the CPU has
 // AVX512_BF16 (DepthwiseForwardArgs::native_bf16), for the wide blocks; bfloat16 NHWC forwards
-// on Zen 5 in depthwise_forward_nhwc (the rings; the AVX-512 tiles, which take stride 1 with
-// square kernels of width 3, 5, 7, sum in float).
+// on Zen 5 in depthwise_forward_nhwc (the rings; the register tiles, which take strides 1 and 2
+// with square kernels of width 3, 5, 7, sum in float).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr bool kDotPairs = true;
 C10_ALWAYS_INLINE void dot_bf16(__m512& acc, const __m512i& a, const __m512i& b) {
@@ -1283,8 +1283,8 @@ inline int64_t ring_budget() {
 
 // Whether the NHWC forward's rings go by pixels (NhwcRings), given the rule's answer:
 // TORCH_EXT_CONV_RINGS=pixels or blocks, read on every call, overrides it (tests: both layouts
-// on any map); set at all, it also keeps the forward on the rings where the AVX-512 tiles
-// (depthwise_forward_nhwc_tiles) would take it.
+// on any map); set at all, it also keeps the forward on the rings where the register tiles
+// (depthwise_forward_nhwc_tiles, AVX-512 and AVX2) would take it.
 inline bool rings_by_pixels(bool rule) {
   if (const char* env = std::getenv("TORCH_EXT_CONV_RINGS")) {
     if (std::strcmp(env, "pixels") == 0) return true;
@@ -1325,10 +1325,32 @@ struct BlockGroups {
   }
 };
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// The NHWC tiles' vector of floats, a register of the instruction set (AVX-512: 16 lanes; AVX2:
+// 8), and which of its first lanes a masked load reads (AVX-512: a mask; AVX2: their count).
 #if defined(CPU_CAPABILITY_AVX512)
+using TileVec = __m512;
+using TileLanes = __mmask16;
+C10_ALWAYS_INLINE TileLanes tile_lanes(int64_t n) { return __mmask16((1u << n) - 1); }
+C10_ALWAYS_INLINE TileVec tile_load(const float* p) { return _mm512_loadu_ps(p); }
+C10_ALWAYS_INLINE TileVec tile_fmadd(TileVec a, TileVec b, TileVec c) {
+  return _mm512_fmadd_ps(a, b, c);
+}
+#else
+using TileVec = __m256;
+using TileLanes = int;
+C10_ALWAYS_INLINE TileLanes tile_lanes(int64_t n) { return int(n); }
+C10_ALWAYS_INLINE TileVec tile_load(const float* p) { return _mm256_loadu_ps(p); }
+C10_ALWAYS_INLINE TileVec tile_fmadd(TileVec a, TileVec b, TileVec c) {
+  return _mm256_fmadd_ps(a, b, c);
+}
+#endif
+constexpr int kTileLanes = int(sizeof(TileVec) / sizeof(float));
+
 // The NHWC forward at stride ST of 1 or 2 with square kernels of width 3, 5 or 7 (multiplier 1;
 // float32 and the half types), in register tiles read straight from the map: R output rows a
-// dilation apart by P output columns a dilation apart by one vector of 16 channels (half types
+// dilation apart by P output columns a dilation apart by one vector of 16 channels (8 on AVX2,
+// with smaller tiles for its 16 registers and a compiler barrier per input row; half types
 // widened as they are loaded, rounded once as they are stored). Rows a dilation apart make the
 // taps' pattern independent of the dilation: output row r reads input row ST * r + i (in steps of
 // the dilation) under kernel row i, and likewise the columns. The tile's
@@ -1366,17 +1388,30 @@ struct BlockGroups {
 template <int K, class S, int ST>
 struct NhwcTile {
   static constexpr bool kBf16 = std::is_same_v<S, c10::BFloat16>;
+#if defined(CPU_CAPABILITY_AVX512)
   static constexpr int R = ST == 1 && K == 3 && !kBf16 ? 3 : 2;
   static constexpr int P =
       ST == 1 ? (kBf16 ? (K == 7 ? 3 : 4) : (K == 5 ? 6 : 4)) : (K == 7 ? 2 : 4);
+#else
+  // AVX2 (16 registers): measured with float32 only, emulated on Zen 5 (the AVX2 copies of these
+  // kernels and of oneDNN), one thread [1,256,64,64] and two [8,256,64,64], rings -> tiles,
+  // against F.conv2d: k3d2 0.82-0.89x -> 0.98-1.03x, k5d2 1.05x / 0.85x -> 1.08x / 0.82x, k7d3
+  // 40x -> 45x; stride 2 k3 0.73x / 1.32x -> 0.86x / 1.47x, k5 0.88x / 1.23x -> 0.95x / 1.29x;
+  // k7 at stride 2 stays on the rings (1.22x / 1.49x against 0.81x / 0.95x). Shapes tried beside
+  // these: 3 x 2 (k3), 1 x 4 (k5), 1 x 3 (k7) at stride 1; 1 x 3, 1 x 2, 1 x 3 at stride 2.
+  static constexpr int R = ST == 1 ? 2 : (K == 3 ? 2 : 1);
+  static constexpr int P = ST == 1 ? (K == 3 ? 3 : 2) : (K == 5 ? 3 : 2);
+#endif
   // The tile's input rows and columns (output row r, kernel row i read input row ST * r + i).
   static constexpr int F = ST * (R - 1) + K, E = ST * (P - 1) + K;
   using Pixels = const S* [F][E];
 };
 
-// 16 lanes of S at p as floats (the first of them in `lanes` where kMasked, the rest zero).
+// kTileLanes lanes of S at p as floats (the first of them in `lanes` where kMasked, the rest
+// zero).
 template <class S, bool kMasked>
-C10_ALWAYS_INLINE __m512 load_lanes(const S* p, __mmask16 lanes) {
+C10_ALWAYS_INLINE TileVec load_lanes(const S* p, TileLanes lanes) {
+#if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<S, float>) {
     return kMasked ? _mm512_maskz_loadu_ps(lanes, p) : _mm512_loadu_ps(p);
   } else {
@@ -1388,12 +1423,38 @@ C10_ALWAYS_INLINE __m512 load_lanes(const S* p, __mmask16 lanes) {
       return _mm512_cvtph_ps(raw);
     }
   }
+#else
+  if constexpr (std::is_same_v<S, float>) {
+    if constexpr (kMasked) {
+      const __m256i first = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes),
+                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      return _mm256_maskload_ps(p, first);
+    }
+    return _mm256_loadu_ps(p);
+  } else {
+    __m128i raw;
+    if constexpr (kMasked) {  // AVX2 has no masked load of 16-bit lanes
+      alignas(16) uint16_t part[8] = {};
+      std::memcpy(part, p, size_t(lanes) * sizeof(S));
+      raw = _mm_load_si128(reinterpret_cast<const __m128i*>(part));
+    } else {
+      raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    }
+    if constexpr (std::is_same_v<S, c10::BFloat16>) {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+    } else {
+      return _mm256_cvtph_ps(raw);
+    }
+  }
+#endif
 }
 
-// 16 floats stored as S at p (half types rounded to nearest even; bfloat16 by the CPU where
-// `native`), past the caches where `stream` (p aligned to the stored vector's size).
+// kTileLanes floats stored as S at p (half types rounded to nearest even; bfloat16 by the CPU
+// where `native`, AVX-512 only), past the caches where `stream` (p aligned to the stored
+// vector's size).
 template <class S>
-C10_ALWAYS_INLINE void store_lanes(__m512 v, S* p, bool stream, bool native) {
+C10_ALWAYS_INLINE void store_lanes(TileVec v, S* p, bool stream, bool native) {
+#if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<S, float>) {
     if (stream) {
       _mm512_stream_ps(p, v);
@@ -1417,20 +1478,43 @@ C10_ALWAYS_INLINE void store_lanes(__m512 v, S* p, bool stream, bool native) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
     }
   }
+#else
+  (void)native;
+  if constexpr (std::is_same_v<S, float>) {
+    if (stream) {
+      _mm256_stream_ps(p, v);
+    } else {
+      _mm256_storeu_ps(p, v);
+    }
+  } else {
+    __m128i h;
+    if constexpr (std::is_same_v<S, c10::BFloat16>) {
+      const __m256i top = _mm256_srli_epi32(round_to_top(Vec<float>(v)), 16);
+      h = _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
+    } else {
+      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    if (stream) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+    }
+  }
+#endif
 }
 
-// The sums (from the bias) of one tile for the 16 channels at c: the first of them in `lanes`
-// where kMasked (the last vector of a C that is not a multiple of 16; weights and bias are
-// zero-padded to whole vectors, and so is the zero pixel).
+// The sums (from the bias) of one tile for the kTileLanes channels at c: the first of them in
+// `lanes` where kMasked (the last vector of a C that is not a multiple of kTileLanes; weights and
+// bias are zero-padded to whole vectors, and so is the zero pixel).
 template <int K, int ST, bool kMasked, class S>
 C10_ALWAYS_INLINE void nhwc_tile_sums(const typename NhwcTile<K, S, ST>::Pixels& px, int64_t c,
-                                      __mmask16 lanes, const float* wt, int64_t c_pad,
+                                      TileLanes lanes, const float* wt, int64_t c_pad,
                                       const float* bias,
-                                      __m512 (&sum)[NhwcTile<K, S, ST>::R]
-                                                   [NhwcTile<K, S, ST>::P]) {
+                                      TileVec (&sum)[NhwcTile<K, S, ST>::R]
+                                                    [NhwcTile<K, S, ST>::P]) {
   using Tile = NhwcTile<K, S, ST>;
   constexpr int R = Tile::R, P = Tile::P, E = Tile::E;
-  const __m512 b = _mm512_loadu_ps(bias + c);
+  const TileVec b = tile_load(bias + c);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
@@ -1438,7 +1522,9 @@ C10_ALWAYS_INLINE void nhwc_tile_sums(const typename NhwcTile<K, S, ST>::Pixels&
   }
 #pragma GCC unroll 16
   for (int f = 0; f < Tile::F; ++f) {
-    __m512 x[E];
+    // AVX2's 16 registers: the row's loads kept from being hoisted above the rows before it.
+    if constexpr (kTileLanes == 8) asm volatile("" : : : "memory");
+    TileVec x[E];
 #pragma GCC unroll 16
     for (int e = 0; e < E; ++e) {
       x[e] = load_lanes<S, kMasked>(px[f][e] + c, lanes);
@@ -1450,10 +1536,10 @@ C10_ALWAYS_INLINE void nhwc_tile_sums(const typename NhwcTile<K, S, ST>::Pixels&
       if (i < 0 || i >= K) continue;
 #pragma GCC unroll 8
       for (int j = 0; j < K; ++j) {
-        __m512 w = _mm512_loadu_ps(wt + (i * K + j) * c_pad + c);
+        TileVec w = tile_load(wt + (i * K + j) * c_pad + c);
         asm("" : "+v"(w));
 #pragma GCC unroll 8
-        for (int k = 0; k < P; ++k) sum[r][k] = _mm512_fmadd_ps(x[ST * k + j], w, sum[r][k]);
+        for (int k = 0; k < P; ++k) sum[r][k] = tile_fmadd(x[ST * k + j], w, sum[r][k]);
       }
     }
   }
@@ -1464,7 +1550,7 @@ C10_ALWAYS_INLINE void nhwc_tile_sums(const typename NhwcTile<K, S, ST>::Pixels&
 // the stores (plain ones, also where the output streams) of `rows` x `cols` pixels, pixel (r, k)
 // at r * row_step + k * col_step; `count` channels each.
 template <int R, int P, class S>
-C10_NOINLINE void nhwc_tile_epilogue(const float (&sums)[R * P][16], int rows, int cols,
+C10_NOINLINE void nhwc_tile_epilogue(const float (&sums)[R * P][kTileLanes], int rows, int cols,
                                      int64_t count, Activation act, S* y, S* pre,
                                      int64_t row_step, int64_t col_step, bool native) {
   const auto put = [&](const Vec<float>& v, S* p) {
@@ -1493,7 +1579,7 @@ template <class S, int K, int ST>
 void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
   using Tile = NhwcTile<K, S, ST>;
   constexpr int R = Tile::R, P = Tile::P, F = Tile::F, E = Tile::E;
-  constexpr int64_t L = 16;
+  constexpr int64_t L = kTileLanes;
   const auto& g = a.g;
   const S* x = static_cast<const S*>(a.input);
   const float* w = static_cast<const float*>(a.weight);
@@ -1520,7 +1606,7 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
   const bool light = pre == nullptr && (a.act == Activation::None || a.act == Activation::Relu);
   const bool relu = a.act == Activation::Relu;
   const int64_t row_step = dh * g.ow * C, col_step = dw * C;
-  const __mmask16 tail = __mmask16((1u << (C % L)) - 1);
+  const TileLanes all = tile_lanes(L), tail = tile_lanes(C % L);
   // Input rows [first_row(b), last_row(b)) are band b's.
   const auto first_row = [&](int64_t b) {
     return std::clamp<int64_t>(b * band * ST - g.pad_top, 0, g.h);
@@ -1533,7 +1619,7 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
       std::min(dh, g.oh) * ((g.ow + P * dw - 1) / (P * dw)) * std::min(dw, g.ow);
   at::parallel_for(0, g.n * groups * bands, 1, [&](int64_t begin, int64_t end) {
     typename Tile::Pixels px;
-    alignas(64) float sums_out[R * P][16];
+    alignas(64) float sums_out[R * P][kTileLanes];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / bands / groups, oh_band = task % bands * band;
       const int64_t group = task / bands % groups;
@@ -1572,10 +1658,9 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
             for (int64_t c = c_begin; c < c_end; c += L) {
               asm volatile("" : : "r"(&px) : "memory");  // the table read again, see above
               const bool whole = c + L <= C;
-              __m512 sum[R][P];
+              TileVec sum[R][P];
               if (whole) {
-                nhwc_tile_sums<K, ST, false, S>(px, c, 0xffff, wt.data(), c_pad, bias.data(),
-                                                sum);
+                nhwc_tile_sums<K, ST, false, S>(px, c, all, wt.data(), c_pad, bias.data(), sum);
               } else {
                 nhwc_tile_sums<K, ST, true, S>(px, c, tail, wt.data(), c_pad, bias.data(), sum);
               }
@@ -1586,7 +1671,7 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
 #pragma GCC unroll 8
                   for (int k = 0; k < P; ++k) {
                     if (k >= cols) break;
-                    __m512 v = sum[r][k];
+                    TileVec v = sum[r][k];
                     if (relu) v = at::vec::clamp_min(Vec<float>(v), Vec<float>(0.f));
                     store_lanes(v, y + at + r * row_step + k * col_step + c, stream,
                                 a.native_bf16);
@@ -1596,7 +1681,7 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
 #pragma GCC unroll 8
                 for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
-                  for (int k = 0; k < P; ++k) _mm512_store_ps(sums_out[r * P + k], sum[r][k]);
+                  for (int k = 0; k < P; ++k) Vec<float>(sum[r][k]).store(sums_out[r * P + k]);
                 }
                 nhwc_tile_epilogue<R, P, S>(sums_out, rows, cols, std::min(L, C - c), a.act,
                                             y + at + c, pre != nullptr ? pre + at + c : nullptr,
@@ -1610,42 +1695,40 @@ void depthwise_forward_nhwc_tiles(const DepthwiseForwardArgs& a) {
     if (stream) store_fence();
   });
 }
-#endif  // CPU_CAPABILITY_AVX512
+#endif  // CPU_CAPABILITY_AVX512 || CPU_CAPABILITY_AVX2
 
-// NHWC, multiplier 1. On AVX-512, strides 1 and 2 with square kernels of width 3, 5, 7 go to the
-// tiles above (the figures below are the rings' own, measured before the tiles took those cases).
-// The channels go in blocks of kVectors vectors (then single vectors, the
-// last one partial); a task is (image, group of blocks, band of output rows). The group's slices
-// of the input rows the kernel spans are kept in rings (NhwcRings: each input element is read
-// from the map once per task, widened once, and the taps never need a bounds check; as many
-// blocks in a group as fit ring_budget()). Each output row is swept block by block, kPixels
-// pixels at a time (at stride 1 mostly kPixels pixels dil_w apart, RingTaps::spread; AVX-512
-// Zen 5, one thread, [1,256,64,64]: float32 k3d2 1.02-1.13x -> 1.12-1.18x of F.conv2d, bfloat16
-// with the pairs too 0.54x -> 0.73-0.83x; with the CPU's dot product on kernel-row pairs,
-// kDotPairs, against the split pairs, interleaved: k3d2 0.84-0.98x -> 0.88-1.01x, k5d2
-// 1.02-1.03x -> 1.22x, k7d3 11x -> 15x, and at [8,256,64,64], two threads, k3d2 0.74-0.79x ->
-// 0.86-0.88x, k5d2 0.82x -> 1.04x; a kernel row left over from the pairs in column pairs,
-// RingTaps::dot_row_columns, against pairing it with zero, interleaved, two runs: one thread
-// k3d2 and k5d2 +2-8%, k7d3 +20-27%; two threads at [1,256,64,64] k3d2 +10%, k5d2 +8%, at
-// [8,256,64,64] 0-5%): the taps summed in registers, then the epilogue, and stored once; past
-// the caches when the output is larger than the threads' L2 caches (stream_outputs:
-// read-for-ownership of lines a pixel apart otherwise stalls the stores). The rings
-// hold a band's rows as it moves down: each output row first loads, in one pass, only the input
-// rows it is the first to reach. Copying them instead block by block into the row before, as each
-// block finished with its oldest rows (so the copy would overlap the taps), was slower in all 24
-// cases measured on Zen 5 (AVX-512), interleaved in one process, two runs: k3d2, k5d2, k7d3,
+// NHWC, multiplier 1. On AVX-512 and AVX2, strides 1 and 2 with square kernels of width 3, 5, 7 go
+// to the tiles above (AVX2: but k7 at stride 2; the figures below are the rings' own, measured
+// before the tiles took those cases). The channels go in blocks of kVectors vectors (then single
+// vectors, the last one partial); a task is (image, group of blocks, band of output rows). The
+// group's slices of the input rows the kernel spans are kept in rings (NhwcRings: each input
+// element is read from the map once per task, widened once, and the taps never need a bounds check;
+// as many blocks in a group as fit ring_budget()). Each output row is swept block by block, kPixels
+// pixels at a time (at stride 1 mostly kPixels pixels dil_w apart, RingTaps::spread; AVX-512 Zen 5,
+// one thread, [1,256,64,64]: float32 k3d2 1.02-1.13x -> 1.12-1.18x of F.conv2d, bfloat16 with the
+// pairs too 0.54x -> 0.73-0.83x; with the CPU's dot product on kernel-row pairs, kDotPairs, against
+// the split pairs, interleaved: k3d2 0.84-0.98x -> 0.88-1.01x, k5d2 1.02-1.03x -> 1.22x, k7d3 11x
+// -> 15x, and at [8,256,64,64], two threads, k3d2 0.74-0.79x -> 0.86-0.88x, k5d2 0.82x -> 1.04x; a
+// kernel row left over from the pairs in column pairs, RingTaps::dot_row_columns, against pairing
+// it with zero, interleaved, two runs: one thread k3d2 and k5d2 +2-8%, k7d3 +20-27%; two threads at
+// [1,256,64,64] k3d2 +10%, k5d2 +8%, at [8,256,64,64] 0-5%): the taps summed in registers, then the
+// epilogue, and stored once; past the caches when the output is larger than the threads' L2 caches
+// (stream_outputs: read-for-ownership of lines a pixel apart otherwise stalls the stores). The
+// rings hold a band's rows as it moves down: each output row first loads, in one pass, only the
+// input rows it is the first to reach. Copying them instead block by block into the row before, as
+// each block finished with its oldest rows (so the copy would overlap the taps), was slower in all
+// 24 cases measured on Zen 5 (AVX-512), interleaved in one process, two runs: k3d2, k5d2, k7d3,
 // float32 and bfloat16, [1,256,64,64] one thread 3-25%, [8,256,64,64] two threads 3-16%. The fill
-// and the taps do not overlap either way ([8,256,64,64] bfloat16 k3d2, two threads: taps alone
-// 0.82 ms, fill alone 0.77-0.95 ms, both 1.65-1.78 ms), and a deferred copy of whole pixels, an
-// eighth of the row after each block (one more ring slot), was no faster than block by block.
-// The rings go by pixels (one memcpy per row where the group is all the channels) where the
-// output streams (the input comes from memory, the copy weighs most) and the kernel has at most 9
-// taps; by blocks otherwise, as the taps read a block's columns a pitch of the group's channels
-// apart then (at 256 float32 channels, 1 KiB: a few cache sets). By pixels against by blocks,
-// interleaved in one process, Zen 5: [8,256,64,64] two threads k3d2 bfloat16 +15-17%, float32
-// +24-28% (the avx512 and avx2 copies: +10% and +9% bfloat16, +24% and +16% float32); but k5d2
-// -6% to +4%, k7d3 -14% to +7%, and at [1,256,64,64] one thread (input in cache) k3d2 -7% to
-// +4%, k5d2 -23% to -2%.
+// and the taps do not overlap either way ([8,256,64,64] bfloat16 k3d2, two threads: taps alone 0.82
+// ms, fill alone 0.77-0.95 ms, both 1.65-1.78 ms), and a deferred copy of whole pixels, an eighth
+// of the row after each block (one more ring slot), was no faster than block by block. The rings go
+// by pixels (one memcpy per row where the group is all the channels) where the output streams (the
+// input comes from memory, the copy weighs most) and the kernel has at most 9 taps; by blocks
+// otherwise, as the taps read a block's columns a pitch of the group's channels apart then (at 256
+// float32 channels, 1 KiB: a few cache sets). By pixels against by blocks, interleaved in one
+// process, Zen 5: [8,256,64,64] two threads k3d2 bfloat16 +15-17%, float32 +24-28% (the avx512 and
+// avx2 copies: +10% and +9% bfloat16, +24% and +16% float32); but k5d2 -6% to +4%, k7d3 -14% to
+// +7%, and at [1,256,64,64] one thread (input in cache) k3d2 -7% to +4%, k5d2 -23% to -2%.
 template <class S>
 void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   using T = compute_t<S>;
@@ -1665,7 +1748,7 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
   S* pre = static_cast<S*>(a.preact);
   const int64_t C = g.c_in, taps = g.kh * g.kw;
   if (g.n == 0 || g.oh == 0 || g.ow == 0 || C == 0) return;
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (kUnrolledWidths<S>) {
     if (g.stride_h == g.stride_w && g.stride_h <= 2 && g.kh == g.kw &&
         std::getenv("TORCH_EXT_CONV_RINGS") == nullptr) {
@@ -1678,8 +1761,10 @@ void depthwise_forward_nhwc(const DepthwiseForwardArgs& a) {
           return s1 ? depthwise_forward_nhwc_tiles<S, 5, 1>(a)
                     : depthwise_forward_nhwc_tiles<S, 5, 2>(a);
         case 7:
-          return s1 ? depthwise_forward_nhwc_tiles<S, 7, 1>(a)
-                    : depthwise_forward_nhwc_tiles<S, 7, 2>(a);
+          if (s1) return depthwise_forward_nhwc_tiles<S, 7, 1>(a);
+          // AVX2: the rings (k7 at stride 2 in tiles of 16 registers measured slower).
+          if (kTileLanes == 8) break;
+          return depthwise_forward_nhwc_tiles<S, 7, 2>(a);
         default:
           break;
       }
