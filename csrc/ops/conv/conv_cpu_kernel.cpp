@@ -1454,14 +1454,14 @@ C10_ALWAYS_INLINE TileVec load_lanes(const S* p, TileLanes lanes) {
 // vector's size).
 template <class S>
 C10_ALWAYS_INLINE void store_lanes(TileVec v, S* p, bool stream, bool native) {
-#if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<S, float>) {
     if (stream) {
-      _mm512_stream_ps(p, v);
+      store_streaming(Vec<float>(v), p);
     } else {
-      _mm512_storeu_ps(p, v);
+      Vec<float>(v).store(p);
     }
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
     __m256i h;
     if constexpr (std::is_same_v<S, c10::BFloat16>) {
       if (native) {
@@ -1477,16 +1477,8 @@ C10_ALWAYS_INLINE void store_lanes(TileVec v, S* p, bool stream, bool native) {
     } else {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
     }
-  }
 #else
-  (void)native;
-  if constexpr (std::is_same_v<S, float>) {
-    if (stream) {
-      _mm256_stream_ps(p, v);
-    } else {
-      _mm256_storeu_ps(p, v);
-    }
-  } else {
+    (void)native;
     __m128i h;
     if constexpr (std::is_same_v<S, c10::BFloat16>) {
       const __m256i top = _mm256_srli_epi32(round_to_top(Vec<float>(v)), 16);
@@ -1499,8 +1491,8 @@ C10_ALWAYS_INLINE void store_lanes(TileVec v, S* p, bool stream, bool native) {
     } else {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
     }
-  }
 #endif
+  }
 }
 
 // The sums (from the bias) of one tile for the kTileLanes channels at c: the first of them in
